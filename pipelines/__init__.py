@@ -1,0 +1,1 @@
+"""Runnable pipelines, one task per file: `python -m pipelines.<name> --help`."""
