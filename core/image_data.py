@@ -24,13 +24,14 @@ Design:
 - The cache folder name carries a fingerprint of the source (path, sizes, mtimes) and of every
   argument that changes the records, so a second `prepare` reuses it without opening the source;
   see core/records.py for why an interrupted conversion never leaves a half cache.
-- Conversion holds one split's pixels in memory (150 MB for CIFAR-10): fine for CIFAR-sized data,
-  not meant for ImageNet.
+- Conversion holds all decoded pixels in memory (150 MB for CIFAR-10's train split): fine for
+  CIFAR-sized data, not meant for ImageNet.
 
-Measured: the 50,000-image cifar10-jpeg-train.tar.gz converts in 17 s on 2 shared CPU cores
-(`prepare(path, cache_root=tmp, val_fraction=0.1)`, wall time of one cold call, 45000 train /
-5000 val): about 2 s un-gzipping and walking the tar, 6 s JPEG decoding with PIL, the rest
-serializing and writing records.
+Measured: the 50,000-JPEG cifar10-jpeg-train.tar.gz converts in 9.9 s on 2 shared CPU cores
+(wall time of one cold `prepare(path, cache_root=tmp, val_fraction=0.1, class_names=CIFAR-10)`
+timed with time.perf_counter: 45000 train in 11 shards, 5000 val in 2, exactly 500 per class).
+Of that, about 2 s is un-gzipping and walking the tar and 6 s is JPEG decoding with PIL. The
+second call reuses the cache in under 10 ms.
 """
 
 import dataclasses
@@ -62,6 +63,8 @@ CIFAR_BINARY_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR_BINARY_TEST = "test_batch.bin"
 CIFAR_BINARY_META = "batches.meta.txt"
 CIFAR_BINARY_SHAPE = (32, 32, 3)
+# Label order of TFDS cifar10, the official archive and the class folders (alphabetical).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 _SOURCE_HELP = (
     "expected a folder of class subfolders, a .tar.gz of one, cifar-10-binary.tar.gz, "
@@ -562,7 +565,10 @@ def _hwc(shape) -> str:
 def _decode(data: bytes, name: str, image_shape) -> bytes:
     """Encoded image -> raw HWC bytes of exactly image_shape; UserError naming `name` otherwise."""
     height, width, channels = image_shape
-    # PIL rather than tf.io.decode_image: per image, eager TF op dispatch costs more than the decode.
+    # PIL rather than tf.io.decode_image: per image, eager TF op dispatch costs more than the
+    # decode. PIL's pixels equal tf.io.decode_jpeg(dct_method="INTEGER_ACCURATE") exactly; TF's
+    # default (fast) IDCT, used by image_dataset_from_directory, differs by up to 4 levels, mean
+    # 1 (checked on 300 CIFAR JPEGs).
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.size != (width, height):
@@ -573,8 +579,11 @@ def _decode(data: bytes, name: str, image_shape) -> bytes:
             img.load()
             return _convert(img, channels, name).tobytes()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # PIL's "cannot identify image file <BytesIO ...>" says nothing the user can act on.
+        reason = "unknown format" if isinstance(e, Image.UnidentifiedImageError) else str(e)
         raise UserError(
-            f"{name}: not a JPEG/PNG/BMP/GIF image (cannot decode: {e}); expected a {_hwc(image_shape)} image file"
+            f"{name}: not a JPEG/PNG/BMP/GIF image (cannot decode: {reason}); "
+            f"expected a {_hwc(image_shape)} image file"
         ) from None
 
 
