@@ -113,6 +113,8 @@ def prepare(
         raise UserError(f"val_fraction={val_fraction}: expected a number in [0, 1)")
     if max_examples is not None and max_examples < 1:
         raise UserError(f"max_examples={max_examples}: expected a positive integer or None")
+    if examples_per_shard < 1:
+        raise UserError(f"examples_per_shard={examples_per_shard}: expected a positive integer")
     kind, path = _source_kind(source)
     params = dict(
         image_shape=list(image_shape),
@@ -122,8 +124,9 @@ def prepare(
         max_examples=max_examples,
         examples_per_shard=examples_per_shard,
     )
+    # Absolute, so shard paths stay valid for workers started from another directory.
     cache_dir = os.path.join(
-        cache_root, f"{_cache_name(kind, path, tfds_name)}-{_fingerprint(kind, path, tfds_name, params)}"
+        os.path.abspath(cache_root), f"{_cache_name(kind, path, tfds_name)}-{_fingerprint(kind, path, tfds_name, params)}"
     )
 
     def build(tmp_dir):
@@ -224,7 +227,8 @@ def carve_val(labels: np.ndarray, num_classes: int, val_fraction: float, rng) ->
 
 
 def _check_shape(image_shape) -> tuple:
-    shape = tuple(image_shape)
+    # __index__ admits numpy integers (shapes read from arrays) but not 32.0 or "32".
+    shape = tuple(int(d) if hasattr(d, "__index__") else d for d in image_shape)
     if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape) or shape[2] not in (1, 3, 4):
         raise UserError(f"image_shape={image_shape}: expected (height, width, channels) with 1, 3 or 4 channels")
     return shape

@@ -149,7 +149,9 @@ def build_cache(cache_dir: str, build: Callable[[str], dict]) -> dict:
         except OSError:
             # Another process published the same cache first; theirs is as good as ours.
             if not os.path.isfile(os.path.join(cache_dir, META_FILE)):
-                raise
+                raise UserError(
+                    f"{cache_dir}: exists but is not a finished cache (no {META_FILE}); delete it"
+                ) from None
     finally:
         # Only reached with tmp_dir still present on failure, or when we lost the race above.
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -222,6 +222,14 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "cache") == []
 
 
+def test_parse_example_gives_static_shape_uint8_image_and_int32_label():
+    pixels = np.arange(np.prod(SHAPE), dtype=np.uint8).reshape(SHAPE)
+    serialized = records.serialize_example({"image": pixels.tobytes(), "label": np.int64(3)})
+    image, label = image_data.parse_example(tf.constant(serialized), SHAPE)  # eagerly
+    assert image.dtype == tf.uint8 and label.dtype == tf.int32 and int(label) == 3
+    assert np.array_equal(image.numpy(), pixels)
+
+
 def test_write_shards_names_shards_and_keeps_every_example(tmp_path):
     examples = [{"text": f"example {i}".encode(), "label": i, "ids": [i, i + 1]} for i in range(10)]
     paths = records.write_shards(str(tmp_path), "train", iter(examples), examples_per_shard=4)
@@ -248,6 +256,12 @@ def _bad_empty_class_folder(tmp):
     _make_folder(tmp / "pets", classes=("cat",))
     os.makedirs(tmp / "pets" / "dog")
     return str(tmp / "pets"), {}, "dog"
+
+
+def _bad_empty_class_folder_in_tar(tmp):
+    _make_folder(tmp / "pets", classes=("cat",), split="train")
+    os.makedirs(tmp / "pets" / "train" / "dog")
+    return _tar(tmp / "pets", str(tmp / "pets.tar.gz"), "pets"), {}, "pets/train/dog"
 
 
 def _bad_corrupt_image(tmp):
@@ -328,6 +342,7 @@ def _bad_cifar_record_length(tmp):
         _bad_missing,
         _bad_empty_folder,
         _bad_empty_class_folder,
+        _bad_empty_class_folder_in_tar,
         _bad_corrupt_image,
         _bad_non_image_file,
         _bad_wrong_size,
