@@ -27,9 +27,10 @@ Design:
 - Conversion holds all decoded pixels in memory (150 MB for CIFAR-10's train split): fine for
   CIFAR-sized data, not meant for ImageNet.
 
-Measured: the 50,000-JPEG cifar10-jpeg-train.tar.gz converts in 9.9 s on 2 shared CPU cores
-(wall time of one cold `prepare(path, cache_root=tmp, val_fraction=0.1, class_names=CIFAR-10)`
-timed with time.perf_counter: 45000 train in 11 shards, 5000 val in 2, exactly 500 per class).
+Measured: the 50,000-JPEG cifar10-jpeg-train.tar.gz converts in 10 s on 2 shared CPU cores
+(9.9 and 10.5 s in two runs: wall time of a cold `prepare(path, cache_root=tmp, val_fraction=0.1,
+class_names=CIFAR10_CLASSES)` timed with time.perf_counter; 45000 train in 11 shards, 5000 val
+in 2, exactly 500 per class).
 Of that, about 2 s is un-gzipping and walking the tar and 6 s is JPEG decoding with PIL. The
 second call reuses the cache in under 10 ms.
 """
