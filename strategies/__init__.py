@@ -192,6 +192,8 @@ def _tpu(tpu):
             "VM with tensorflow-tpu installed, or pass --tpu=NAME or grpc://HOST:PORT"
         )
 
+    if not isinstance(tpu, str) or not tpu:
+        raise UserError(f"--tpu is {tpu!r}: expected local, a TPU name, or grpc://HOST:PORT")
     # Without TPU devices or TPU env vars, "local" cannot succeed; saying so now avoids
     # connect_to_cluster, which reconfigures this process's runtime even when it then fails.
     if tpu == "local" and not _tpu_detectable():

@@ -161,7 +161,8 @@ def _check_task_type(task_type, where):
         )
     if task_type not in TASK_TYPES:
         raise UserError(
-            f"TF_CONFIG {where} has task type {task_type!r}: expected one of {', '.join(TASK_TYPES)}"
+            f"TF_CONFIG {where} has task type {task_type!r}: "
+            f"expected one of {', '.join(TASK_TYPES)}"
         )
 
 

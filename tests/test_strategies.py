@@ -190,7 +190,8 @@ def test_learning_rate_scales_linearly_with_global_batch():
 def test_default_precision_on_cpu_follows_bf16_support():
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("GPU machine")
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     expected = "mixed_bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
     assert strategies.default_precision(strategies.make_strategy("default")) == expected
 
@@ -331,3 +332,8 @@ def test_launch_local_forwards_sigint_to_workers():
     finally:
         launcher.kill()
         launcher.wait()
+
+
+def test_empty_tpu_name_is_user_error():
+    with pytest.raises(UserError, match="--tpu is ''"):
+        strategies.make_strategy("tpu", tpu="")
