@@ -1,0 +1,220 @@
+"""Command-line parsing for pipelines: `--key=value` flags onto frozen dataclasses.
+
+A pipeline declares `Config` as a frozen dataclass whose fields carry a trailing comment:
+
+    batch_size: int = 1024  # global, split across replicas
+
+That comment *is* the `--help` text, so the docs cannot drift from the code. Shared run options
+(strategy, data, precision, ...) live in `RunOptions` below and are parsed the same way.
+
+Rules, each enforced with a one-line `UserError`: every flag is `--key=value` (or a bare
+`--flag` for booleans); keys must be fields of `RunOptions` or the pipeline's `Config` (the error
+lists them); values must parse as the field's type; `--config=FILE.json` loads a JSON object of
+field values first (how `best_config.json` from a search flows back into training), and flags
+given on the command line override it.
+"""
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+import typing
+
+from core.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Options every pipeline shares; the pipeline's own `Config` holds the task's knobs."""
+    strategy: str = "auto"  # auto | default | mirrored | multiworker | tpu
+    data: str = "tfds"  # tfds | synthetic | a folder of class folders | a .tar.gz of one | cifar-10-binary.tar.gz
+    name: str = ""  # run name: outputs go to <output_dir>/<pipeline>/<name>/ (default: a timestamp)
+    output_dir: str = "runs"  # root folder of run outputs
+    cache_dir: str = ".cache/datasets"  # where offline sources are converted to sharded TFRecords, once
+    precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bfloat16 on TPU and bf16-capable CPUs/GPUs)
+    jit_compile: bool = False  # XLA-compile the train step (faster on GPU/TPU; slower on CPU, measured)
+    steps_per_execution: int = 1  # train steps per host call (raise on TPU to hide host overhead)
+    tpu: str = "local"  # TPU to use with --strategy=tpu: local (Colab/TPU VM), a name, or grpc://host:port
+    cpu_devices: int = 0  # split the CPU into N logical devices (try --strategy=mirrored without GPUs)
+    seed: int = 0  # seeds the validation carve, shuffling, augmentation and init
+    smoke: bool = False  # shrink everything (data, model, schedule) to a run of seconds
+    verbose: int = 1  # Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch
+
+
+def field_help(cls) -> dict:
+    """Maps each field of a dataclass to the trailing comment on its line in the source."""
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return helps
+    for line in source.splitlines():
+        match = re.match(r"\s*(\w+)\s*:[^=#]+=[^#]*#\s*(.*)$", line)
+        if match:
+            helps[match.group(1)] = match.group(2).strip()
+    return helps
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def parse_value(key: str, text: str, tp):
+    """Parses one flag value as the field's type; errors name the flag and the expected type."""
+    if tp is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--{key}={text}: expected a boolean (true or false)")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"--{key}={text}: expected an integer") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"--{key}={text}: expected a number") from None
+    if tp is str:
+        return text
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_type, *_) = typing.get_args(tp)
+        items = [t for t in text.replace(" ", "").split(",") if t]
+        return tuple(parse_value(key, item, item_type) for item in items)
+    raise UserError(f"--{key}: unsupported field type {_type_name(tp)}")
+
+
+def _coerce(key, value, tp):
+    """Checks a JSON value against the field type (JSON config files are typed already)."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(tp) is tuple and isinstance(value, list):
+        return tuple(value)
+    expected = typing.get_origin(tp) or tp
+    if not isinstance(value, expected) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"{key}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+    return value
+
+
+def _fields(cls):
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def usage(prog: str, classes) -> str:
+    lines = [f"usage: {prog} [--key=value ...]", "       " + prog + " evaluate --model=PATH --data=PATH", ""]
+    lines.append("  --config=FILE.json  field values as a JSON object; flags override it")
+    for cls in classes:
+        lines.append("")
+        lines.append(f"{cls.__name__}:")
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            tp = _fields(cls)[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            lines.append(f"  --{f.name}={shown!s:<14} ({_type_name(tp)}) {helps.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None):
+    """Parses `argv` into one instance per dataclass in `classes`, in the order given.
+
+    Precedence, lowest first: field defaults, `smoke_overrides` (only with --smoke), the
+    `--config` JSON file, flags. `--help` prints the usage and exits 0.
+    """
+    fields = {}
+    for cls in classes:
+        for key, tp in _fields(cls).items():
+            fields[key] = (cls, tp)
+    values = {}
+
+    def check(key, value, source):
+        if key not in fields:
+            raise UserError(f"unknown {source} {key!r}: expected one of {', '.join(sorted(fields))}")
+        return _coerce(key, value, fields[key][1])
+
+    flags = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage(prog, classes))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: expected --key=value flags (see --help)")
+        key, has_value, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key != "config" and key not in fields:
+            raise UserError(f"unknown flag --{key}: expected one of {', '.join('--' + k for k in sorted(fields))}, --config")
+        if not has_value:
+            if fields.get(key, (None, None))[1] is not bool:
+                raise UserError(f"--{key}: expected --{key}=VALUE")
+            text = "true"
+        flags[key] = text
+
+    config_file = flags.pop("config", None)
+    parsed = {key: parse_value(key, text, fields[key][1]) for key, text in flags.items()}
+    if parsed.get("smoke") and smoke_overrides:
+        values.update({k: check(k, v, "smoke override") for k, v in smoke_overrides.items()})
+    if config_file:
+        values.update({k: check(k, v, f"key in {config_file}:") for k, v in load_json_object(config_file).items()})
+    values.update(parsed)
+    return [cls(**{k: v for k, v in values.items() if fields[k][0] is cls}) for cls in classes]
+
+
+def load_json_object(path):
+    if not os.path.isfile(path):
+        raise UserError(f"--config={path}: no such file; expected a JSON object of config fields")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--config={path}: not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')}); expected a JSON object of config fields") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config={path}: expected a JSON object of config fields, got {type(data).__name__}")
+    # best_config.json may wrap the values with metadata; accept {"config": {...}} too.
+    return data.get("config", data) if set(data) <= {"config", "objective", "trial", "tuner", "pipeline"} else data
+
+
+def to_dict(*configs) -> dict:
+    out = {}
+    for cfg in configs:
+        out.update(dataclasses.asdict(cfg))
+    return out
+
+
+def check_choice(flag, value, choices):
+    if value not in choices:
+        raise UserError(f"--{flag}={value}: expected one of {', '.join(map(str, choices))}")
+
+
+def check_positive(cfg, *names, allow_zero=False):
+    """One-line errors for sizes that must be positive (batch, epochs, widths ...)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise UserError(f"--{name}={value}: expected a number {bound}")
+
+
+def run_cli(main, evaluate=None, argv=None):
+    """Entry point of a pipeline module: `[evaluate] --key=value ...`.
+
+    `evaluate` returns a dict that is printed as one JSON line. A `UserError` anywhere prints
+    `error: <message>` and exits 2; anything else is a bug and keeps its traceback.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["evaluate"]:
+            if evaluate is None:
+                raise UserError("this pipeline has no evaluate command")
+            print(json.dumps(evaluate(argv[1:])))
+        else:
+            main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,85 @@
+"""Evaluation: accuracy and per-class accuracy of a model on a dataset, with optional
+test-time augmentation (TTA), and loading saved models safely.
+
+TTA averages the logits of several views of each input; for images `mirror_translate_views`
+gives airbench's level 2 (identity, mirror, and both shifted by one pixel), worth about +0.5
+points for the CIFAR-10 CNN at 6x the inference cost.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from core.errors import UserError
+
+
+def load_model(path):
+    """Loads a `.keras` model in safe mode (no arbitrary code from the file is run)."""
+    if not os.path.exists(path):
+        raise UserError(f"--model={path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)")
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many types for a bad file; all mean the same to a user
+        raise UserError(f"--model={path}: cannot load a Keras model ({e.__class__.__name__}: {str(e)[:200]}); expected a model.keras written by training") from None
+
+
+def mirror_views(images):
+    return [images, tf.reverse(images, axis=[2])]
+
+
+def mirror_translate_views(images, pixels=1):
+    """Identity and mirror, plus both shifted diagonally by +-`pixels` (reflect padding)."""
+    size_h, size_w = images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]], mode="REFLECT")
+    up_left = padded[:, :size_h, :size_w, :]
+    down_right = padded[:, 2 * pixels:, 2 * pixels:, :]
+    return mirror_views(images) + mirror_views(up_left) + mirror_views(down_right)
+
+
+def image_tta(level):
+    """TTA view functions by level: 0 none, 1 mirror, 2 mirror + translate."""
+    views = {0: lambda x: [x], 1: mirror_views, 2: mirror_translate_views}
+    if level not in views:
+        raise UserError(f"--tta={level}: expected 0 (none), 1 (mirror) or 2 (mirror and translate)")
+    return views[level]
+
+
+def predict(model, dataset, views=lambda x: [x]):
+    """Returns (logits [N, classes], labels [N]) over a dataset of (inputs, labels) batches.
+
+    Labels may be integer ids or one-hot. With several views, the first half of the weight goes
+    to the un-shifted views as in airbench: mean(identity views) and mean(shifted views) are
+    averaged, which for level 1 is a plain mean.
+    """
+    @tf.function(reduce_retracing=True)
+    def batch_logits(inputs):
+        all_views = views(inputs)
+        logits = [tf.cast(model(v, training=False), tf.float32) for v in all_views]
+        if len(logits) <= 2:
+            return tf.add_n(logits) / len(logits)
+        base = (logits[0] + logits[1]) / 2
+        shifted = tf.add_n(logits[2:]) / len(logits[2:])
+        return (base + shifted) / 2
+
+    all_logits, all_labels = [], []
+    for inputs, labels in dataset:
+        all_logits.append(batch_logits(inputs).numpy())
+        labels = labels.numpy()
+        all_labels.append(labels.argmax(-1) if labels.ndim > 1 else labels)
+    if not all_logits:
+        raise UserError("evaluation: the dataset is empty; expected at least one example")
+    return np.concatenate(all_logits), np.concatenate(all_labels).astype(np.int64)
+
+
+def accuracy_report(logits, labels, class_names):
+    """Accuracy, example count and per-class accuracy as a JSON-ready dict."""
+    predictions = logits.argmax(-1)
+    correct = predictions == labels
+    per_class = {}
+    for i, name in enumerate(class_names):
+        mask = labels == i
+        per_class[name] = round(float(correct[mask].mean()), 4) if mask.any() else None
+    return {"accuracy": round(float(correct.mean()), 4), "examples": int(len(labels)),
+            "per_class_accuracy": per_class}

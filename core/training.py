@@ -1,0 +1,280 @@
+"""The training stage shared by all pipelines: run folders, precision, callbacks, fit, report.
+
+A run writes `runs/<pipeline>/<name>/`:
+    config.json       every config field, as run (feed it back with --config=...)
+    history.csv       per-epoch metrics (Keras CSVLogger)
+    checkpoints/      latest and best weights (best by val_accuracy)
+    backup/           BackupAndRestore state while training; rerun the same command to resume
+    logs/             TensorBoard
+    model.keras       the trained model (Keras format; loads in safe mode, no custom objects)
+    metrics.json      the run's figures (see `write_metrics`)
+    curves.png        loss and accuracy per epoch
+
+On a multi-worker cluster only the chief writes reports and the model; the other workers write
+their checkpoints to throw-away folders, as tf.distribute requires every worker to save.
+"""
+
+import csv
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+
+import tensorflow as tf
+import tf_keras as keras
+
+import strategies
+from core.errors import UserError
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+
+
+def run_directory(output_dir, pipeline, name):
+    """Creates (or reopens, to resume) the run folder; refuses to overwrite a finished run."""
+    name = name or time.strftime("%Y%m%d-%H%M%S")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"--name={name}: expected letters, digits, '.', '_' or '-' (it names a folder)")
+    run_dir = os.path.join(output_dir, pipeline, name)
+    if os.path.exists(os.path.join(run_dir, "metrics.json")):
+        raise UserError(f"{run_dir}: a finished run is already there (metrics.json); pick another --name or move it away")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror}); expected a writable --output_dir") from None
+    return run_dir
+
+
+def set_precision(precision, strategy):
+    """Sets the global Keras dtype policy; `auto` picks per device (see strategies)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision={precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = strategies.default_precision(strategy)
+    keras.mixed_precision.set_global_policy(precision)
+    return precision
+
+
+def save_model(model, path):
+    """Saves the model alone (architecture and weights, no optimizer state) in Keras format.
+
+    A fresh copy without the optimizer keeps the file small and loadable with no custom objects;
+    resuming training uses the checkpoints, which do hold the optimizer state.
+    """
+    export = keras.Model.from_config(model.get_config())
+    export.set_weights(model.get_weights())
+    export.save(path)
+    return path
+
+
+def write_json(path, data):
+    # Write-then-rename: a crash mid-write never leaves a truncated report behind.
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _is_finite(logs):
+    return all(math.isfinite(v) for v in (logs or {}).values() if isinstance(v, (int, float)))
+
+
+class FiniteModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that never overwrites a good checkpoint with NaN/inf weights."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _is_finite(logs) and not getattr(self.model, "_nan_stopped", False):
+            super().on_epoch_end(epoch, logs)
+
+
+class FiniteBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that keeps the last finite state when the loss turns NaN."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _is_finite(logs) and not getattr(self.model, "_nan_stopped", False):
+            super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        # Keras deletes the backup when fit returns; after a NaN stop keep it for inspection.
+        if not getattr(self.model, "_nan_stopped", False):
+            super().on_train_end(logs)
+
+
+class StopOnNaN(keras.callbacks.TerminateOnNaN):
+    """TerminateOnNaN that also records where it stopped, for the error message."""
+
+    def __init__(self):
+        super().__init__()
+        self.stopped_at = None
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.stopped_at = (self._epoch, batch)
+            self.model._nan_stopped = True
+            self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+
+class Throughput(keras.callbacks.Callback):
+    """Times the train steps of each epoch (validation excluded) for examples/second."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch_seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_seconds.append(getattr(self, "_last", time.perf_counter()) - self._start)
+
+
+def _writable_dir(run_dir, sub, is_chief):
+    if is_chief:
+        path = os.path.join(run_dir, sub)
+        os.makedirs(path, exist_ok=True)
+        return path
+    return tempfile.mkdtemp(prefix=f"worker-{sub}-")
+
+
+def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, callbacks=(),
+        verbose=1):
+    """Runs `model.fit` with the callbacks every run should have.
+
+    Returns a dict: history (per-epoch metrics), train_seconds (wall time of fit, validation
+    included), train_step_seconds (time in train steps only, for throughput), resumed_from_epoch.
+    Raises `TrainingDiverged` when the loss turned NaN; the last finite checkpoint stays.
+    """
+    checkpoints = _writable_dir(run_dir, "checkpoints", is_chief)
+    logs_dir = _writable_dir(run_dir, "logs", is_chief)
+    history_csv = os.path.join(run_dir if is_chief else logs_dir, "history.csv")
+    nan_guard, throughput = StopOnNaN(), Throughput()
+    all_callbacks = [
+        nan_guard,
+        # Preemption: state saved every epoch; rerunning the same command resumes from it.
+        FiniteBackupAndRestore(backup_dir=os.path.join(run_dir, "backup"), delete_checkpoint=True),
+        FiniteModelCheckpoint(os.path.join(checkpoints, "latest"), save_weights_only=True),
+        FiniteModelCheckpoint(os.path.join(checkpoints, "best"), save_weights_only=True,
+                              monitor="val_accuracy", mode="max", save_best_only=True),
+        # CSVLogger appends on resume, so history.csv keeps the epochs before a preemption.
+        keras.callbacks.CSVLogger(history_csv, append=True),
+        keras.callbacks.TensorBoard(logs_dir, update_freq="epoch", profile_batch=0),
+        throughput,
+        *callbacks,
+    ]
+    start = time.perf_counter()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
+                        steps_per_epoch=steps_per_epoch, callbacks=all_callbacks, verbose=verbose)
+    train_seconds = time.perf_counter() - start
+    if nan_guard.stopped_at is not None:
+        epoch, batch = nan_guard.stopped_at
+        raise TrainingDiverged(f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints} (lower the learning rate or use --precision=float32)")
+    return {
+        "history": _read_history(history_csv) or {k: list(v) for k, v in history.history.items()},
+        "train_seconds": train_seconds,
+        "train_step_seconds": sum(throughput.epoch_seconds),
+        "epochs_run": len(throughput.epoch_seconds),
+    }
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def _read_history(path):
+    """Reads history.csv back, so a resumed run reports every epoch, not just the last few."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    history = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "epoch":
+                history.setdefault(key, []).append(float(value))
+    return history
+
+
+def environment():
+    """Where a figure was measured: goes into every metrics.json."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def plot_curves(history, path, title):
+    """Saves loss and accuracy per epoch (train and validation) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on servers/CI
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if key in history:
+                epochs = range(1, len(history[key]) + 1)
+                ax.plot(epochs, history[key], style, marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(run_dir, pipeline, run, cfg, strategy, precision, result, data, *, total_steps,
+                 steps_per_epoch, val, test, tta=0):
+    """Writes metrics.json and curves.png, and prints the headline figures."""
+    described = strategies.describe(strategy)
+    history = result["history"]
+    name = os.path.basename(run_dir)
+    metrics = {
+        "pipeline": pipeline, "name": name,
+        "strategy": described["strategy"], "replicas": described["replicas"],
+        "workers": described["workers"], "precision": precision,
+        "model": getattr(cfg, "model", None),
+        "epochs": cfg.epochs, "steps": total_steps, "global_batch": cfg.batch_size,
+        "train_seconds": round(result["train_seconds"], 2),
+        # Training examples over time spent in train steps (validation passes excluded).
+        "examples_per_second": round(steps_per_epoch * cfg.batch_size * result["epochs_run"]
+                                     / max(result["train_step_seconds"], 1e-9), 1),
+        "val_accuracy": val["accuracy"],
+        "val_accuracy_without_tta": history.get("val_accuracy", [None])[-1],
+        "test_accuracy": test["accuracy"] if test else None,
+        "tta": tta,
+        "data": {
+            "source": data.source,
+            "train_examples": data.splits["train"].num_examples,
+            "val_examples": data.splits["val"].num_examples,
+            "test_examples": data.splits["test"].num_examples if test else 0,
+            "val_split": (f"seeded {data.val_fraction:.0%} per class carved from train (seed {data.seed})"
+                          if data.val_carved_from_train else "the source's own validation split"),
+            "test_split": ("the source's test split" if test
+                           else "none in this source: measure test accuracy with `make evaluate`"),
+        },
+        "val_per_class_accuracy": val["per_class_accuracy"],
+        "environment": environment(),
+    }
+    write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    plot_curves(history, os.path.join(run_dir, "curves.png"), f"{pipeline} / {name}")
+    print(f"run folder: {run_dir}")
+    print(f"val_accuracy={metrics['val_accuracy']:.4f} (tta={tta}) test_accuracy={metrics['test_accuracy']} "
+          f"train_seconds={metrics['train_seconds']} examples_per_second={metrics['examples_per_second']}")
+    return metrics
