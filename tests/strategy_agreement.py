@@ -1,0 +1,53 @@
+"""Trains the cifar10_cnn recipe for a few steps on fixed data under one strategy and prints the
+per-step losses as JSON, so tests can compare strategies on exactly the same global batches.
+
+Run:    python -m tests.strategy_agreement --strategy=default
+        python -m tests.strategy_agreement --strategy=mirrored --cpu_devices=2
+        python -m strategies.launch_local --workers=2 -- python -m tests.strategy_agreement --strategy=multiworker
+
+Each step's global batch is the same examples under every strategy: the data is cut into
+per-replica batches in order, and input pipeline i of n takes every n-th of them, so replica r
+of step s sees per-replica batch s * replicas + r.
+"""
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+import strategies
+from core import config as config_lib
+from pipelines import cifar10_cnn
+
+GLOBAL_BATCH = 64
+STEPS = 4
+
+
+def main(argv):
+    run, cfg = config_lib.parse_flags(argv, [config_lib.RunOptions, cifar10_cnn.Config])
+    cfg = dataclasses.replace(cfg, model="tiny", batch_size=GLOBAL_BATCH, epochs=STEPS,
+                              lookahead_every=0, learning_rate=0.5)
+    keras.utils.set_random_seed(run.seed)
+    strategy = strategies.make_strategy(run.strategy, cpu_devices=run.cpu_devices)
+    keras.mixed_precision.set_global_policy("float32")  # compare the maths, not rounding
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (GLOBAL_BATCH * STEPS, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, GLOBAL_BATCH * STEPS)
+    per_replica = strategies.per_replica_batch(GLOBAL_BATCH, strategy)
+
+    def dataset_fn(ctx):
+        ds = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(labels, 10))).batch(per_replica)
+        return ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id).repeat()
+
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    model = cifar10_cnn.make_model(cfg, run, images[:256], strategy, steps_per_epoch=1, total_steps=STEPS)
+    history = model.fit(dataset, epochs=STEPS, steps_per_epoch=1, verbose=0)
+    print(json.dumps({"strategy": strategies.describe(strategy)["strategy"],
+                      "replicas": strategy.num_replicas_in_sync, "loss": history.history["loss"]}))
+
+
+if __name__ == "__main__":
+    config_lib.run_cli(main, argv=sys.argv[1:])
