@@ -11,6 +11,8 @@ Layout of a training pipeline, per input pipeline (one per worker):
       -> batch (per-replica size, static shape) -> batch augmentation (vectorized) -> prefetch
 """
 
+import math
+
 import tensorflow as tf
 
 from core.errors import UserError
@@ -19,7 +21,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_context=None,
-                 num_examples=None, seed=0, cache=True, drop_remainder=None):
+                 num_examples=None, seed=0, cache=True, drop_remainder=None, repeat=None):
     """Builds one input pipeline.
 
     files: TFRecord shard paths of one split.
@@ -69,7 +71,8 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
         # cap the buffer for large splits so memory stays bounded.
         buffer = min(int(num_examples or 50_000), 50_000)
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.repeat()  # epochs are counted by steps_per_epoch, so batches never run dry
+    if training if repeat is None else repeat:
+        ds = ds.repeat()  # epochs are counted in steps, so batches never run dry
     # Static batch shape for training: TPUs (and XLA) need it, and the partial last batch of an
     # epoch would otherwise retrace the train step. Evaluation keeps every example.
     if drop_remainder is None:
@@ -99,3 +102,23 @@ def distributed_dataset(strategy, files, *, global_batch, **kwargs):
         return make_dataset(files, batch_size=batch, input_context=input_context, **kwargs)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def validation_dataset(strategy, files, *, global_batch, num_examples, **kwargs):
+    """Validation input for `fit`: returns (dataset, validation_steps).
+
+    Keras needs a step count for distributed datasets. On one host it is the exact number of
+    global steps in one pass (every example once, the last batch partial). Across workers every
+    worker must run the same number of steps or the collectives hang, so there the dataset
+    repeats and runs `num_examples // global_batch` full steps: the per-epoch figure then covers
+    a whole-batch share of the split (final accuracy is measured separately, exactly).
+    """
+    if strategy.extended._in_multi_worker_mode():
+        steps = max(1, num_examples // global_batch)
+        ds = distributed_dataset(strategy, files, global_batch=global_batch, training=False,
+                                 repeat=True, drop_remainder=True, **kwargs)
+        return ds, steps
+    replicas = strategy.num_replicas_in_sync
+    per_replica_batches = math.ceil(num_examples / (global_batch // replicas))
+    steps = math.ceil(per_replica_batches / replicas)
+    return distributed_dataset(strategy, files, global_batch=global_batch, training=False, **kwargs), steps

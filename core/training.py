@@ -57,16 +57,17 @@ def set_precision(precision, strategy):
     return precision
 
 
-def save_model(model, path):
-    """Saves the model alone (architecture and weights, no optimizer state) in Keras format.
+def unreplicated(model):
+    """A plain copy of a model trained under a strategy, for evaluation and saving.
 
-    A fresh copy without the optimizer keeps the file small and loadable with no custom objects;
-    resuming training uses the checkpoints, which do hold the optimizer state.
+    Every worker must call this together: reading BatchNorm's moving statistics (sync-on-read
+    variables) from a distributed model is a collective op. The copy then evaluates and saves
+    with no collectives, so the chief can do that alone. It has no optimizer state, which keeps
+    model.keras small and loadable without custom objects; resuming uses the checkpoints.
     """
-    export = keras.Model.from_config(model.get_config())
-    export.set_weights(model.get_weights())
-    export.save(path)
-    return path
+    copy = keras.Model.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def write_json(path, data):
@@ -147,7 +148,7 @@ def _writable_dir(run_dir, sub, is_chief):
 
 
 def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, callbacks=(),
-        verbose=1):
+        verbose=1, validation_steps=None):
     """Runs `model.fit` with the callbacks every run should have.
 
     Returns a dict: history (per-epoch metrics), train_seconds (wall time of fit, validation
@@ -172,8 +173,8 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
         *callbacks,
     ]
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, callbacks=all_callbacks, verbose=verbose)
+    history = model.fit(train_ds, validation_data=val_ds, validation_steps=validation_steps,
+                        epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=all_callbacks, verbose=verbose)
     train_seconds = time.perf_counter() - start
     if nan_guard.stopped_at is not None:
         epoch, batch = nan_guard.stopped_at

@@ -112,10 +112,10 @@ def make_datasets(cfg, run, data, strategy):
         strategy, data.splits["train"].files, global_batch=cfg.batch_size, training=True,
         parse_fn=parse, batch_fn=augment_batch(cfg, run.seed), seed=run.seed,
         num_examples=data.splits["train"].num_examples)
-    val = input_pipeline.distributed_dataset(
-        strategy, data.splits["val"].files, global_batch=cfg.batch_size, training=False,
-        parse_fn=parse, batch_fn=to_model_inputs)
-    return train, val
+    val, validation_steps = input_pipeline.validation_dataset(
+        strategy, data.splits["val"].files, global_batch=cfg.batch_size,
+        num_examples=data.splits["val"].num_examples, parse_fn=parse, batch_fn=to_model_inputs)
+    return train, val, validation_steps
 
 
 def local_dataset(split, batch_size=1000):
@@ -162,8 +162,9 @@ def whitening_images(data, count=5000):
 
 def train(cfg, run, model, datasets, run_dir, strategy, steps_per_epoch, total_steps):
     callbacks = [optim.Lookahead(total_steps, every=cfg.lookahead_every)] if cfg.lookahead_every else []
-    train_ds, val_ds = datasets
-    return training.fit(model, train_ds, val_ds, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+    train_ds, val_ds, validation_steps = datasets
+    return training.fit(model, train_ds, val_ds, validation_steps=validation_steps,
+                        epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                         run_dir=run_dir, is_chief=strategies.is_chief(strategy),
                         callbacks=callbacks, verbose=run.verbose)
 
@@ -221,11 +222,12 @@ def main(argv):
     datasets = make_datasets(cfg, run, data, strategy)
     model = make_model(cfg, run, whitening_images(data), strategy, steps_per_epoch, total_steps)
     result = train(cfg, run, model, datasets, run_dir, strategy, steps_per_epoch, total_steps)
+    model = training.unreplicated(model)
     val = evaluate_split(cfg, model, data.splits["val"])
     test = evaluate_split(cfg, model, data.splits["test"]) if "test" in data.splits else None
 
     if is_chief:
-        training.save_model(model, f"{run_dir}/model.keras")
+        model.save(f"{run_dir}/model.keras")
         training.write_report(run_dir, PIPELINE, run, cfg, strategy, precision, result, data,
                               total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                               val=val, test=test, tta=cfg.tta)

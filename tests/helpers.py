@@ -1,0 +1,33 @@
+"""Shared test helpers: run a module as a user would, and make tiny image folders."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(*args, timeout=300, env=None):
+    """Runs `python -m <args>` from the repo root; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def last_json_line(text):
+    import json
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def write_image_folder(root, class_names, per_class=2, size=(32, 32), seed=0):
+    """`root/<class>/<i>.png` with random pixels (PNG: lossless, so pixels round-trip exactly)."""
+    rng = np.random.default_rng(seed)
+    for name in class_names:
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, name, f"{i}.png"))
+    return root

@@ -1,0 +1,171 @@
+"""End-to-end behaviour of the cifar10_cnn pipeline: smoke training, reports, evaluation,
+strategies agreeing with each other, and one-line errors for bad input."""
+
+import json
+import os
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+import tf_keras as keras
+
+from core import config as config_lib
+from pipelines import cifar10_cnn
+from tests.helpers import last_json_line, run_module, write_image_folder
+
+METRIC_KEYS = {"pipeline", "strategy", "replicas", "epochs", "train_seconds", "examples_per_second",
+               "val_accuracy", "test_accuracy"}
+# Per-step losses of the same global batches: mirrored/multiworker vs default. They differ only
+# because BatchNorm normalises each replica's half-batch with its own statistics (measured:
+# 4e-4 relative); a doubled or halved gradient would differ by >1e-2 by the second step.
+LOSS_RTOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    result = run_module("pipelines.cifar10_cnn", "--smoke", f"--output_dir={root}/runs",
+                        f"--cache_dir={root}/cache", "--name=smoke", "--strategy=default")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "cifar10_cnn" / "smoke", result
+
+
+def test_smoke_run_writes_the_whole_report(smoke_run):
+    run_dir, _ = smoke_run
+    for name in ("config.json", "history.csv", "metrics.json", "model.keras", "curves.png", "logs", "checkpoints"):
+        assert (run_dir / name).exists(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["strategy"] == "default" and metrics["replicas"] == 1 and metrics["epochs"] == 2
+    assert metrics["test_accuracy"] is None  # synthetic data has no test split, and says so
+    assert "carved from train" in metrics["data"]["val_split"]
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["examples_per_second"] > 0
+    assert len((run_dir / "history.csv").read_text().strip().splitlines()) == 1 + 2
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == "tiny" and config["smoke"] is True
+
+
+def test_smoke_run_learns(smoke_run):
+    run_dir, _ = smoke_run
+    lines = (run_dir / "history.csv").read_text().strip().splitlines()
+    header = lines[0].split(",")
+    losses = [float(line.split(",")[header.index("loss")]) for line in lines[1:]]
+    assert losses[-1] < losses[0]
+
+
+def test_finished_run_is_never_overwritten(smoke_run):
+    run_dir, _ = smoke_run
+    before = (run_dir / "metrics.json").read_text()
+    result = run_module("pipelines.cifar10_cnn", "--smoke", f"--output_dir={run_dir.parent.parent}",
+                        "--name=smoke", "--strategy=default")
+    assert result.returncode == 2
+    assert "a finished run is already there" in result.stderr.strip().splitlines()[-1]
+    assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    folder = write_image_folder(tmp_path / "test", cifar10_cnn.CLASS_NAMES, per_class=3)
+    result = run_module("pipelines.cifar10_cnn", "evaluate", f"--model={run_dir}/model.keras",
+                        f"--data={folder}", "--tta=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = last_json_line(result.stdout)
+    assert report["examples"] == 30
+    assert set(report["per_class_accuracy"]) == set(cifar10_cnn.CLASS_NAMES)
+    assert 0.0 <= report["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--data=/no/such/folder"], "/no/such/folder"),
+    (["--model=/no/model.keras"], "/no/model.keras: no such file"),
+])
+def test_evaluate_bad_input_exits_nonzero_with_one_line(smoke_run, tmp_path, args, expected):
+    run_dir, _ = smoke_run
+    defaults = {"--model": f"--model={run_dir}/model.keras", "--data": f"--data={tmp_path}"}
+    for arg in args:
+        defaults[arg.split("=")[0]] = arg
+    result = run_module("pipelines.cifar10_cnn", "evaluate", *defaults.values())
+    assert result.returncode == 2
+    assert expected in result.stderr.strip().splitlines()[-1]
+
+
+def test_evaluate_rejects_classes_the_model_does_not_know(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    folder = write_image_folder(tmp_path / "other", ["cats", "dogs"], per_class=1)
+    result = run_module("pipelines.cifar10_cnn", "evaluate", f"--model={run_dir}/model.keras", f"--data={folder}")
+    assert result.returncode == 2 and "airplane" in result.stderr
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--strategy=gpu"], "unknown strategy 'gpu': expected one of auto, default, mirrored, multiworker, tpu"),
+    (["--precision=fp8"], "--precision=fp8: expected one of auto, float32, mixed_float16, mixed_bfloat16"),
+    (["--epochs=two"], "--epochs=two: expected an integer"),
+    (["--learning-rat=1"], "unknown flag --learning_rat"),
+    (["--strategy=multiworker"], "TF_CONFIG is not set"),
+    (["--strategy=tpu"], "no TPU found"),
+    (["--data=/no/such/data"], "/no/such/data: no such file or folder"),
+    (["--name=../escape"], "--name=../escape: expected letters"),
+])
+def test_bad_input_ends_in_one_line_error(argv, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    argv = ["--smoke", f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        config_lib.run_cli(cifar10_cnn.main, cifar10_cnn.evaluate_command, argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+
+
+def test_batch_not_divisible_by_replicas_is_refused():
+    result = run_module("pipelines.cifar10_cnn", "--smoke", "--strategy=mirrored", "--cpu_devices=2",
+                        "--batch_size=63")
+    assert result.returncode == 2
+    assert "63" in result.stderr.strip().splitlines()[-1]
+
+
+def test_tfds_source_trains_and_reports_test_accuracy(tmp_path):
+    # No internet here: TFDS is exercised through its mock, which fakes the download.
+    with tfds.testing.mock_data(num_examples=80):
+        run_dir = cifar10_cnn.main(["--smoke", "--data=tfds", "--strategy=default", "--name=tfds",
+                                    f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache"])
+    keras.mixed_precision.set_global_policy("float32")
+    metrics = json.loads(open(os.path.join(run_dir, "metrics.json")).read())
+    assert metrics["data"]["source"].startswith("tfds")
+    assert metrics["test_accuracy"] is not None and metrics["data"]["test_examples"] == 80
+
+
+def _losses(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return last_json_line(result.stdout.replace("[worker 0] ", ""))
+
+
+@pytest.fixture(scope="module")
+def default_losses():
+    return _losses(run_module("tests.strategy_agreement", "--strategy=default"))
+
+
+def test_mirrored_matches_default_loss(default_losses):
+    mirrored = _losses(run_module("tests.strategy_agreement", "--strategy=mirrored", "--cpu_devices=2"))
+    assert mirrored["replicas"] == 2
+    assert mirrored["loss"] == pytest.approx(default_losses["loss"], rel=LOSS_RTOL)
+
+
+def test_multiworker_matches_default_loss(default_losses):
+    result = run_module("strategies.launch_local", "--workers=2", "--", sys.executable, "-m",
+                        "tests.strategy_agreement", "--strategy=multiworker")
+    multiworker = _losses(result)
+    assert multiworker["strategy"] == "multiworker" and multiworker["replicas"] == 2
+    assert multiworker["loss"] == pytest.approx(default_losses["loss"], rel=LOSS_RTOL)
+
+
+def test_make_train_multiworker_runs_two_local_workers(tmp_path):
+    import subprocess
+    from tests.helpers import REPO
+    result = subprocess.run(
+        ["make", "--no-print-directory", "train", "STRATEGY=multiworker", "WORKERS=2",
+         f"ARGS=--smoke --name=mw --output_dir={tmp_path}/runs --cache_dir={tmp_path}/cache"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "[worker 0]" in result.stdout and "[worker 1]" in result.stdout
+    metrics = json.loads((tmp_path / "runs/cifar10_cnn/mw/metrics.json").read_text())
+    assert metrics["strategy"] == "multiworker" and metrics["workers"] == 2

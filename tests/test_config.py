@@ -1,0 +1,78 @@
+import dataclasses
+import json
+
+import pytest
+
+from core import config as config_lib
+from core.errors import UserError
+from pipelines import cifar10_cnn
+
+CLASSES = [config_lib.RunOptions, cifar10_cnn.Config]
+
+
+def test_every_field_documents_itself_in_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        config_lib.parse_flags(["--help"], CLASSES)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for cls in CLASSES:
+        helps = config_lib.field_help(cls)
+        for field in dataclasses.fields(cls):
+            assert helps.get(field.name), f"{cls.__name__}.{field.name} has no trailing comment"
+            assert f"--{field.name}=" in text
+
+
+def test_flags_parse_to_field_types():
+    run, cfg = config_lib.parse_flags(["--strategy=mirrored", "--epochs=3", "--learning_rate=0.5",
+                                       "--flip=false", "--smoke"], CLASSES)
+    assert (run.strategy, run.smoke, cfg.epochs, cfg.learning_rate, cfg.flip) == ("mirrored", True, 3, 0.5, False)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--epoch=3"], "unknown flag --epoch: expected one of"),
+    (["--epochs=three"], "--epochs=three: expected an integer"),
+    (["--learning_rate=fast"], "--learning_rate=fast: expected a number"),
+    (["--flip=maybe"], "--flip=maybe: expected a boolean"),
+    (["epochs=3"], "unexpected argument 'epochs=3'"),
+    (["--epochs"], "--epochs: expected --epochs=VALUE"),
+    (["--epochs=0"], "--epochs=0: expected a number > 0"),
+    (["--batch_size=-8"], "--batch_size=-8: expected a number > 0"),
+    (["--model=huge"], "--model=huge: expected one of tiny, small, large"),
+    (["--val_fraction=1.5"], "--val_fraction=1.5: expected a number between 0 and 1"),
+])
+def test_bad_flags_give_one_line_errors(argv, expected):
+    with pytest.raises(UserError) as error:
+        config_lib.parse_flags(argv, CLASSES)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_smoke_overrides_sit_under_explicit_flags():
+    run, cfg = config_lib.parse_flags(["--smoke", "--epochs=5"], CLASSES, smoke_overrides=cifar10_cnn.SMOKE)
+    assert cfg.epochs == 5 and cfg.model == "tiny" and run.data == "synthetic"
+    run, cfg = config_lib.parse_flags(["--epochs=5"], CLASSES, smoke_overrides=cifar10_cnn.SMOKE)
+    assert cfg.model == "small" and run.data == "tfds"
+
+
+def test_config_file_round_trips_and_flags_override_it(tmp_path):
+    path = tmp_path / "best_config.json"
+    path.write_text(json.dumps({"learning_rate": 2, "epochs": 4, "model": "large"}))
+    _, cfg = config_lib.parse_flags([f"--config={path}", "--epochs=6"], CLASSES)
+    assert (cfg.learning_rate, cfg.epochs, cfg.model) == (2.0, 6, "large")
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"epochs": "ten"}', "epochs='ten': expected int, got str"),
+    ('{"nope": 1}', "unknown key in"),
+])
+def test_bad_config_files_give_one_line_errors(tmp_path, content, expected):
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=expected):
+        config_lib.parse_flags([f"--config={path}"], CLASSES)
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(UserError, match="--config=/no/such.json: no such file"):
+        config_lib.parse_flags(["--config=/no/such.json"], CLASSES)

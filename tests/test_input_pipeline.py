@@ -1,0 +1,81 @@
+"""The tuned reader: per-worker sharding is disjoint and complete, training batches have static
+shapes, and augmentation only moves pixels around."""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from core import input_pipeline, records
+from pipelines import cifar10_cnn
+
+
+def _write_ids(tmp_path, count, per_shard):
+    examples = ({"id": i} for i in range(count))
+    return records.write_shards(str(tmp_path), "train", examples, per_shard)
+
+
+def _parse_id(record):
+    return tf.io.parse_single_example(record, {"id": tf.io.FixedLenFeature([], tf.int64)})["id"]
+
+
+def _ids(files, workers, worker, training=False, batch=1):
+    context = tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=worker,
+                                         num_replicas_in_sync=workers)
+    ds = input_pipeline.make_dataset(files, batch_size=batch, training=training, parse_fn=_parse_id,
+                                     input_context=context, repeat=False)
+    return [int(i) for batch_ids in ds for i in np.atleast_1d(batch_ids.numpy())]
+
+
+@pytest.mark.parametrize("workers, per_shard", [(1, 10), (2, 10), (3, 7), (4, 50), (5, 100)])
+def test_worker_shards_are_disjoint_and_complete(tmp_path, workers, per_shard):
+    # (4, 50) and (5, 100): fewer files than workers, so records are split by position instead.
+    files = _write_ids(tmp_path, 100, per_shard)
+    seen = collections.Counter()
+    for worker in range(workers):
+        seen.update(_ids(files, workers, worker))
+    assert sorted(seen) == list(range(100)) and set(seen.values()) == {1}
+
+
+def test_training_order_is_a_permutation_each_epoch(tmp_path):
+    files = _write_ids(tmp_path, 64, 16)
+    ids = _ids(files, 1, 0, training=True, batch=8)
+    assert sorted(ids) == list(range(64)) and ids != list(range(64))
+
+
+def test_training_batches_have_static_shapes(tmp_path):
+    files = _write_ids(tmp_path, 50, 16)
+    ds = input_pipeline.make_dataset(files, batch_size=8, training=True, parse_fn=_parse_id)
+    assert ds.element_spec.shape.as_list() == [8]  # drop_remainder: static for TPU/XLA
+
+
+def test_empty_split_is_a_clear_error():
+    from core.errors import UserError
+    with pytest.raises(UserError, match="no TFRecord shards"):
+        input_pipeline.make_dataset([], batch_size=8, training=True, parse_fn=_parse_id)
+
+
+def _augment(images, **overrides):
+    cfg = cifar10_cnn.Config(**overrides)
+    labels = tf.zeros([images.shape[0]], tf.int32)
+    out, one_hot = cifar10_cnn.augment_batch(cfg, seed=1)(tf.constant(images), labels)
+    assert one_hot.shape == (images.shape[0], 10)
+    return out.numpy()
+
+
+def test_augmentation_off_is_identity():
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(_augment(images, flip=False, translate=0), images)
+
+
+def test_augmentation_is_a_flip_and_a_reflect_padded_shift():
+    images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    out = _augment(images, flip=True, translate=2)
+    padded = np.pad(images, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
+    for original, padded_one, augmented in zip(images, padded, out):
+        candidates = [padded_one[dy:dy + 32, dx:dx + 32] for dy in range(5) for dx in range(5)]
+        candidates += [np.pad(original[:, ::-1], [(2, 2), (2, 2), (0, 0)], mode="reflect")[dy:dy + 32, dx:dx + 32]
+                       for dy in range(5) for dx in range(5)]
+        assert any(np.array_equal(augmented, c) for c in candidates)
+    assert not np.array_equal(out, images)  # something moved
