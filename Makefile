@@ -11,6 +11,7 @@ ARGS     ?=
 DATA     ?=
 MODEL    ?=
 CONFIG   ?=
+RUNS     ?= 3
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
@@ -22,7 +23,7 @@ TRAIN_FLAGS := --strategy=$(STRATEGY) --data=$(TRAIN_DATA) $(if $(CONFIG),--conf
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate test test-all clean-runs
+.PHONY: help install train evaluate bench test test-all clean-runs
 
 help: ## list the targets (this text)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,6 +48,9 @@ endif
 
 evaluate: install ## accuracy of MODEL=runs/.../model.keras on DATA (a folder, .tar.gz or tfds), one JSON line
 	$(PY) -m pipelines.$(PIPELINE) evaluate --model=$(MODEL) --data=$(or $(DATA),tfds) $(ARGS)
+
+bench: install ## repeat the training RUNS times (seeds 0..RUNS-1) and print the BENCHMARKS.md row
+	$(PY) -m core.benchmark --pipeline=$(PIPELINE) --runs=$(RUNS) -- $(TRAIN_FLAGS)
 
 test: install ## the fast test suite (under 15 minutes on 2 cores)
 	$(PY) -m pytest -m "not slow" $(ARGS)
