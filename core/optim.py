@@ -32,8 +32,9 @@ class GroupedSGD(keras.optimizers.SGD):
     """Nesterov SGD with per-variable learning-rate groups and coupled L2 weight decay.
 
     The update for a variable `w` in a group with multipliers (m_lr, m_wd) uses the gradient
-    `m_lr * g + m_wd * l2 * w`; airbench's "64x lr, 1/64 wd" bias group keeps `lr * wd` the same
-    as for the other weights. The first group whose pattern matches wins.
+    `m_lr * g + m_wd * l2 * w`: the learning-rate multiplier scales only the loss gradient, so
+    PyTorch's "64x lr, 1/64 weight_decay" group (airbench's BatchNorm biases, same absolute decay
+    per step) is m_lr=64, m_wd=1 here. The first group whose pattern matches wins.
     """
 
     def __init__(self, learning_rate=0.1, momentum=0.9, nesterov=True, l2=0.0, groups=(),

@@ -41,18 +41,19 @@ class Config:
     learning_rate: float = 1.5  # peak, per 1024 examples: scaled linearly with batch_size
     momentum: float = 0.85  # Nesterov
     weight_decay: float = 1.33e-3  # L2 on the mean-loss gradient, through momentum (airbench's 0.0153 per 1024 after its lr/momentum folding)
-    bias_lr_multiplier: float = 64.0  # BatchNorm biases learn this much faster (and decay this much less)
+    bias_lr_multiplier: float = 64.0  # BatchNorm biases learn this much faster (same absolute decay per step)
     label_smoothing: float = 0.2  # softened targets: better calibrated, +0.3 points in airbench
     warmup_fraction: float = 0.2  # triangular schedule: rise over this share of steps, then fall to 0
     whiten_bias_epochs: int = 3  # the whitening stem's bias trains this many epochs, then freezes
     lookahead_every: int = 5  # steps between lookahead (slow weights) updates; 0 = off
     # augmentation (training input only) and evaluation
-    flip: bool = True  # random horizontal flip
+    flip: str = "alternate"  # horizontal flip: alternate (each image every other epoch, airbench) | random | none
     translate: int = 2  # random shift by up to this many pixels (reflect padding)
     tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations
 
     def __post_init__(self):
         config_lib.check_choice("model", self.model, tuple(cnn.VARIANTS))
+        config_lib.check_choice("flip", self.flip, ("alternate", "random", "none"))
         config_lib.check_positive(self, "batch_size", "epochs", "learning_rate", "examples_per_shard")
         config_lib.check_positive(self, "max_examples", "translate", "whiten_bias_epochs",
                                   "lookahead_every", "weight_decay", "label_smoothing", allow_zero=True)
@@ -75,22 +76,32 @@ def prepare_data(cfg, run):
         max_examples=cfg.max_examples or None, examples_per_shard=cfg.examples_per_shard)
 
 
-def augment_batch(cfg, seed):
-    """Random flip and translation on whole uint8 batches, then float pixels and one-hot labels.
+def augment_batch(cfg, seed, epoch=None):
+    """Flip and random translation on whole uint8 batches, then float pixels and one-hot labels.
 
     Vectorized over the batch (one gather instead of a crop op per image): on 2 CPU cores the
     input pipeline shares cores with the train step, so its cost matters.
+
+    flip="alternate" (airbench's derandomized flip): an image is flipped in epochs of one parity
+    and not in the other, the parity fixed per image by a hash of its pixels. Every two epochs
+    then show each image both ways, where a coin toss leaves a quarter of them one-sided.
+    `epoch` is a variable the `EpochCounter` callback advances; batches prefetched across an
+    epoch boundary may use the old parity, which only blurs the alternation for a few batches.
     """
     pad = cfg.translate
 
     def fn(images, labels):
-        if cfg.flip:
-            flip = tf.random.uniform([tf.shape(images)[0], 1, 1, 1], seed=seed) < 0.5
+        batch = tf.shape(images)[0]
+        if cfg.flip == "alternate" and epoch is not None:
+            image_bit = tf.reduce_sum(tf.cast(images, tf.int32), axis=[1, 2, 3]) % 2
+            flip = tf.equal((image_bit + tf.cast(epoch, tf.int32)) % 2, 1)[:, None, None, None]
+        elif cfg.flip != "none":
+            flip = tf.random.uniform([batch, 1, 1, 1], seed=seed) < 0.5
+        if cfg.flip != "none":
             images = tf.where(flip, tf.reverse(images, axis=[2]), images)
         if pad:
             height, width = IMAGE_SHAPE[:2]
             padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-            batch = tf.shape(images)[0]
             dy = tf.random.uniform([batch, 1], 0, 2 * pad + 1, dtype=tf.int32, seed=seed + 1)
             dx = tf.random.uniform([batch, 1], 0, 2 * pad + 1, dtype=tf.int32, seed=seed + 2)
             rows = dy + tf.range(height)[None]
@@ -102,15 +113,26 @@ def augment_batch(cfg, seed):
     return fn
 
 
+class EpochCounter(keras.callbacks.Callback):
+    """Publishes the current epoch to the input pipeline (for the alternating flip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="input_epoch")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(epoch)
+
+
 def to_model_inputs(images, labels):
     return tf.cast(images, tf.float32), tf.one_hot(labels, len(CLASS_NAMES))
 
 
-def make_datasets(cfg, run, data, strategy):
+def make_datasets(cfg, run, data, strategy, epoch_counter):
     parse = lambda record: image_data.parse_example(record, IMAGE_SHAPE)
     train = input_pipeline.distributed_dataset(
         strategy, data.splits["train"].files, global_batch=cfg.batch_size, training=True,
-        parse_fn=parse, batch_fn=augment_batch(cfg, run.seed), seed=run.seed,
+        parse_fn=parse, batch_fn=augment_batch(cfg, run.seed, epoch_counter.epoch), seed=run.seed,
         num_examples=data.splits["train"].num_examples)
     val, validation_steps = input_pipeline.validation_dataset(
         strategy, data.splits["val"].files, global_batch=cfg.batch_size,
@@ -137,8 +159,9 @@ def make_optimizer(cfg, steps_per_epoch, total_steps):
         groups=[
             optim.ParamGroup(r"whiten/kernel", lr_multiplier=0.0),  # fixed PCA filters
             optim.ParamGroup(r"whiten/bias", until_step=cfg.whiten_bias_epochs * steps_per_epoch),
-            optim.ParamGroup(r"_bn\d/beta", lr_multiplier=cfg.bias_lr_multiplier,
-                             weight_decay_multiplier=1.0 / cfg.bias_lr_multiplier),
+            # airbench: 64x the learning rate and 1/64 the decay coefficient, i.e. the same
+            # absolute decay per step; GroupedSGD never scales decay by lr_multiplier, so 1.0.
+            optim.ParamGroup(r"_bn\d/beta", lr_multiplier=cfg.bias_lr_multiplier),
         ])
 
 
@@ -160,8 +183,10 @@ def whitening_images(data, count=5000):
 
 # Stage 3: train ----------------------------------------------------------------------------
 
-def train(cfg, run, model, datasets, run_dir, strategy, steps_per_epoch, total_steps):
-    callbacks = [optim.Lookahead(total_steps, every=cfg.lookahead_every)] if cfg.lookahead_every else []
+def train(cfg, run, model, datasets, run_dir, strategy, steps_per_epoch, total_steps, epoch_counter):
+    callbacks = [epoch_counter]
+    if cfg.lookahead_every:
+        callbacks.append(optim.Lookahead(total_steps, every=cfg.lookahead_every))
     train_ds, val_ds, validation_steps = datasets
     return training.fit(model, train_ds, val_ds, validation_steps=validation_steps,
                         epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
@@ -219,9 +244,10 @@ def main(argv):
 
     data = prepare_data(cfg, run)
     steps_per_epoch, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
-    datasets = make_datasets(cfg, run, data, strategy)
+    epoch_counter = EpochCounter()
+    datasets = make_datasets(cfg, run, data, strategy, epoch_counter)
     model = make_model(cfg, run, whitening_images(data), strategy, steps_per_epoch, total_steps)
-    result = train(cfg, run, model, datasets, run_dir, strategy, steps_per_epoch, total_steps)
+    result = train(cfg, run, model, datasets, run_dir, strategy, steps_per_epoch, total_steps, epoch_counter)
     model = training.unreplicated(model)
     val = evaluate_split(cfg, model, data.splits["val"])
     test = evaluate_split(cfg, model, data.splits["test"]) if "test" in data.splits else None

@@ -24,15 +24,16 @@ def test_every_field_documents_itself_in_help(capsys):
 
 def test_flags_parse_to_field_types():
     run, cfg = config_lib.parse_flags(["--strategy=mirrored", "--epochs=3", "--learning_rate=0.5",
-                                       "--flip=false", "--smoke"], CLASSES)
-    assert (run.strategy, run.smoke, cfg.epochs, cfg.learning_rate, cfg.flip) == ("mirrored", True, 3, 0.5, False)
+                                       "--flip=random", "--smoke"], CLASSES)
+    assert (run.strategy, run.smoke, cfg.epochs, cfg.learning_rate, cfg.flip) == ("mirrored", True, 3, 0.5, "random")
 
 
 @pytest.mark.parametrize("argv, expected", [
     (["--epoch=3"], "unknown flag --epoch: expected one of"),
     (["--epochs=three"], "--epochs=three: expected an integer"),
     (["--learning_rate=fast"], "--learning_rate=fast: expected a number"),
-    (["--flip=maybe"], "--flip=maybe: expected a boolean"),
+    (["--flip=maybe"], "--flip=maybe: expected one of alternate, random, none"),
+    (["--smoke=maybe"], "--smoke=maybe: expected a boolean"),
     (["epochs=3"], "unexpected argument 'epochs=3'"),
     (["--epochs"], "--epochs: expected --epochs=VALUE"),
     (["--epochs=0"], "--epochs=0: expected a number > 0"),

@@ -56,22 +56,22 @@ def test_empty_split_is_a_clear_error():
         input_pipeline.make_dataset([], batch_size=8, training=True, parse_fn=_parse_id)
 
 
-def _augment(images, **overrides):
+def _augment(images, epoch=None, **overrides):
     cfg = cifar10_cnn.Config(**overrides)
     labels = tf.zeros([images.shape[0]], tf.int32)
-    out, one_hot = cifar10_cnn.augment_batch(cfg, seed=1)(tf.constant(images), labels)
+    out, one_hot = cifar10_cnn.augment_batch(cfg, seed=1, epoch=epoch)(tf.constant(images), labels)
     assert one_hot.shape == (images.shape[0], 10)
     return out.numpy()
 
 
 def test_augmentation_off_is_identity():
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(_augment(images, flip=False, translate=0), images)
+    np.testing.assert_array_equal(_augment(images, flip="none", translate=0), images)
 
 
 def test_augmentation_is_a_flip_and_a_reflect_padded_shift():
     images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-    out = _augment(images, flip=True, translate=2)
+    out = _augment(images, flip="random", translate=2)
     padded = np.pad(images, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
     for original, padded_one, augmented in zip(images, padded, out):
         candidates = [padded_one[dy:dy + 32, dx:dx + 32] for dy in range(5) for dx in range(5)]
@@ -79,3 +79,15 @@ def test_augmentation_is_a_flip_and_a_reflect_padded_shift():
                        for dy in range(5) for dx in range(5)]
         assert any(np.array_equal(augmented, c) for c in candidates)
     assert not np.array_equal(out, images)  # something moved
+
+
+def test_alternating_flip_flips_each_image_in_exactly_one_of_two_epochs():
+    images = np.random.default_rng(2).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    even = _augment(images, epoch=epoch, flip="alternate", translate=0)
+    epoch.assign(1)
+    odd = _augment(images, epoch=epoch, flip="alternate", translate=0)
+    flipped_even = np.array([not np.array_equal(a, b) for a, b in zip(even, images)])
+    flipped_odd = np.array([not np.array_equal(a, b) for a, b in zip(odd, images)])
+    assert np.all(flipped_even ^ flipped_odd)  # every image flipped in exactly one parity
+    assert 0.25 < flipped_even.mean() < 0.75  # about half each epoch
