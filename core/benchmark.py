@@ -40,7 +40,7 @@ def _mean_std(values):
 def summarise(runs_metrics):
     summary = {"runs": len(runs_metrics)}
     for key in ("val_accuracy", "val_accuracy_without_tta", "test_accuracy", "train_seconds",
-                "examples_per_second"):
+                "train_step_seconds", "examples_per_second"):
         mean, std = _mean_std([m.get(key) for m in runs_metrics])
         summary[key] = {"mean": mean, "std": std, "values": [m.get(key) for m in runs_metrics]}
     first = runs_metrics[0]

@@ -169,3 +169,30 @@ def test_make_train_multiworker_runs_two_local_workers(tmp_path):
     assert "[worker 0]" in result.stdout and "[worker 1]" in result.stdout
     metrics = json.loads((tmp_path / "runs/cifar10_cnn/mw/metrics.json").read_text())
     assert metrics["strategy"] == "multiworker" and metrics["workers"] == 2
+
+
+def test_killed_run_resumes_from_its_backup(tmp_path):
+    import csv
+    import signal
+    import subprocess
+    import time
+    from tests.helpers import REPO
+    epochs = 25
+    args = [sys.executable, "-m", "pipelines.cifar10_cnn", "--smoke", "--strategy=default", "--name=preempted",
+            f"--epochs={epochs}", f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache"]
+    run_dir = tmp_path / "runs" / "cifar10_cnn" / "preempted"
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run_dir / "backup").rglob("*.index")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # preemption: no chance to clean up
+    process.wait()
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(run_dir / "history.csv") as f:
+        epochs_logged = [int(row["epoch"]) for row in csv.DictReader(f)]
+    assert epochs_logged[0] == 0 and epochs_logged.count(0) == 1  # the first run's rows are kept
+    assert set(epochs_logged) == set(range(epochs))  # no epoch lost
+    assert len(epochs_logged) <= epochs + 1  # resumed: at most the interrupted epoch twice
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == epochs

@@ -1,0 +1,35 @@
+"""The Makefile documents itself, and `make bench` summarises repeated runs."""
+
+import json
+import re
+import subprocess
+import sys
+
+from tests.helpers import REPO, run_module
+
+
+def test_make_help_lists_every_target_with_one_line():
+    makefile = open(f"{REPO}/Makefile").read()
+    targets = re.findall(r"^([a-z][a-z-]*):.*## ", makefile, flags=re.M)
+    assert {"help", "install", "train", "evaluate", "bench", "test", "test-all"} <= set(targets)
+    out = subprocess.run(["make", "--no-print-directory"], cwd=REPO, capture_output=True, text=True).stdout
+    for target in targets:
+        assert re.search(rf"make {target}\s+\S", out), target
+
+
+def test_bench_runs_each_seed_and_writes_a_summary(tmp_path):
+    result = run_module("core.benchmark", "--runs=2", "--prefix=b", f"--output_dir={tmp_path}", "--",
+                        "--smoke", "--strategy=default", f"--cache_dir={tmp_path}/cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "cifar10_cnn" / "b-summary.json").read_text())
+    assert summary["runs"] == 2 and len(summary["val_accuracy"]["values"]) == 2
+    assert [json.loads((tmp_path / "cifar10_cnn" / f"b-{i}" / "config.json").read_text())["seed"]
+            for i in range(2)] == [0, 1]
+    row = result.stdout.strip().splitlines()[-1]
+    assert row.startswith("| cifar10_cnn | default") and "python -m pipelines.cifar10_cnn --smoke" in row
+
+
+def test_bench_stops_at_a_failing_run_and_keeps_earlier_ones(tmp_path):
+    result = run_module("core.benchmark", "--runs=2", f"--output_dir={tmp_path}", "--", "--smoke", "--epochs=0")
+    assert result.returncode == 2
+    assert "failed with exit status 2" in result.stderr.strip().splitlines()[-1]
