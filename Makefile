@@ -12,13 +12,17 @@ DATA     ?=
 MODEL    ?=
 CONFIG   ?=
 RUNS     ?= 3
-PYTHON   ?= python3
+NAME     ?=
+# setup.cfg pins Python 3.11; fall back to python3 (pip then says so if it is another version).
+PYTHON   ?= $(shell command -v python3.11 || echo python3)
 VENV     := .venv
 PY       := $(VENV)/bin/python
 # Offline default: the shared JPEG copy of CIFAR-10 when it is beside this checkout, else TFDS.
 CIFAR10_OFFLINE := ../shared/data/cifar10/cifar10-jpeg-train.tar.gz
 TRAIN_DATA := $(or $(DATA),$(if $(and $(filter cifar10_%,$(PIPELINE)),$(wildcard $(CIFAR10_OFFLINE))),$(CIFAR10_OFFLINE),tfds))
-TRAIN_FLAGS := --strategy=$(STRATEGY) --data=$(TRAIN_DATA) $(if $(CONFIG),--config=$(CONFIG)) $(ARGS)
+# Multi-worker: every worker must open the same run folder, so the name is fixed here, once.
+RUN_NAME := $(or $(NAME),$(if $(filter multiworker,$(STRATEGY)),$(shell date +%Y%m%d-%H%M%S)))
+TRAIN_FLAGS := --strategy=$(STRATEGY) --data=$(TRAIN_DATA) $(if $(RUN_NAME),--name=$(RUN_NAME)) $(if $(CONFIG),--config=$(CONFIG)) $(ARGS)
 # Quieter TensorFlow start-up logs; errors still show.
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
@@ -29,7 +33,8 @@ help: ## list the targets (this text)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo ""
 	@echo "  variables: PIPELINE=$(PIPELINE) STRATEGY=$(STRATEGY) (auto|default|mirrored|multiworker|tpu)"
-	@echo "             WORKERS=$(WORKERS) (multiworker on this machine) DATA=... MODEL=... CONFIG=... ARGS=\"--key=value ...\""
+	@echo "             WORKERS=$(WORKERS) (multiworker on this machine) RUNS=$(RUNS) (bench) NAME=run-name"
+	@echo "             DATA=... MODEL=... CONFIG=config.json ARGS=\"--key=value ...\""
 
 install: $(VENV)/.installed ## create .venv and install the pinned dependencies from setup.cfg
 

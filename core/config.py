@@ -11,7 +11,8 @@ Rules, each enforced with a one-line `UserError`: every flag is `--key=value` (o
 `--flag` for booleans); keys must be fields of `RunOptions` or the pipeline's `Config` (the error
 lists them); values must parse as the field's type; `--config=FILE.json` loads a JSON object of
 field values first (how `best_config.json` from a search flows back into training), and flags
-given on the command line override it.
+given on the command line override it. A run's own `config.json` is such a file: it replays the
+run (with a new `--name`, since a finished run is never overwritten).
 """
 
 import dataclasses
@@ -23,6 +24,8 @@ import sys
 import typing
 
 from core.errors import UserError
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,12 @@ class RunOptions:
     seed: int = 0  # seeds the validation carve, shuffling, augmentation and init
     smoke: bool = False  # shrink everything (data, model, schedule) to a run of seconds
     verbose: int = 1  # Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch
+
+    def __post_init__(self):
+        check_choice("verbose", self.verbose, (0, 1, 2))
+        check_choice("precision", self.precision, PRECISIONS)
+        check_positive(self, "steps_per_execution")
+        check_positive(self, "seed", "cpu_devices", allow_zero=True)
 
 
 def field_help(cls) -> dict:
@@ -107,8 +116,8 @@ def _fields(cls):
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def usage(prog: str, classes) -> str:
-    lines = [f"usage: {prog} [--key=value ...]", "       " + prog + " evaluate --model=PATH --data=PATH", ""]
+def usage(prog: str, classes, commands=()) -> str:
+    lines = [f"usage: {prog} [--key=value ...]", *[f"       {prog} {c}" for c in commands], ""]
     lines.append("  --config=FILE.json  field values as a JSON object; flags override it")
     for cls in classes:
         lines.append("")
@@ -122,11 +131,12 @@ def usage(prog: str, classes) -> str:
     return "\n".join(lines)
 
 
-def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None):
+def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None, pipeline=None, commands=()):
     """Parses `argv` into one instance per dataclass in `classes`, in the order given.
 
     Precedence, lowest first: field defaults, `smoke_overrides` (only with --smoke), the
-    `--config` JSON file, flags. `--help` prints the usage and exits 0.
+    `--config` JSON file, flags. `--help` prints the usage (with `commands`, extra usage lines)
+    and exits 0. `pipeline` is checked against a config file's "pipeline" key, if it has one.
     """
     fields = {}
     for cls in classes:
@@ -142,7 +152,7 @@ def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None):
     flags = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(usage(prog, classes))
+            print(usage(prog, classes, commands))
             sys.exit(0)
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: expected --key=value flags (see --help)")
@@ -161,12 +171,14 @@ def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None):
     if parsed.get("smoke") and smoke_overrides:
         values.update({k: check(k, v, "smoke override") for k, v in smoke_overrides.items()})
     if config_file:
-        values.update({k: check(k, v, f"key in {config_file}:") for k, v in load_json_object(config_file).items()})
+        values.update({k: check(k, v, f"key in {config_file}:")
+                       for k, v in load_json_object(config_file, pipeline).items()})
     values.update(parsed)
     return [cls(**{k: v for k, v in values.items() if fields[k][0] is cls}) for cls in classes]
 
 
-def load_json_object(path):
+def load_json_object(path, pipeline=None):
+    """Field values from a JSON object; a "pipeline" key (as in a run's config.json) must match."""
     if not os.path.isfile(path):
         raise UserError(f"--config={path}: no such file; expected a JSON object of config fields")
     try:
@@ -176,8 +188,11 @@ def load_json_object(path):
         raise UserError(f"--config={path}: not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')}); expected a JSON object of config fields") from None
     if not isinstance(data, dict):
         raise UserError(f"--config={path}: expected a JSON object of config fields, got {type(data).__name__}")
-    # best_config.json may wrap the values with metadata; accept {"config": {...}} too.
-    return data.get("config", data) if set(data) <= {"config", "objective", "trial", "tuner", "pipeline"} else data
+    data = dict(data)
+    written_for = data.pop("pipeline", None)
+    if pipeline and written_for and written_for != pipeline:
+        raise UserError(f"--config={path}: written for pipeline {written_for!r}; expected one for {pipeline!r}")
+    return data
 
 
 def to_dict(*configs) -> dict:

@@ -52,7 +52,7 @@ from core import records
 from core.errors import UserError
 
 # Bump when the record layout or the carve changes, so old caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards of equal size (records.balanced_shard_size)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SPLIT_DIRS = ("train", "test")
@@ -148,7 +148,8 @@ def prepare(
         splits = {}
         for split, (images, labels, idx) in order.items():
             examples = ({"image": images[i].tobytes(), "label": int(labels[i])} for i in idx)
-            files = records.write_shards(tmp_dir, split, examples, examples_per_shard)
+            per_shard = records.balanced_shard_size(len(idx), examples_per_shard)
+            files = records.write_shards(tmp_dir, split, examples, per_shard)
             splits[split] = {"files": files, "num_examples": len(idx)}
         return {
             "format_version": FORMAT_VERSION,

@@ -38,11 +38,11 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
     workers, worker = 1, 0
     if input_context is not None:
         workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
-    shard_by_file = workers > 1 and len(files) >= workers
+    # Shard by file when the files split evenly: each worker then reads only its own files
+    # (shards are written equal-sized, records.balanced_shard_size), and every worker supplies
+    # the same number of examples, so none is seen more often than another.
+    shard_by_file = workers > 1 and len(files) % workers == 0
     if shard_by_file:
-        # Shard by file: each worker reads only its own files, and the union over workers is
-        # every file exactly once. (Uneven shard counts give workers uneven epochs; training
-        # repeats, so only evaluation sees it, and there every example still counts once.)
         file_ds = file_ds.shard(workers, worker)
     if training:
         # New file order each epoch (before the cache only the first epoch sees it; the
@@ -58,8 +58,8 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
         deterministic=not training or (workers > 1 and not shard_by_file),
     )
     if workers > 1 and not shard_by_file:
-        # Fewer files than workers (small validation splits): every worker reads all files and
-        # keeps every n-th record; still disjoint and complete, at the cost of redundant reads.
+        # Files do not split evenly: every worker reads all files and keeps every n-th record;
+        # disjoint, complete and balanced, at the cost of redundant reads.
         ds = ds.shard(workers, worker)
     ds = ds.map(parse_fn, num_parallel_calls=AUTOTUNE, deterministic=not training)
     if cache:
@@ -86,7 +86,8 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
     options = tf.data.Options()
     options.deterministic = not training  # explicit, so nested ops inherit it
     options.autotune.enabled = True
-    # Sharding is done by hand above (per file, per worker); stop tf.distribute from sharding again.
+    # Sharding is done by hand above. distribute_datasets_from_function never auto-shards; OFF
+    # keeps it that way if someone hands this dataset to experimental_distribute_dataset.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)
 
@@ -104,21 +105,25 @@ def distributed_dataset(strategy, files, *, global_batch, **kwargs):
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def validation_dataset(strategy, files, *, global_batch, num_examples, **kwargs):
+def validation_dataset(strategy, files, *, global_batch, num_examples, multi_worker, **kwargs):
     """Validation input for `fit`: returns (dataset, validation_steps).
 
     Keras needs a step count for distributed datasets. On one host it is the exact number of
     global steps in one pass (every example once, the last batch partial). Across workers every
     worker must run the same number of steps or the collectives hang, so there the dataset
-    repeats and runs `num_examples // global_batch` full steps: the per-epoch figure then covers
-    a whole-batch share of the split (final accuracy is measured separately, exactly).
+    repeats and runs `num_examples // global_batch` full steps, each worker reading an equal
+    share: the per-epoch figure covers that many whole batches (final accuracy is measured
+    separately, on every example). No cache: Keras stops after the last step without reaching
+    the end of the data, which makes tf.data discard a partial cache every epoch, and the split
+    is small enough to re-read.
     """
-    if strategy.extended._in_multi_worker_mode():
+    kwargs.update(training=False, cache=False)
+    if multi_worker:
         steps = max(1, num_examples // global_batch)
-        ds = distributed_dataset(strategy, files, global_batch=global_batch, training=False,
-                                 repeat=True, drop_remainder=True, **kwargs)
+        ds = distributed_dataset(strategy, files, global_batch=global_batch, repeat=True,
+                                 drop_remainder=True, **kwargs)
         return ds, steps
     replicas = strategy.num_replicas_in_sync
     per_replica_batches = math.ceil(num_examples / (global_batch // replicas))
     steps = math.ceil(per_replica_batches / replicas)
-    return distributed_dataset(strategy, files, global_batch=global_batch, training=False, **kwargs), steps
+    return distributed_dataset(strategy, files, global_batch=global_batch, **kwargs), steps

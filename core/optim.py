@@ -6,7 +6,9 @@ rely on:
   freezes the whitening stem's kernel from the start and its bias after a few epochs;
 - L2 weight decay added to the gradient *after* the cross-replica gradient sum (inside
   `update_step`), so it is counted once however many replicas there are, and it runs through
-  momentum as in PyTorch's SGD, which the recipes were tuned with.
+  momentum as in PyTorch's SGD, which the recipes were tuned with. (Keras' SGD folds the
+  learning rate into its momentum buffer, PyTorch's does not; the two differ slightly while the
+  schedule moves.)
 
 Units: gradients are of the *mean* loss over the global batch (Keras' convention), so the
 learning rate scales linearly with the global batch (`strategies.scale_learning_rate`).

@@ -50,6 +50,19 @@ def shard_name(split_name: str, index: int, num_shards: int) -> str:
     return f"{split_name}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
 
 
+def balanced_shard_size(num_examples: int, max_per_shard: int) -> int:
+    """Shard size that splits `num_examples` into equal shards (within one) of at most `max_per_shard`.
+
+    Equal shards matter for multi-worker training: workers that read disjoint sets of shards
+    each supply the same number of batches per step, so a worker holding a short shard would
+    see its examples more often than the others.
+    """
+    if num_examples <= 0:
+        return max(1, max_per_shard)
+    num_shards = -(-num_examples // max_per_shard)
+    return -(-num_examples // num_shards)
+
+
 def write_shards(
     directory: str, split_name: str, examples: Iterable, examples_per_shard: int
 ) -> tuple[str, ...]:

@@ -14,12 +14,14 @@ On a multi-worker cluster only the chief writes reports and the model; the other
 their checkpoints to throw-away folders, as tf.distribute requires every worker to save.
 """
 
+import contextlib
 import csv
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import tempfile
 import time
 
@@ -27,13 +29,21 @@ import tensorflow as tf
 import tf_keras as keras
 
 import strategies
+from core.config import PRECISIONS
 from core.errors import UserError
 
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# Config keys that may differ between a run and its resumption (they change nothing trained).
+RESUMABLE_CHANGES = {"verbose", "smoke", "cache_dir", "output_dir", "name"}
 
 
-def run_directory(output_dir, pipeline, name):
-    """Creates (or reopens, to resume) the run folder; refuses to overwrite a finished run."""
+def run_directory(output_dir, pipeline, name, multi_worker=False):
+    """Creates (or reopens, to resume) the run folder; refuses to overwrite a finished run.
+
+    Resuming means starting the same command with the same `--name`; multi-worker runs need an
+    explicit name so that every worker opens the same folder.
+    """
+    if multi_worker and not name:
+        raise UserError("--strategy=multiworker needs --name=NAME: every worker must write to the same run folder (make train STRATEGY=multiworker sets one)")
     name = name or time.strftime("%Y%m%d-%H%M%S")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"--name={name}: expected letters, digits, '.', '_' or '-' (it names a folder)")
@@ -47,9 +57,27 @@ def run_directory(output_dir, pipeline, name):
     return run_dir
 
 
+def check_resume(run_dir, config):
+    """Before resuming from `backup/`, checks the run is started with the same config.
+
+    A changed model would fail inside the checkpoint restore with a traceback, and a changed
+    schedule would silently mix two recipes in one run.
+    """
+    stored_path = os.path.join(run_dir, "config.json")
+    if not (os.path.isdir(os.path.join(run_dir, "backup")) and os.path.exists(stored_path)):
+        return
+    with open(stored_path) as f:
+        stored = json.load(f)
+    changed = sorted(k for k in set(stored) | set(config)
+                     if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in changed)
+        raise UserError(f"{run_dir}: resuming with a different config ({details}); rerun with the same flags or pick another --name")
+
+
 def set_precision(precision, strategy):
     """Sets the global Keras dtype policy; `auto` picks per device (see strategies)."""
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS:  # also checked by RunOptions; this guards direct calls
         raise UserError(f"--precision={precision}: expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         precision = strategies.default_precision(strategy)
@@ -58,16 +86,31 @@ def set_precision(precision, strategy):
 
 
 def unreplicated(model):
-    """A plain copy of a model trained under a strategy, for evaluation and saving.
+    """A plain float32 copy of a model trained under a strategy, for evaluation and saving.
 
     Every worker must call this together: reading BatchNorm's moving statistics (sync-on-read
     variables) from a distributed model is a collective op. The copy then evaluates and saves
-    with no collectives, so the chief can do that alone. It has no optimizer state, which keeps
-    model.keras small and loadable without custom objects; resuming uses the checkpoints.
+    with no collectives, so the chief can do that alone. It is float32 whatever the training
+    precision (bfloat16 convolutions do not run everywhere, e.g. on older GPUs), and it has no
+    optimizer state, which keeps model.keras small and loadable without custom objects;
+    resuming uses the checkpoints.
     """
-    copy = keras.Model.from_config(model.get_config())
+    copy = keras.Model.from_config(_float32_config(model.get_config()))
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _float32_config(config):
+    """The model config with every mixed-precision layer policy replaced by float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") in ("Policy", "DTypePolicy") and "mixed" in str(config.get("config", {}).get("name")):
+            return "float32"
+        return {k: _float32_config(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_float32_config(v) for v in config]
+    if isinstance(config, str) and config.startswith("mixed_"):
+        return "float32"
+    return config
 
 
 def write_json(path, data):
@@ -80,28 +123,8 @@ def write_json(path, data):
 
 
 def _is_finite(logs):
+    """No NaN/inf among the numbers in a Keras logs dict."""
     return all(math.isfinite(v) for v in (logs or {}).values() if isinstance(v, (int, float)))
-
-
-class FiniteModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """ModelCheckpoint that never overwrites a good checkpoint with NaN/inf weights."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if _is_finite(logs) and not getattr(self.model, "_nan_stopped", False):
-            super().on_epoch_end(epoch, logs)
-
-
-class FiniteBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that keeps the last finite state when the loss turns NaN."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if _is_finite(logs) and not getattr(self.model, "_nan_stopped", False):
-            super().on_epoch_end(epoch, logs)
-
-    def on_train_end(self, logs=None):
-        # Keras deletes the backup when fit returns; after a NaN stop keep it for inspection.
-        if not getattr(self.model, "_nan_stopped", False):
-            super().on_train_end(logs)
 
 
 class StopOnNaN(keras.callbacks.TerminateOnNaN):
@@ -110,16 +133,49 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
     def __init__(self):
         super().__init__()
         self.stopped_at = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
     def on_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self.stopped_at = (self._epoch, batch)
-            self.model._nan_stopped = True
             self.model.stop_training = True
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+    def healthy(self, logs):
+        """True when nothing went NaN: only then may state be saved over the last good one."""
+        return self.stopped_at is None and _is_finite(logs)
+
+
+class FiniteModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that never overwrites a good checkpoint with NaN/inf weights."""
+
+    def __init__(self, *args, nan_guard, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_guard = nan_guard
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.nan_guard.healthy(logs):
+            super().on_epoch_end(epoch, logs)
+
+
+class FiniteBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that keeps the last finite state when the loss turns NaN."""
+
+    def __init__(self, *args, nan_guard, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_guard = nan_guard
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.nan_guard.healthy(logs):
+            super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        # Keras deletes the backup when fit returns; after a NaN stop keep it for inspection.
+        if self.nan_guard.stopped_at is None:
+            super().on_train_end(logs)
 
 
 class Throughput(keras.callbacks.Callback):
@@ -139,53 +195,62 @@ class Throughput(keras.callbacks.Callback):
         self.epoch_seconds.append(getattr(self, "_last", time.perf_counter()) - self._start)
 
 
-def _writable_dir(run_dir, sub, is_chief):
-    if is_chief:
-        path = os.path.join(run_dir, sub)
-        os.makedirs(path, exist_ok=True)
-        return path
-    return tempfile.mkdtemp(prefix=f"worker-{sub}-")
+def _writable_dir(run_dir, sub, is_chief, scratch):
+    """The chief writes into the run folder; other workers into `scratch`, deleted after fit."""
+    path = os.path.join(run_dir if is_chief else scratch, sub)
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, callbacks=(),
         verbose=1, validation_steps=None):
     """Runs `model.fit` with the callbacks every run should have.
 
-    Returns a dict: history (per-epoch metrics), train_seconds (wall time of fit, validation
-    included), train_step_seconds (time in train steps only, for throughput), resumed_from_epoch.
+    Returns a dict: history (per-epoch metrics, all epochs of a resumed run included),
+    train_seconds (wall time of fit, validation included), train_step_seconds (time in train
+    steps only; its first epoch includes tracing and filling the input cache) and epochs_run
+    (epochs trained by this process, fewer than `epochs` after a resume).
     Raises `TrainingDiverged` when the loss turned NaN; the last finite checkpoint stays.
     """
-    checkpoints = _writable_dir(run_dir, "checkpoints", is_chief)
-    logs_dir = _writable_dir(run_dir, "logs", is_chief)
-    history_csv = os.path.join(run_dir if is_chief else logs_dir, "history.csv")
-    nan_guard, throughput = StopOnNaN(), Throughput()
-    all_callbacks = [
-        nan_guard,
-        # Before the backup: a kill between the two then repeats an epoch's row (de-duplicated
-        # on reading) instead of losing it. Appends on resume, so earlier epochs stay.
-        keras.callbacks.CSVLogger(history_csv, append=True),
-        # Preemption: state saved every epoch; rerunning the same command resumes from it.
-        FiniteBackupAndRestore(backup_dir=os.path.join(run_dir, "backup"), delete_checkpoint=True),
-        FiniteModelCheckpoint(os.path.join(checkpoints, "latest"), save_weights_only=True),
-        FiniteModelCheckpoint(os.path.join(checkpoints, "best"), save_weights_only=True,
-                              monitor="val_accuracy", mode="max", save_best_only=True),
-        keras.callbacks.TensorBoard(logs_dir, update_freq="epoch", profile_batch=0),
-        throughput,
-        *callbacks,
-    ]
-    start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, validation_steps=validation_steps,
-                        epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=all_callbacks, verbose=verbose)
-    train_seconds = time.perf_counter() - start
-    if nan_guard.stopped_at is not None:
-        epoch, batch = nan_guard.stopped_at
-        raise TrainingDiverged(f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints} (lower the learning rate or use --precision=float32)")
-    return {
-        "history": _read_history(history_csv) or {k: list(v) for k, v in history.history.items()},
-        "train_seconds": train_seconds,
-        "train_step_seconds": sum(throughput.epoch_seconds),
-        "epochs_run": len(throughput.epoch_seconds),
-    }
+    with (contextlib.nullcontext(None) if is_chief else tempfile.TemporaryDirectory(prefix="worker-")) as scratch:
+        checkpoints = _writable_dir(run_dir, "checkpoints", is_chief, scratch)
+        logs_dir = _writable_dir(run_dir, "logs", is_chief, scratch)
+        history_csv = os.path.join(run_dir if is_chief else logs_dir, "history.csv")
+        earlier = _read_history(history_csv) or {}
+        nan_guard, throughput = StopOnNaN(), Throughput()
+        all_callbacks = [
+            nan_guard,
+            # Before the backup: a kill between the two then repeats an epoch's row
+            # (de-duplicated on reading) instead of losing it. Appends on resume.
+            keras.callbacks.CSVLogger(history_csv, append=True),
+            # Preemption: state saved every epoch; rerunning the same command resumes from it.
+            FiniteBackupAndRestore(backup_dir=os.path.join(run_dir, "backup"), delete_checkpoint=True,
+                                   nan_guard=nan_guard),
+            FiniteModelCheckpoint(os.path.join(checkpoints, "latest"), save_weights_only=True,
+                                  nan_guard=nan_guard),
+            # After a resume, "best" must beat the epochs before the preemption too.
+            FiniteModelCheckpoint(os.path.join(checkpoints, "best"), save_weights_only=True,
+                                  monitor="val_accuracy", mode="max", save_best_only=True,
+                                  initial_value_threshold=max(earlier.get("val_accuracy", []), default=None),
+                                  nan_guard=nan_guard),
+            keras.callbacks.TensorBoard(logs_dir, update_freq="epoch", profile_batch=0),
+            throughput,
+            *callbacks,
+        ]
+        start = time.perf_counter()
+        history = model.fit(train_ds, validation_data=val_ds, validation_steps=validation_steps,
+                            epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=all_callbacks,
+                            verbose=verbose)
+        train_seconds = time.perf_counter() - start
+        if nan_guard.stopped_at is not None:
+            epoch, batch = nan_guard.stopped_at
+            raise TrainingDiverged(f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints} (lower the learning rate or use --precision=float32)")
+        return {
+            "history": _read_history(history_csv) or {k: list(v) for k, v in history.history.items()},
+            "train_seconds": train_seconds,
+            "train_step_seconds": sum(throughput.epoch_seconds),
+            "epochs_run": len(throughput.epoch_seconds),
+        }
 
 
 class TrainingDiverged(UserError):
@@ -242,8 +307,8 @@ def plot_curves(history, path, title):
     plt.close(fig)
 
 
-def write_report(run_dir, pipeline, run, cfg, strategy, precision, result, data, *, total_steps,
-                 steps_per_epoch, val, test, tta=0):
+def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_name, epochs,
+                 global_batch, total_steps, steps_per_epoch, val, val_no_tta, test, tta=0):
     """Writes metrics.json and curves.png, and prints the headline figures."""
     described = strategies.describe(strategy)
     history = result["history"]
@@ -251,18 +316,18 @@ def write_report(run_dir, pipeline, run, cfg, strategy, precision, result, data,
     metrics = {
         "pipeline": pipeline, "name": name,
         "strategy": described["strategy"], "replicas": described["replicas"],
-        "workers": described["workers"], "precision": precision,
-        "model": getattr(cfg, "model", None),
-        "epochs": cfg.epochs, "steps": total_steps, "global_batch": cfg.batch_size,
+        "workers": described["workers"], "precision": precision, "model": model_name,
+        "epochs": epochs, "steps": total_steps, "global_batch": global_batch,
         "train_seconds": round(result["train_seconds"], 2),
-        # Time inside train steps only (no per-epoch validation, no start-up): comparable with
-        # speed records that time training alone.
+        # Time inside train steps only (no per-epoch validation); like speed records, it includes
+        # the first epoch's tracing and input-cache filling.
         "train_step_seconds": round(result["train_step_seconds"], 2),
-        # Training examples over time spent in train steps (validation passes excluded).
-        "examples_per_second": round(steps_per_epoch * cfg.batch_size * result["epochs_run"]
+        "examples_per_second": round(steps_per_epoch * global_batch * result["epochs_run"]
                                      / max(result["train_step_seconds"], 1e-9), 1),
+        # The saved model's accuracy on the validation split, with the pipeline's test-time
+        # augmentation (`tta`) and without it.
         "val_accuracy": val["accuracy"],
-        "val_accuracy_without_tta": history.get("val_accuracy", [None])[-1],
+        "val_accuracy_no_tta": val_no_tta["accuracy"],
         "test_accuracy": test["accuracy"] if test else None,
         "tta": tta,
         "data": {
@@ -270,8 +335,7 @@ def write_report(run_dir, pipeline, run, cfg, strategy, precision, result, data,
             "train_examples": data.splits["train"].num_examples,
             "val_examples": data.splits["val"].num_examples,
             "test_examples": data.splits["test"].num_examples if test else 0,
-            "val_split": (f"seeded {data.val_fraction:.0%} per class carved from train (seed {data.seed})"
-                          if data.val_carved_from_train else "the source's own validation split"),
+            "val_split": f"seeded {data.val_fraction:.0%} per class carved from train (seed {data.seed})",
             "test_split": ("the source's test split" if test
                            else "none in this source: measure test accuracy with `make evaluate`"),
         },
@@ -281,6 +345,7 @@ def write_report(run_dir, pipeline, run, cfg, strategy, precision, result, data,
     write_json(os.path.join(run_dir, "metrics.json"), metrics)
     plot_curves(history, os.path.join(run_dir, "curves.png"), f"{pipeline} / {name}")
     print(f"run folder: {run_dir}")
-    print(f"val_accuracy={metrics['val_accuracy']:.4f} (tta={tta}) test_accuracy={metrics['test_accuracy']} "
-          f"train_seconds={metrics['train_seconds']} examples_per_second={metrics['examples_per_second']}")
+    print(f"val_accuracy={metrics['val_accuracy']:.4f} (tta={tta}; {metrics['val_accuracy_no_tta']:.4f} without) "
+          f"test_accuracy={metrics['test_accuracy']} train_seconds={metrics['train_seconds']} "
+          f"examples_per_second={metrics['examples_per_second']}")
     return metrics

@@ -38,11 +38,11 @@ class Config:
     # optimisation (airbench94's values, converted to mean-loss units)
     batch_size: int = 1024  # global, split across replicas
     epochs: int = 10  # full passes over the training split
-    learning_rate: float = 1.5  # peak, per 1024 examples: scaled linearly with batch_size
+    learning_rate: float = 1.5  # peak, per 1024 examples, scaled linearly with batch_size (airbench's 11.5 / (1 + 1/(1 - momentum)))
     momentum: float = 0.85  # Nesterov
-    weight_decay: float = 1.33e-3  # L2 on the mean-loss gradient, through momentum (airbench's 0.0153 per 1024 after its lr/momentum folding)
+    weight_decay: float = 1.33e-3  # L2 coefficient on the mean-loss gradient, through momentum (airbench's weight_decay / lr = 0.0153 / 11.5)
     bias_lr_multiplier: float = 64.0  # BatchNorm biases learn this much faster (same absolute decay per step)
-    label_smoothing: float = 0.2  # softened targets: better calibrated, +0.3 points in airbench
+    label_smoothing: float = 0.2  # target mass spread over the other classes (airbench's value)
     warmup_fraction: float = 0.2  # triangular schedule: rise over this share of steps, then fall to 0
     whiten_bias_epochs: int = 3  # the whitening stem's bias trains this many epochs, then freezes
     lookahead_every: int = 5  # steps between lookahead (slow weights) updates; 0 = off
@@ -54,11 +54,28 @@ class Config:
     def __post_init__(self):
         config_lib.check_choice("model", self.model, tuple(cnn.VARIANTS))
         config_lib.check_choice("flip", self.flip, ("alternate", "random", "none"))
+        config_lib.check_choice("tta", self.tta, (0, 1, 2))
         config_lib.check_positive(self, "batch_size", "epochs", "learning_rate", "examples_per_shard")
         config_lib.check_positive(self, "max_examples", "translate", "whiten_bias_epochs",
                                   "lookahead_every", "weight_decay", "label_smoothing", allow_zero=True)
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"--val_fraction={self.val_fraction}: expected a number between 0 and 1")
+        for name in ("val_fraction", "momentum", "warmup_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise UserError(f"--{name}={getattr(self, name)}: expected a number between 0 and 1")
+        if self.translate >= IMAGE_SHAPE[0] // 2:
+            raise UserError(f"--translate={self.translate}: expected fewer than {IMAGE_SHAPE[0] // 2} pixels (reflect padding)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateOptions:
+    """Flags of `python -m pipelines.cifar10_cnn evaluate`."""
+    model: str = ""  # path to model.keras from a training run
+    data: str = ""  # folder of class folders, .tar.gz of one, cifar-10-binary.tar.gz, or tfds
+    tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + translations
+    batch_size: int = 1000  # examples per inference batch
+
+    def __post_init__(self):
+        config_lib.check_choice("tta", self.tta, (0, 1, 2))
+        config_lib.check_positive(self, "batch_size")
 
 
 # --smoke: tiny model and data, two short epochs; synthetic data unless --data is given.
@@ -108,7 +125,7 @@ def augment_batch(cfg, seed, epoch=None):
             cols = dx + tf.range(width)[None]
             images = tf.gather(padded, rows, axis=1, batch_dims=1)
             images = tf.gather(images, cols, axis=2, batch_dims=1)
-        return tf.cast(images, tf.float32), tf.one_hot(labels, len(CLASS_NAMES))
+        return to_model_inputs(images, labels)
 
     return fn
 
@@ -118,7 +135,8 @@ class EpochCounter(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="input_epoch")
+        with tf.device("/cpu:0"):  # read by the input pipeline, which runs on the host CPU
+            self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="input_epoch")
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch.assign(epoch)
@@ -136,7 +154,8 @@ def make_datasets(cfg, run, data, strategy, epoch_counter):
         num_examples=data.splits["train"].num_examples)
     val, validation_steps = input_pipeline.validation_dataset(
         strategy, data.splits["val"].files, global_batch=cfg.batch_size,
-        num_examples=data.splits["val"].num_examples, parse_fn=parse, batch_fn=to_model_inputs)
+        num_examples=data.splits["val"].num_examples, parse_fn=parse, batch_fn=to_model_inputs,
+        multi_worker=strategies.resolved_name(strategy) == "multiworker")
     return train, val, validation_steps
 
 
@@ -165,39 +184,39 @@ def make_optimizer(cfg, steps_per_epoch, total_steps):
         ])
 
 
-def make_model(cfg, run, whitening_images, strategy, steps_per_epoch, total_steps):
+def make_model(cfg, run, stem_images, strategy, steps_per_epoch, total_steps):
     """Builds and compiles the CNN under the strategy's scope (variables live on every replica)."""
     with strategy.scope():
         model = cnn.cnn(cfg.model, num_classes=len(CLASS_NAMES), image_shape=IMAGE_SHAPE)
-        cnn.init_whitening(model, whitening_images)
+        cnn.init_whitening(model, stem_images)
         model.compile(optimizer=make_optimizer(cfg, steps_per_epoch, total_steps),
                       loss=optim.label_smoothing_loss(cfg.label_smoothing), metrics=["accuracy"],
                       jit_compile=run.jit_compile, steps_per_execution=run.steps_per_execution)
     return model
 
 
-def whitening_images(data, count=5000):
+def first_train_images(data, count=5000):
     """The first `count` training images (fixed order, so every worker computes the same stem)."""
     return next(iter(local_dataset(data.splits["train"], batch_size=count)))[0].numpy()
 
 
 # Stage 3: train ----------------------------------------------------------------------------
 
-def train(cfg, run, model, datasets, run_dir, strategy, steps_per_epoch, total_steps, epoch_counter):
+def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_steps, epoch_counter):
     callbacks = [epoch_counter]
     if cfg.lookahead_every:
         callbacks.append(optim.Lookahead(total_steps, every=cfg.lookahead_every))
     train_ds, val_ds, validation_steps = datasets
     return training.fit(model, train_ds, val_ds, validation_steps=validation_steps,
                         epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                        run_dir=run_dir, is_chief=strategies.is_chief(strategy),
+                        run_dir=run_dir, is_chief=is_chief,
                         callbacks=callbacks, verbose=run.verbose)
 
 
 # Stage 4: evaluate -------------------------------------------------------------------------
 
-def evaluate_split(cfg, model, split):
-    logits, labels = evaluation.predict(model, local_dataset(split), evaluation.image_tta(cfg.tta))
+def evaluate_split(model, split, tta):
+    logits, labels = evaluation.predict(model, local_dataset(split), evaluation.image_tta(tta))
     return evaluation.accuracy_report(logits, labels, CLASS_NAMES)
 
 
@@ -207,13 +226,6 @@ def evaluate_command(argv):
     DATA is any source `prepare_data` accepts; its test split is used when it has one, otherwise
     all its examples (a folder of class folders is taken whole).
     """
-    @dataclasses.dataclass(frozen=True)
-    class EvaluateOptions:
-        model: str = ""  # path to model.keras from a training run
-        data: str = ""  # folder of class folders, .tar.gz of one, cifar-10-binary.tar.gz, or tfds
-        tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + translations
-        batch_size: int = 1000  # examples per inference batch
-
     (opts,) = config_lib.parse_flags(argv, [EvaluateOptions], prog=f"python -m pipelines.{PIPELINE} evaluate")
     if not opts.model or not opts.data:
         raise UserError("evaluate: expected both --model=PATH and --data=PATH")
@@ -231,32 +243,38 @@ def evaluate_command(argv):
 # Main: the stages in order -----------------------------------------------------------------
 
 def main(argv):
-    run, cfg = config_lib.parse_flags(argv, [config_lib.RunOptions, Config],
-                                      prog=f"python -m pipelines.{PIPELINE}", smoke_overrides=SMOKE)
+    run, cfg = config_lib.parse_flags(
+        argv, [config_lib.RunOptions, Config], prog=f"python -m pipelines.{PIPELINE}",
+        smoke_overrides=SMOKE, pipeline=PIPELINE, commands=["evaluate --model=PATH --data=PATH [--tta=N]"])
     keras.utils.set_random_seed(run.seed)
     strategy = strategies.make_strategy(run.strategy, tpu=run.tpu, cpu_devices=run.cpu_devices)
     precision = training.set_precision(run.precision, strategy)
     strategies.per_replica_batch(cfg.batch_size, strategy)  # fails early if not divisible
-    run_dir = training.run_directory(run.output_dir, PIPELINE, run.name)
+    run_dir = training.run_directory(run.output_dir, PIPELINE, run.name,
+                                     multi_worker=strategies.resolved_name(strategy) == "multiworker")
     is_chief = strategies.is_chief(strategy)
+    config = {"pipeline": PIPELINE, **config_lib.to_dict(run, cfg)}
+    training.check_resume(run_dir, config)
     if is_chief:
-        training.write_json(f"{run_dir}/config.json", {"pipeline": PIPELINE, **config_lib.to_dict(run, cfg)})
+        training.write_json(f"{run_dir}/config.json", config)
 
     data = prepare_data(cfg, run)
     steps_per_epoch, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
     epoch_counter = EpochCounter()
     datasets = make_datasets(cfg, run, data, strategy, epoch_counter)
-    model = make_model(cfg, run, whitening_images(data), strategy, steps_per_epoch, total_steps)
-    result = train(cfg, run, model, datasets, run_dir, strategy, steps_per_epoch, total_steps, epoch_counter)
-    model = training.unreplicated(model)
-    val = evaluate_split(cfg, model, data.splits["val"])
-    test = evaluate_split(cfg, model, data.splits["test"]) if "test" in data.splits else None
+    model = make_model(cfg, run, first_train_images(data), strategy, steps_per_epoch, total_steps)
+    result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_steps, epoch_counter)
+    model = training.unreplicated(model)  # every worker, together (a collective read)
 
     if is_chief:
         model.save(f"{run_dir}/model.keras")
-        training.write_report(run_dir, PIPELINE, run, cfg, strategy, precision, result, data,
+        val = evaluate_split(model, data.splits["val"], cfg.tta)
+        val_no_tta = evaluate_split(model, data.splits["val"], 0)
+        test = evaluate_split(model, data.splits["test"], cfg.tta) if "test" in data.splits else None
+        training.write_report(run_dir, PIPELINE, strategy, precision, result, data,
+                              model_name=cfg.model, epochs=cfg.epochs, global_batch=cfg.batch_size,
                               total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                              val=val, test=test, tta=cfg.tta)
+                              val=val, val_no_tta=val_no_tta, test=test, tta=cfg.tta)
     return run_dir
 
 

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 import tf_keras as keras
 
 from core import config as config_lib
+from core.errors import UserError
 from pipelines import cifar10_cnn
 from tests.helpers import last_json_line, run_module, write_image_folder
 
@@ -196,3 +197,34 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
     assert set(epochs_logged) == set(range(epochs))  # no epoch lost
     assert len(epochs_logged) <= epochs + 1  # resumed: at most the interrupted epoch twice
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == epochs
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+    from core import training
+    run_dir = tmp_path / "run"
+    (run_dir / "backup").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"model": "small", "epochs": 10, "verbose": 1}))
+    training.check_resume(str(run_dir), {"model": "small", "epochs": 10, "verbose": 2})  # fine
+    with pytest.raises(UserError, match=r"resuming with a different config \(model: 'small' -> 'large'\)"):
+        training.check_resume(str(run_dir), {"model": "large", "epochs": 10, "verbose": 1})
+
+
+def test_multiworker_needs_a_run_name(tmp_path):
+    from core import training
+    with pytest.raises(UserError, match="--strategy=multiworker needs --name=NAME"):
+        training.run_directory(str(tmp_path), "cifar10_cnn", "", multi_worker=True)
+
+
+def test_saved_copy_is_float32_and_computes_the_same(tmp_path):
+    import numpy as np
+    from core import training
+    from models import cnn
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = cnn.cnn("tiny")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    copy = training.unreplicated(model)
+    assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(model(x, training=False), copy(x, training=False), atol=0.05)

@@ -77,3 +77,27 @@ def test_bad_config_files_give_one_line_errors(tmp_path, content, expected):
 def test_missing_config_file_is_named():
     with pytest.raises(UserError, match="--config=/no/such.json: no such file"):
         config_lib.parse_flags(["--config=/no/such.json"], CLASSES)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--tta=3"], "--tta=3: expected one of 0, 1, 2"),
+    (["--momentum=1.2"], "--momentum=1.2: expected a number between 0 and 1"),
+    (["--translate=16"], "--translate=16: expected fewer than 16 pixels"),
+    (["--seed=-1"], "--seed=-1: expected a number >= 0"),
+    (["--steps_per_execution=0"], "--steps_per_execution=0: expected a number > 0"),
+    (["--verbose=5"], "--verbose=5: expected one of 0, 1, 2"),
+    (["--precision=fp8"], "--precision=fp8: expected one of auto, float32"),
+])
+def test_out_of_range_values_are_refused_before_training(argv, expected):
+    with pytest.raises(UserError, match=expected.replace("(", r"\(")):
+        config_lib.parse_flags(argv, CLASSES)
+
+
+def test_a_runs_config_json_replays_it(tmp_path):
+    run, cfg = config_lib.parse_flags(["--epochs=7", "--flip=random"], CLASSES)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"pipeline": "cifar10_cnn", **config_lib.to_dict(run, cfg)}))
+    replayed = config_lib.parse_flags([f"--config={path}"], CLASSES, pipeline="cifar10_cnn")
+    assert replayed == [run, cfg]
+    with pytest.raises(UserError, match="written for pipeline 'cifar10_cnn'; expected one for 'imdb'"):
+        config_lib.parse_flags([f"--config={path}"], CLASSES, pipeline="imdb")

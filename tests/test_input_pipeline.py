@@ -91,3 +91,10 @@ def test_alternating_flip_flips_each_image_in_exactly_one_of_two_epochs():
     flipped_odd = np.array([not np.array_equal(a, b) for a, b in zip(odd, images)])
     assert np.all(flipped_even ^ flipped_odd)  # every image flipped in exactly one parity
     assert 0.25 < flipped_even.mean() < 0.75  # about half each epoch
+
+
+def test_balanced_shards_differ_by_at_most_one_example():
+    for total, most in [(45000, 4096), (5000, 4096), (100, 7), (4096, 4096), (1, 10)]:
+        size = records.balanced_shard_size(total, most)
+        shards = -(-total // size)
+        assert size <= most and 0 <= shards * size - total < shards
