@@ -365,7 +365,14 @@ def _load_tfds(tfds_name, image_shape, class_names):
     for split in SPLIT_DIRS:
         if split not in available:
             continue
-        ds = tfds.load(tfds_name, split=split, as_supervised=True)
+        try:
+            ds = tfds.load(tfds_name, split=split, as_supervised=True)
+        except Exception as e:  # download/prepare failures come in many types; all mean "not here"
+            raise UserError(
+                f"{description}: cannot download or prepare the {split} split "
+                f"({e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); offline, pass "
+                "--data=PATH to a local copy (a folder of class folders, a .tar.gz of one, or cifar-10-binary.tar.gz)"
+            ) from None
         if not ds.element_spec[0].shape.is_compatible_with(image_shape):
             raise UserError(
                 f"{description}: images are {_hwc(ds.element_spec[0].shape)}, "
