@@ -149,28 +149,25 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
         return self.stopped_at is None and _is_finite(logs)
 
 
-class FiniteModelCheckpoint(keras.callbacks.ModelCheckpoint):
+class _SavesOnlyWhileFinite:
+    """Mixin for saving callbacks: skip the epoch-end save once the loss went NaN/inf, so the
+    last good state is never overwritten."""
+
+    def __init__(self, *args, nan_guard, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_guard = nan_guard
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.nan_guard.healthy(logs):
+            super().on_epoch_end(epoch, logs)
+
+
+class FiniteModelCheckpoint(_SavesOnlyWhileFinite, keras.callbacks.ModelCheckpoint):
     """ModelCheckpoint that never overwrites a good checkpoint with NaN/inf weights."""
 
-    def __init__(self, *args, nan_guard, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.nan_guard = nan_guard
 
-    def on_epoch_end(self, epoch, logs=None):
-        if self.nan_guard.healthy(logs):
-            super().on_epoch_end(epoch, logs)
-
-
-class FiniteBackupAndRestore(keras.callbacks.BackupAndRestore):
+class FiniteBackupAndRestore(_SavesOnlyWhileFinite, keras.callbacks.BackupAndRestore):
     """BackupAndRestore that keeps the last finite state when the loss turns NaN."""
-
-    def __init__(self, *args, nan_guard, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.nan_guard = nan_guard
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.nan_guard.healthy(logs):
-            super().on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None):
         # Keras deletes the backup when fit returns; after a NaN stop keep it for inspection.

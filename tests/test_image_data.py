@@ -364,3 +364,15 @@ def test_bad_input_gives_one_line_user_error_naming_it(tmp_path, make_bad):
     message = str(error.value)
     assert name in message and "\n" not in message
     assert not os.path.exists(tmp_path / "cache") or os.listdir(tmp_path / "cache") == []
+
+
+def test_tfds_that_cannot_download_points_to_offline_data(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Max retries exceeded (NameResolutionError)")
+
+    monkeypatch.setattr(tfds, "load", offline)
+    with pytest.raises(UserError, match=r"tfds:cifar10: cannot download or prepare the train split \(ConnectionError: .*--data=PATH"):
+        image_data.prepare("tfds", cache_root=str(tmp_path), class_names=image_data.CIFAR10_CLASSES)
+    assert not any(tmp_path.iterdir())  # no half-written cache left behind
