@@ -234,6 +234,7 @@ def evaluate_command(argv):
     splits = image_data.read_images(opts.data, image_shape=IMAGE_SHAPE, class_names=CLASS_NAMES)
     split = "test" if "test" in splits else next(iter(splits))
     images, labels, _ = splits[split]
+    split = split if split == "test" else "all"  # a plain folder of class folders is taken whole
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(opts.batch_size).map(to_model_inputs)
     logits, labels = evaluation.predict(model, dataset, evaluation.image_tta(opts.tta))
     report = {"pipeline": PIPELINE, "model": opts.model, "data": opts.data, "split": split,

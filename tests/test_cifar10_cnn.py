@@ -71,7 +71,7 @@ def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
                         f"--data={folder}", "--tta=2")
     assert result.returncode == 0, result.stderr[-3000:]
     report = last_json_line(result.stdout)
-    assert report["examples"] == 30
+    assert report["examples"] == 30 and report["split"] == "all"
     assert set(report["per_class_accuracy"]) == set(cifar10_cnn.CLASS_NAMES)
     assert 0.0 <= report["accuracy"] <= 1.0
 
