@@ -10,8 +10,7 @@ That comment *is* the `--help` text, so the docs cannot drift from the code. Sha
 Rules, each enforced with a one-line `UserError`: every flag is `--key=value` (or a bare
 `--flag` for booleans); keys must be fields of `RunOptions` or the pipeline's `Config` (the error
 lists them); values must parse as the field's type; `--config=FILE.json` loads a JSON object of
-field values first (how `best_config.json` from a search flows back into training), and flags
-given on the command line override it. A run's own `config.json` is such a file: it replays the
+field values first, and flags given on the command line override it. A run's own `config.json` is such a file: it replays the
 run (with a new `--name`, since a finished run is never overwritten).
 """
 
