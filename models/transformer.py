@@ -1,0 +1,232 @@
+"""Transformer blocks, and the text and image classifiers built from them, as flat Keras 2 graphs.
+
+One set of blocks serves both families:
+    text:  token ids -> TokenEmbedding + PositionEmbedding -> N x encoder_block -> pooling -> head
+    image: pixels -> PatchEmbedding (Conv2D, stride = patch) + PositionEmbedding -> ... same ...
+
+Why not `keras.layers.MultiHeadAttention`: TFMOT's pruning and quantization wrap one Keras layer at
+a time and refuse layers they do not know (MultiHeadAttention, and the TFOpLambda layers that
+`x @ y` or `tf.reshape` leave in a functional graph). So attention is split at the boundary the
+compression stages need:
+- every weight lives in a stock `Dense` (fused q/k/v projection, output projection, MLP) or
+  `Embedding`/`Conv2D`. Those are in TFMOT's prune registry (kernels pruned) and in its 8-bit
+  quantize registry (per-channel weights, quantized activations), so they need no custom config;
+- the weight-free arithmetic between them (split heads, QK^T / sqrt(d), key-padding mask,
+  softmax, weights x V, merge heads) is one custom layer, `DotProductAttention`. It implements
+  `PrunableLayer` with no prunable weights, so `prune_low_magnitude` walks straight past it; for
+  quantization-aware training it gets a `QuantizeConfig` that fake-quantizes its output (the
+  compression stage supplies it), which gives the int8 TFLite graph a quantized tensor at the
+  point the fused projection reads it;
+- `PositionEmbedding`, `PaddingMask` and `MaskedMeanPooling` are custom for the same reason (no
+  TF-op lambdas), all `PrunableLayer`s: the position table is small and pruning it costs
+  accuracy, the other two have no weights;
+- normalisation is stock `LayerNormalization` (in the prune registry with nothing to prune;
+  quantization leaves it in float or takes a NoOp config, decided by the compression stage);
+- residuals are stock `Add`, the MLP activation is GELU inside its `Dense` (TFMOT 0.8 quantizes
+  'gelu' both before and after the activation, as TFLite does not fuse it).
+
+Blocks are pre-norm (LayerNorm before attention and MLP, one final LayerNorm before pooling),
+which trains stably without learning-rate warm-up tricks at these depths.
+
+Size variants (`VARIANTS`) give width, depth, heads and MLP ratio; dropout is a build argument.
+"""
+
+import math
+
+import tensorflow as tf
+import tf_keras as keras
+from tf_keras import layers
+from tensorflow_model_optimization.python.core.sparsity.keras import prunable_layer
+
+VARIANTS = {
+    # name: (width, depth, heads, mlp_ratio)
+    "tiny": (32, 1, 2, 2),     # smoke tests
+    "small": (64, 2, 4, 2),    # IMDB on a 2-core CPU
+    "base": (128, 4, 4, 2),
+    "vit_small": (192, 6, 6, 2),  # ViT on CIFAR-10 (patch 4 -> 64 tokens)
+}
+
+
+def _truncated_normal(stddev=0.02):
+    # ViT/BERT initialisation: small weights keep the residual stream near identity at the start.
+    return keras.initializers.TruncatedNormal(stddev=stddev)
+
+
+@keras.utils.register_keras_serializable(package="transformer")
+class PositionEmbedding(layers.Layer, prunable_layer.PrunableLayer):
+    """Adds a learned position vector to each token; sequences may be shorter than `max_length`."""
+
+    def __init__(self, max_length, **kwargs):
+        super().__init__(**kwargs)
+        self.max_length = max_length
+
+    def build(self, input_shape):
+        self.position_table = self.add_weight(
+            name="position_table", shape=(self.max_length, input_shape[-1]),
+            initializer=_truncated_normal())
+        super().build(input_shape)
+
+    def call(self, tokens):
+        length = tf.shape(tokens)[1]
+        return tokens + tf.cast(self.position_table[tf.newaxis, :length], tokens.dtype)
+
+    def get_prunable_weights(self):
+        return []  # a few thousand weights that carry word order; pruning them is not worth it
+
+    def get_config(self):
+        return {**super().get_config(), "max_length": self.max_length}
+
+
+@keras.utils.register_keras_serializable(package="transformer")
+class PaddingMask(layers.Layer, prunable_layer.PrunableLayer):
+    """Token ids -> float mask (1 for real tokens, 0 for padding id 0), fed to attention and pooling."""
+
+    def call(self, token_ids):
+        return tf.cast(tf.not_equal(token_ids, 0), self.compute_dtype)
+
+    def get_prunable_weights(self):
+        return []
+
+
+@keras.utils.register_keras_serializable(package="transformer")
+class DotProductAttention(layers.Layer, prunable_layer.PrunableLayer):
+    """Multi-head scaled dot-product attention on a fused [q | k | v] projection. No weights.
+
+    Inputs: `qkv` of shape (batch, length, 3 * width) and optionally a key mask (batch, length).
+    Output: (batch, length, width), heads concatenated, ready for the output projection.
+    Scores and softmax run in float32 under mixed precision (bf16 logits lose the small
+    differences attention depends on).
+    """
+
+    def __init__(self, heads, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = heads
+
+    def call(self, qkv, mask=None):
+        if isinstance(qkv, (list, tuple)):
+            qkv, mask = qkv
+        batch, length = tf.shape(qkv)[0], tf.shape(qkv)[1]
+        width = qkv.shape[-1] // 3
+        head_width = width // self.heads
+        # (batch, length, 3, heads, head_width) -> three (batch, heads, length, head_width)
+        qkv = tf.reshape(qkv, (batch, length, 3, self.heads, head_width))
+        query, key, value = tf.unstack(tf.transpose(qkv, (2, 0, 3, 1, 4)))
+        scores = tf.einsum("bhqd,bhkd->bhqk", query, key)
+        scores = tf.cast(scores, tf.float32) / math.sqrt(head_width)
+        if mask is not None:
+            # padded keys get -1e9 before softmax, so they receive no attention
+            scores += (1.0 - tf.cast(mask[:, tf.newaxis, tf.newaxis, :], tf.float32)) * -1e9
+        weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
+        attended = tf.einsum("bhqk,bhkd->bqhd", weights, value)
+        return tf.reshape(attended, (batch, length, width))
+
+    def compute_output_shape(self, input_shape):
+        shape = input_shape[0] if isinstance(input_shape, (list, tuple)) and \
+            isinstance(input_shape[0], (list, tuple, tf.TensorShape)) else input_shape
+        shape = tf.TensorShape(shape)
+        return shape[:-1].concatenate([shape[-1] // 3])
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "heads": self.heads}
+
+
+@keras.utils.register_keras_serializable(package="transformer")
+class MaskedMeanPooling(layers.Layer, prunable_layer.PrunableLayer):
+    """Mean over the tokens whose mask is 1 (all tokens when no mask is given)."""
+
+    def call(self, tokens, mask=None):
+        if isinstance(tokens, (list, tuple)):
+            tokens, mask = tokens
+        if mask is None:
+            return tf.reduce_mean(tokens, axis=1)
+        mask = tf.cast(mask, tokens.dtype)[:, :, tf.newaxis]
+        total = tf.reduce_sum(tokens * mask, axis=1)
+        return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
+    def get_prunable_weights(self):
+        return []
+
+
+def encoder_block(x, *, width, heads, mlp_ratio, dropout, mask=None, name):
+    """Pre-norm encoder block: x + attention(LN(x)), then x + MLP(LN(x)). Shapes unchanged."""
+    if width % heads:
+        raise ValueError(f"{name}: width {width} is not divisible by {heads} heads")
+    y = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_attention_norm")(x)
+    y = layers.Dense(3 * width, kernel_initializer=_truncated_normal(), name=f"{name}_qkv")(y)
+    y = DotProductAttention(heads, name=f"{name}_attention")(y if mask is None else [y, mask])
+    y = layers.Dense(width, kernel_initializer=_truncated_normal(), name=f"{name}_attention_output")(y)
+    y = layers.Dropout(dropout, name=f"{name}_attention_dropout")(y)
+    x = layers.Add(name=f"{name}_attention_residual")([x, y])
+
+    y = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_mlp_norm")(x)
+    y = layers.Dense(mlp_ratio * width, activation="gelu", kernel_initializer=_truncated_normal(),
+                     name=f"{name}_mlp_hidden")(y)
+    y = layers.Dropout(dropout, name=f"{name}_mlp_hidden_dropout")(y)
+    y = layers.Dense(width, kernel_initializer=_truncated_normal(), name=f"{name}_mlp_output")(y)
+    y = layers.Dropout(dropout, name=f"{name}_mlp_dropout")(y)
+    return layers.Add(name=f"{name}_mlp_residual")([x, y])
+
+
+def encoder(x, *, depth, width, heads, mlp_ratio, dropout, mask=None, name="encoder"):
+    """`depth` encoder blocks and the final LayerNorm of a pre-norm stack."""
+    for index in range(depth):
+        x = encoder_block(x, width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout,
+                          mask=mask, name=f"{name}_block{index + 1}")
+    return layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm")(x)
+
+
+def classifier_head(x, *, num_classes, dropout, name="head"):
+    """Dropout, then float32 logits (softmax lives in the loss, so mixed precision stays stable)."""
+    x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    return layers.Dense(num_classes, dtype="float32", kernel_initializer="zeros", name=f"{name}_logits")(x)
+
+
+def _variant(variant):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown transformer variant {variant!r}: expected one of {sorted(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def text_classifier(variant="small", *, vocab_size, max_length, num_classes=2, dropout=0.1,
+                    embedding_dropout=0.1, name="text_transformer"):
+    """Token ids (0 = padding, any length up to `max_length`) -> class logits.
+
+    Pooling is the mean over real tokens (no [CLS] token: mean pooling trains faster from scratch
+    on short budgets, and needs no extra position).
+    """
+    width, depth, heads, mlp_ratio = _variant(variant)
+    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+    mask = PaddingMask(name="padding_mask")(token_ids)
+    x = layers.Embedding(vocab_size, width, embeddings_initializer=_truncated_normal(),
+                         name="token_embedding")(token_ids)
+    x = PositionEmbedding(max_length, name="position_embedding")(x)
+    x = layers.Dropout(embedding_dropout, name="embedding_dropout")(x)
+    x = encoder(x, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, mask=mask)
+    x = MaskedMeanPooling(name="pooling")([x, mask])
+    logits = classifier_head(x, num_classes=num_classes, dropout=dropout)
+    return keras.Model(token_ids, logits, name=name)
+
+
+def image_classifier(variant="vit_small", *, image_shape=(32, 32, 3), patch_size=4, num_classes=10,
+                     dropout=0.0, pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0),
+                     name="vision_transformer"):
+    """uint8/float pixels (0-255) -> class logits: a ViT with mean pooling over patch tokens."""
+    width, depth, heads, mlp_ratio = _variant(variant)
+    height, image_width, _ = image_shape
+    if height % patch_size or image_width % patch_size:
+        raise ValueError(f"patch size {patch_size} does not divide the image size {image_shape[:2]}")
+    num_patches = (height // patch_size) * (image_width // patch_size)
+    images = keras.Input(shape=image_shape, name="images")
+    x = layers.Normalization(mean=pixel_mean, variance=[s * s for s in pixel_std], name="normalize")(images)
+    x = layers.Conv2D(width, patch_size, strides=patch_size, kernel_initializer=_truncated_normal(),
+                      name="patch_embedding")(x)
+    x = layers.Reshape((num_patches, width), name="patch_tokens")(x)
+    x = PositionEmbedding(num_patches, name="position_embedding")(x)
+    x = layers.Dropout(dropout, name="embedding_dropout")(x)
+    x = encoder(x, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
+    x = MaskedMeanPooling(name="pooling")(x)
+    logits = classifier_head(x, num_classes=num_classes, dropout=dropout)
+    return keras.Model(images, logits, name=name)
