@@ -14,12 +14,9 @@ Copy this file to start a new image task: change `CLASS_NAMES`, `Config`, `augme
 
 import dataclasses
 
-import tensorflow as tf
-import tf_keras as keras
-
 import strategies
 from core import config as config_lib
-from core import evaluation, image_data, input_pipeline, optim, training
+from core import image_classification, optim, training
 from core.errors import UserError
 from models import cnn
 
@@ -54,7 +51,7 @@ class Config:
 
     def __post_init__(self):
         config_lib.check_choice("model", self.model, tuple(cnn.VARIANTS))
-        config_lib.check_choice("flip", self.flip, ("alternate", "random", "none"))
+        config_lib.check_choice("flip", self.flip, image_classification.FLIPS)
         config_lib.check_choice("tta", self.tta, (0, 1, 2))
         config_lib.check_positive(self, "batch_size", "epochs", "learning_rate", "examples_per_shard")
         config_lib.check_positive(self, "max_examples", "translate", "whiten_bias_epochs",
@@ -66,19 +63,6 @@ class Config:
             raise UserError(f"--translate={self.translate}: expected fewer than {IMAGE_SHAPE[0] // 2} pixels (reflect padding)")
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluateOptions:
-    """Flags of `python -m pipelines.cifar10_cnn evaluate`."""
-    model: str = ""  # path to model.keras from a training run
-    data: str = ""  # folder of class folders, .tar.gz of one, cifar-10-binary.tar.gz, or tfds
-    tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + translations
-    batch_size: int = 1000  # examples per inference batch
-
-    def __post_init__(self):
-        config_lib.check_choice("tta", self.tta, (0, 1, 2))
-        config_lib.check_positive(self, "batch_size")
-
-
 # --smoke: tiny model and data, two short epochs; synthetic data unless --data is given.
 SMOKE = dict(model="tiny", epochs=2, max_examples=320, batch_size=64, data="synthetic",
              examples_per_shard=64, verbose=2, tta=1)
@@ -86,86 +70,16 @@ SMOKE = dict(model="tiny", epochs=2, max_examples=320, batch_size=64, data="synt
 
 # Stage 1: data -----------------------------------------------------------------------------
 
-def prepare_data(cfg, run):
-    """Converts the source once into the sharded cache; later runs reuse it."""
-    return image_data.prepare(
-        run.data, cache_root=run.cache_dir, image_shape=IMAGE_SHAPE, class_names=CLASS_NAMES,
-        val_fraction=cfg.val_fraction, seed=run.seed, tfds_name="cifar10",
-        max_examples=cfg.max_examples or None, examples_per_shard=cfg.examples_per_shard)
-
-
 def augment_batch(cfg, seed, epoch=None):
-    """Flip and random translation on whole uint8 batches, then float pixels and one-hot labels.
-
-    Vectorized over the batch (one gather instead of a crop op per image): on 2 CPU cores the
-    input pipeline shares cores with the train step, so its cost matters.
-
-    flip="alternate" (airbench's derandomized flip): an image is flipped in epochs of one parity
-    and not in the other, the parity fixed per image by a hash of its pixels. Every two epochs
-    then show each image both ways, where a coin toss leaves a quarter of them one-sided.
-    `epoch` is a variable the `EpochCounter` callback advances; batches prefetched across an
-    epoch boundary may use the old parity, which only blurs the alternation for a few batches.
-    """
-    pad = cfg.translate
-
-    def fn(images, labels):
-        batch = tf.shape(images)[0]
-        if cfg.flip == "alternate" and epoch is not None:
-            image_bit = tf.reduce_sum(tf.cast(images, tf.int32), axis=[1, 2, 3]) % 2
-            flip = tf.equal((image_bit + tf.cast(epoch, tf.int32)) % 2, 1)[:, None, None, None]
-        elif cfg.flip != "none":
-            flip = tf.random.uniform([batch, 1, 1, 1], seed=seed) < 0.5
-        if cfg.flip != "none":
-            images = tf.where(flip, tf.reverse(images, axis=[2]), images)
-        if pad:
-            height, width = IMAGE_SHAPE[:2]
-            padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-            dy = tf.random.uniform([batch, 1], 0, 2 * pad + 1, dtype=tf.int32, seed=seed + 1)
-            dx = tf.random.uniform([batch, 1], 0, 2 * pad + 1, dtype=tf.int32, seed=seed + 2)
-            rows = dy + tf.range(height)[None]
-            cols = dx + tf.range(width)[None]
-            images = tf.gather(padded, rows, axis=1, batch_dims=1)
-            images = tf.gather(images, cols, axis=2, batch_dims=1)
-        return to_model_inputs(images, labels)
-
-    return fn
-
-
-class EpochCounter(keras.callbacks.Callback):
-    """Publishes the current epoch to the input pipeline (for the alternating flip)."""
-
-    def __init__(self):
-        super().__init__()
-        with tf.device("/cpu:0"):  # read by the input pipeline, which runs on the host CPU
-            self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="input_epoch")
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch.assign(epoch)
-
-
-def to_model_inputs(images, labels):
-    return tf.cast(images, tf.float32), tf.one_hot(labels, len(CLASS_NAMES))
+    """Training batches: flip (airbench's alternating flip by default) and random translation."""
+    return image_classification.augmented_inputs(len(CLASS_NAMES), flip=cfg.flip, translate=cfg.translate,
+                                                 seed=seed, epoch=epoch)
 
 
 def make_datasets(cfg, run, data, strategy, epoch_counter):
-    parse = lambda record: image_data.parse_example(record, IMAGE_SHAPE)
-    train = input_pipeline.distributed_dataset(
-        strategy, data.splits["train"].files, global_batch=cfg.batch_size, training=True,
-        parse_fn=parse, batch_fn=augment_batch(cfg, run.seed, epoch_counter.epoch), seed=run.seed,
-        num_examples=data.splits["train"].num_examples)
-    val, validation_steps = input_pipeline.validation_dataset(
-        strategy, data.splits["val"].files, global_batch=cfg.batch_size,
-        num_examples=data.splits["val"].num_examples, parse_fn=parse, batch_fn=to_model_inputs,
-        multi_worker=strategies.resolved_name(strategy) == "multiworker")
-    return train, val, validation_steps
-
-
-def local_dataset(split, batch_size=1000):
-    """A plain (undistributed) dataset of one split, for whitening init and final evaluation."""
-    return input_pipeline.make_dataset(
-        split.files, batch_size=batch_size, training=False,
-        parse_fn=lambda record: image_data.parse_example(record, IMAGE_SHAPE),
-        batch_fn=to_model_inputs, cache=False)
+    return image_classification.make_datasets(
+        strategy, data, global_batch=cfg.batch_size, seed=run.seed,
+        train_batch_fn=augment_batch(cfg, run.seed, epoch_counter.epoch))
 
 
 # Stage 2: model ----------------------------------------------------------------------------
@@ -196,11 +110,6 @@ def make_model(cfg, run, stem_images, strategy, steps_per_epoch, total_steps):
     return model
 
 
-def first_train_images(data, count=5000):
-    """The first `count` training images (fixed order, so every worker computes the same stem)."""
-    return next(iter(local_dataset(data.splits["train"], batch_size=count)))[0].numpy()
-
-
 # Stage 3: train ----------------------------------------------------------------------------
 
 def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_steps, epoch_counter):
@@ -214,69 +123,34 @@ def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_s
                         callbacks=callbacks, verbose=run.verbose)
 
 
-# Stage 4: evaluate -------------------------------------------------------------------------
-
-def evaluate_split(model, split, tta):
-    logits, labels = evaluation.predict(model, local_dataset(split), evaluation.image_tta(tta))
-    return evaluation.accuracy_report(logits, labels, CLASS_NAMES)
-
+# Stage 4: evaluate (`evaluate` subcommand; training ends with image_classification.save_and_report)
 
 def evaluate_command(argv):
-    """`evaluate --model=PATH --data=PATH [--tta=N]`: one JSON line with accuracy on unseen data.
-
-    DATA is any source `prepare_data` accepts; its test split is used when it has one, otherwise
-    all its examples (a folder of class folders is taken whole).
-    """
-    (opts,) = config_lib.parse_flags(argv, [EvaluateOptions], prog=f"python -m pipelines.{PIPELINE} evaluate")
-    if not opts.model or not opts.data:
-        raise UserError("evaluate: expected both --model=PATH and --data=PATH")
-    model = evaluation.load_model(opts.model)
-    splits = image_data.read_images(opts.data, image_shape=IMAGE_SHAPE, class_names=CLASS_NAMES)
-    split = "test" if "test" in splits else next(iter(splits))
-    images, labels, _ = splits[split]
-    split = split if split == "test" else "all"  # a plain folder of class folders is taken whole
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(opts.batch_size).map(to_model_inputs)
-    logits, labels = evaluation.predict(model, dataset, evaluation.image_tta(opts.tta))
-    report = {"pipeline": PIPELINE, "model": opts.model, "data": opts.data, "split": split,
-              "tta": opts.tta, **evaluation.accuracy_report(logits, labels, CLASS_NAMES)}
-    return report
+    """`evaluate --model=PATH --data=PATH [--tta=N]`: one JSON line with accuracy on unseen data."""
+    return image_classification.evaluate_command(argv, pipeline=PIPELINE, class_names=CLASS_NAMES,
+                                                 image_shape=IMAGE_SHAPE)
 
 
 # Main: the stages in order -----------------------------------------------------------------
 
 def main(argv):
-    run, cfg = config_lib.parse_flags(
-        argv, [config_lib.RunOptions, Config], prog=f"python -m pipelines.{PIPELINE}",
-        smoke_overrides=SMOKE, pipeline=PIPELINE, commands=["evaluate --model=PATH --data=PATH [--tta=N]"])
-    keras.utils.set_random_seed(run.seed)
-    strategy = strategies.make_strategy(run.strategy, tpu=run.tpu, cpu_devices=run.cpu_devices)
-    precision = training.set_precision(run.precision, strategy)
-    strategies.per_replica_batch(cfg.batch_size, strategy)  # fails early if not divisible
-    run_dir = training.run_directory(run.output_dir, PIPELINE, run.name,
-                                     multi_worker=strategies.resolved_name(strategy) == "multiworker")
-    is_chief = strategies.is_chief(strategy)
-    config = {"pipeline": PIPELINE, **config_lib.to_dict(run, cfg)}
-    training.check_resume(run_dir, config)
-    if is_chief:
-        training.write_json(f"{run_dir}/config.json", config)
-
-    data = prepare_data(cfg, run)
+    run, cfg, strategy, precision, run_dir, is_chief = image_classification.start_run(
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE)
+    data = image_classification.prepare_data(cfg, run, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE,
+                                             tfds_name="cifar10")
     steps_per_epoch, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
-    epoch_counter = EpochCounter()
+    epoch_counter = image_classification.EpochCounter()
     datasets = make_datasets(cfg, run, data, strategy, epoch_counter)
-    model = make_model(cfg, run, first_train_images(data), strategy, steps_per_epoch, total_steps)
+    model = make_model(cfg, run, image_classification.first_train_images(data), strategy,
+                       steps_per_epoch, total_steps)
     result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_steps, epoch_counter)
     model = training.unreplicated(model)  # every worker, together (a collective read)
 
     if is_chief:
-        model.save(f"{run_dir}/model.keras")
-        val = evaluate_split(model, data.splits["val"], cfg.tta)
-        val_no_tta = evaluate_split(model, data.splits["val"], 0)
-        test = evaluate_split(model, data.splits["test"], cfg.tta) if "test" in data.splits else None
-        training.write_report(run_dir, PIPELINE, strategy, precision, result, data,
-                              model_name=cfg.model, epochs=cfg.epochs, global_batch=cfg.batch_size,
-                              total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                              val=val, val_no_tta=val_no_tta, test=test, tta=cfg.tta)
+        image_classification.save_and_report(
+            model, data, run_dir, tta=cfg.tta, pipeline=PIPELINE, strategy=strategy, precision=precision,
+            result=result, model_name=cfg.model, epochs=cfg.epochs, global_batch=cfg.batch_size,
+            total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     return run_dir
 
 

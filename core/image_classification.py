@@ -1,0 +1,209 @@
+"""The stages image-classification pipelines share, around their own model and recipe.
+
+pipelines/cifar10_cnn.py and pipelines/cifar10_vit.py read the same data, augment it the same
+way, evaluate and report the same way; only the model and its optimiser differ. Those shared
+stages live here, written once:
+
+    run, cfg, strategy, precision, run_dir, is_chief = start_run(argv, pipeline=..., ...)
+    data = prepare_data(cfg, run, class_names=..., image_shape=..., tfds_name=...)
+    train, val, steps = make_datasets(strategy, data, global_batch=..., train_batch_fn=...)
+    ... build and fit the model: the pipeline's own stages ...
+    save_and_report(model, data, run_dir, tta=2, pipeline=..., ...)  # model.keras, metrics.json
+    evaluate_command(argv, pipeline=..., class_names=..., image_shape=...)   # `evaluate`
+
+Images travel through tf.data as uint8 until the last batch-level map, `model_inputs`, which
+turns them into float32 pixels in 0-255 (each model normalises them itself, in its first
+layers) and labels into one-hot vectors (label smoothing needs them).
+"""
+
+import dataclasses
+import os
+
+import tensorflow as tf
+import tf_keras as keras
+
+import strategies
+from core import config as config_lib
+from core import evaluation, image_data, input_pipeline, training
+from core.errors import UserError
+
+FLIPS = ("alternate", "random", "none")
+COMMANDS = ["evaluate --model=PATH --data=PATH [--tta=N]"]  # besides training, for --help
+
+
+def start_run(argv, *, pipeline, config_class, smoke):
+    """What a training run sets up before it reads any data; returns
+    (run, cfg, strategy, precision, run_dir, is_chief).
+
+    In this order: flags (`smoke` are the --smoke overrides), seeds, the strategy (before any
+    other TF op, which --cpu_devices needs), precision, the batch split check, the run folder
+    (refusing a finished run, or a resume with other flags) and the run's config.json.
+    """
+    run, cfg = config_lib.parse_flags(
+        argv, [config_lib.RunOptions, config_class], prog=f"python -m pipelines.{pipeline}",
+        smoke_overrides=smoke, pipeline=pipeline, commands=COMMANDS)
+    keras.utils.set_random_seed(run.seed)
+    strategy = strategies.make_strategy(run.strategy, tpu=run.tpu, cpu_devices=run.cpu_devices)
+    precision = training.set_precision(run.precision, strategy)
+    strategies.per_replica_batch(cfg.batch_size, strategy)  # fails early if not divisible
+    run_dir = training.run_directory(run.output_dir, pipeline, run.name,
+                                     multi_worker=strategies.resolved_name(strategy) == "multiworker")
+    is_chief = strategies.is_chief(strategy)
+    config = {"pipeline": pipeline, **config_lib.to_dict(run, cfg)}
+    training.check_resume(run_dir, config)
+    if is_chief:
+        training.write_json(os.path.join(run_dir, "config.json"), config)
+    return run, cfg, strategy, precision, run_dir, is_chief
+
+
+def prepare_data(cfg, run, *, class_names, image_shape, tfds_name):
+    """Converts the source (--data) once into the sharded cache; later runs reuse it."""
+    return image_data.prepare(
+        run.data, cache_root=run.cache_dir, image_shape=image_shape, class_names=class_names,
+        val_fraction=cfg.val_fraction, seed=run.seed, tfds_name=tfds_name,
+        max_examples=cfg.max_examples or None, examples_per_shard=cfg.examples_per_shard)
+
+
+def model_inputs(num_classes):
+    """A batch map: (uint8 images, int labels) -> (float32 pixels 0-255, one-hot labels)."""
+    def fn(images, labels):
+        return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
+    return fn
+
+
+def flip_and_translate(images, *, flip, translate, seed, epoch=None):
+    """Horizontal flip and random translation of a whole uint8 batch (NHWC).
+
+    Vectorized over the batch (one gather instead of a crop op per image): on 2 CPU cores the
+    input pipeline shares cores with the train step, so its cost matters.
+
+    flip="alternate" (airbench's derandomized flip): an image is flipped in epochs of one parity
+    and not in the other, the parity fixed per image by a hash of its pixels. Every two epochs
+    then show each image both ways, where a coin toss leaves a quarter of them one-sided.
+    `epoch` is a variable the `EpochCounter` callback advances; batches prefetched across an
+    epoch boundary may use the old parity, which only blurs the alternation for a few batches.
+    flip="random" is a coin toss per image. `translate` shifts by up to that many pixels each
+    way, filling with reflect padding (a random crop of the padded image).
+    """
+    if flip not in FLIPS:
+        raise UserError(f"flip={flip}: expected one of {', '.join(FLIPS)}")
+    batch = tf.shape(images)[0]
+    if flip == "alternate" and epoch is not None:
+        image_bit = tf.reduce_sum(tf.cast(images, tf.int32), axis=[1, 2, 3]) % 2
+        flipped = tf.equal((image_bit + tf.cast(epoch, tf.int32)) % 2, 1)[:, None, None, None]
+    elif flip != "none":
+        flipped = tf.random.uniform([batch, 1, 1, 1], seed=seed) < 0.5
+    if flip != "none":
+        images = tf.where(flipped, tf.reverse(images, axis=[2]), images)
+    if translate:
+        height, width = images.shape[1], images.shape[2]
+        pad = translate
+        padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        dy = tf.random.uniform([batch, 1], 0, 2 * pad + 1, dtype=tf.int32, seed=seed + 1)
+        dx = tf.random.uniform([batch, 1], 0, 2 * pad + 1, dtype=tf.int32, seed=seed + 2)
+        rows = dy + tf.range(height)[None]
+        cols = dx + tf.range(width)[None]
+        images = tf.gather(padded, rows, axis=1, batch_dims=1)
+        images = tf.gather(images, cols, axis=2, batch_dims=1)
+    return images
+
+
+def augmented_inputs(num_classes, *, flip, translate, seed, epoch=None):
+    """A batch map for training: `flip_and_translate`, then `model_inputs`."""
+    to_inputs = model_inputs(num_classes)
+
+    def fn(images, labels):
+        images = flip_and_translate(images, flip=flip, translate=translate, seed=seed, epoch=epoch)
+        return to_inputs(images, labels)
+    return fn
+
+
+class EpochCounter(keras.callbacks.Callback):
+    """Publishes the current epoch to the input pipeline (for the alternating flip)."""
+
+    def __init__(self):
+        super().__init__()
+        with tf.device("/cpu:0"):  # read by the input pipeline, which runs on the host CPU
+            self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="input_epoch")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(epoch)
+
+
+def make_datasets(strategy, data, *, global_batch, train_batch_fn, seed):
+    """(train, val, validation_steps) for `fit`: augmented training batches, plain val batches."""
+    parse = lambda record: image_data.parse_example(record, data.image_shape)
+    train = input_pipeline.distributed_dataset(
+        strategy, data.splits["train"].files, global_batch=global_batch, training=True,
+        parse_fn=parse, batch_fn=train_batch_fn, seed=seed,
+        num_examples=data.splits["train"].num_examples)
+    val, validation_steps = input_pipeline.validation_dataset(
+        strategy, data.splits["val"].files, global_batch=global_batch,
+        num_examples=data.splits["val"].num_examples, parse_fn=parse,
+        batch_fn=model_inputs(len(data.class_names)),
+        multi_worker=strategies.resolved_name(strategy) == "multiworker")
+    return train, val, validation_steps
+
+
+def local_dataset(data, split, batch_size=1000):
+    """A plain (undistributed) dataset of one split, for statistics and final evaluation."""
+    return input_pipeline.make_dataset(
+        data.splits[split].files, batch_size=batch_size, training=False,
+        parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
+        batch_fn=model_inputs(len(data.class_names)), cache=False)
+
+
+def first_train_images(data, count=5000):
+    """The first `count` training images (fixed order, so every worker computes the same)."""
+    return next(iter(local_dataset(data, "train", batch_size=count)))[0].numpy()
+
+
+def evaluate_split(model, data, split, tta):
+    logits, labels = evaluation.predict(model, local_dataset(data, split), evaluation.image_tta(tta))
+    return evaluation.accuracy_report(logits, labels, data.class_names)
+
+
+def save_and_report(model, data, run_dir, *, tta, **report):
+    """The chief's last stage: model.keras, then accuracy on val (with and without test-time
+    augmentation) and on test when the source has one, into metrics.json (`training.write_report`,
+    which takes the rest of `report`)."""
+    model.save(os.path.join(run_dir, "model.keras"))
+    val = evaluate_split(model, data, "val", tta)
+    val_no_tta = evaluate_split(model, data, "val", 0)
+    test = evaluate_split(model, data, "test", tta) if "test" in data.splits else None
+    return training.write_report(run_dir, data=data, val=val, val_no_tta=val_no_tta, test=test,
+                                 tta=tta, **report)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateOptions:
+    """Flags of `python -m pipelines.<pipeline> evaluate`."""
+    model: str = ""  # path to model.keras from a training run
+    data: str = ""  # folder of class folders, .tar.gz of one, cifar-10-binary.tar.gz, or tfds
+    tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + translations
+    batch_size: int = 1000  # examples per inference batch
+
+    def __post_init__(self):
+        config_lib.check_choice("tta", self.tta, (0, 1, 2))
+        config_lib.check_positive(self, "batch_size")
+
+
+def evaluate_command(argv, *, pipeline, class_names, image_shape):
+    """`evaluate --model=PATH --data=PATH [--tta=N]`: accuracy on unseen data, as a JSON-ready dict.
+
+    DATA is any source `image_data.prepare` accepts; its test split is used when it has one,
+    otherwise all its examples (a folder of class folders is taken whole).
+    """
+    (opts,) = config_lib.parse_flags(argv, [EvaluateOptions], prog=f"python -m pipelines.{pipeline} evaluate")
+    if not opts.model or not opts.data:
+        raise UserError("evaluate: expected both --model=PATH and --data=PATH")
+    model = evaluation.load_model(opts.model)
+    splits = image_data.read_images(opts.data, image_shape=image_shape, class_names=class_names)
+    split = "test" if "test" in splits else next(iter(splits))
+    images, labels, _ = splits[split]
+    split = split if split == "test" else "all"  # a plain folder of class folders is taken whole
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(opts.batch_size).map(
+        model_inputs(len(class_names)))
+    logits, labels = evaluation.predict(model, dataset, evaluation.image_tta(opts.tta))
+    return {"pipeline": pipeline, "model": opts.model, "data": opts.data, "split": split,
+            "tta": opts.tta, **evaluation.accuracy_report(logits, labels, class_names)}
