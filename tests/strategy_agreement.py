@@ -1,8 +1,10 @@
-"""Trains the cifar10_cnn recipe for a few steps on fixed data under one strategy and prints the
-per-step losses as JSON, so tests can compare strategies on exactly the same global batches.
+"""Trains a pipeline's recipe (cifar10_cnn, or --pipeline=cifar10_vit) for a few steps on fixed
+data under one strategy and prints the per-step losses as JSON, so tests can compare strategies
+on exactly the same global batches.
 
 Run:    python -m tests.strategy_agreement --strategy=default
         python -m tests.strategy_agreement --strategy=mirrored --cpu_devices=2
+        python -m tests.strategy_agreement --pipeline=cifar10_vit --strategy=mirrored --cpu_devices=2
         python -m strategies.launch_local --workers=2 -- python -m tests.strategy_agreement --strategy=multiworker
 
 Each step's global batch is the same examples under every strategy: the data is cut into
@@ -20,16 +22,26 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from pipelines import cifar10_cnn
+from core.errors import UserError
+from pipelines import cifar10_cnn, cifar10_vit
 
 GLOBAL_BATCH = 64
 STEPS = 4
+# Each pipeline with its tiny model and a learning rate that moves the loss visibly in 4 steps.
+PIPELINES = {
+    "cifar10_cnn": (cifar10_cnn, dict(model="tiny", lookahead_every=0, learning_rate=0.5)),
+    "cifar10_vit": (cifar10_vit, dict(model="tiny", stem=(8,), patch_size=4, learning_rate=0.5)),
+}
 
 
 def main(argv):
-    run, cfg = config_lib.parse_flags(argv, [config_lib.RunOptions, cifar10_cnn.Config])
-    cfg = dataclasses.replace(cfg, model="tiny", batch_size=GLOBAL_BATCH, epochs=STEPS,
-                              lookahead_every=0, learning_rate=0.5)
+    name = next((arg.partition("=")[2] for arg in argv if arg.startswith("--pipeline=")), "cifar10_cnn")
+    if name not in PIPELINES:
+        raise UserError(f"--pipeline={name}: expected one of {', '.join(PIPELINES)}")
+    pipeline, overrides = PIPELINES[name]
+    argv = [arg for arg in argv if not arg.startswith("--pipeline=")]
+    run, cfg = config_lib.parse_flags(argv, [config_lib.RunOptions, pipeline.Config])
+    cfg = dataclasses.replace(cfg, batch_size=GLOBAL_BATCH, epochs=STEPS, **overrides)
     keras.utils.set_random_seed(run.seed)
     strategy = strategies.make_strategy(run.strategy, cpu_devices=run.cpu_devices)
     keras.mixed_precision.set_global_policy("float32")  # compare the maths, not rounding
@@ -43,7 +55,7 @@ def main(argv):
         return ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id).repeat()
 
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    model = cifar10_cnn.make_model(cfg, run, images[:256], strategy, steps_per_epoch=1, total_steps=STEPS)
+    model = pipeline.make_model(cfg, run, images[:256], strategy, steps_per_epoch=1, total_steps=STEPS)
     history = model.fit(dataset, epochs=STEPS, steps_per_epoch=1, verbose=0)
     print(json.dumps({"strategy": strategies.describe(strategy)["strategy"],
                       "replicas": strategy.num_replicas_in_sync, "loss": history.history["loss"]}))

@@ -1,0 +1,115 @@
+"""End-to-end behaviour of the cifar10_vit pipeline (smoke training, reports, evaluation, mirrored
+agreeing with default, one-line errors) and of the image transformer it builds."""
+
+import json
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from core import config as config_lib
+from models import transformer
+from pipelines import cifar10_vit
+from tests.helpers import last_json_line, run_module, write_image_folder
+
+# Per-step losses of the same global batches, mirrored (2 replicas) vs default. No BatchNorm, so
+# only the order of float32 sums may differ (measured: equal in every printed digit), while the
+# loss moves by 7% within the 4 steps; a wrong split or reduction would show far above this.
+LOSS_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    result = run_module("pipelines.cifar10_vit", "--smoke", f"--output_dir={root}/runs",
+                        f"--cache_dir={root}/cache", "--name=smoke", "--strategy=default")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "cifar10_vit" / "smoke"
+
+
+def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
+    for name in ("config.json", "history.csv", "metrics.json", "model.keras", "curves.png", "logs", "checkpoints"):
+        assert (smoke_run / name).exists(), name
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    assert metrics["pipeline"] == "cifar10_vit" and metrics["model"] == "tiny"
+    assert metrics["strategy"] == "default" and metrics["replicas"] == 1 and metrics["epochs"] == 2
+    assert metrics["test_accuracy"] is None and "carved from train" in metrics["data"]["val_split"]
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["examples_per_second"] > 0
+    config = json.loads((smoke_run / "config.json").read_text())
+    assert config["stem"] == [8] and config["smoke"] is True  # replayable with --config
+    lines = (smoke_run / "history.csv").read_text().strip().splitlines()
+    losses = [float(line.split(",")[lines[0].split(",").index("loss")]) for line in lines[1:]]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+
+
+def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
+    folder = write_image_folder(tmp_path / "test", cifar10_vit.CLASS_NAMES, per_class=3)
+    result = run_module("pipelines.cifar10_vit", "evaluate", f"--model={smoke_run}/model.keras",
+                        f"--data={folder}", "--tta=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = last_json_line(result.stdout)
+    assert report["pipeline"] == "cifar10_vit" and report["examples"] == 30 and report["split"] == "all"
+    assert set(report["per_class_accuracy"]) == set(cifar10_vit.CLASS_NAMES)
+
+
+def test_mirrored_matches_default_loss():
+    def losses(*args):
+        result = run_module("tests.strategy_agreement", "--pipeline=cifar10_vit", *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return last_json_line(result.stdout)
+
+    default = losses("--strategy=default")
+    mirrored = losses("--strategy=mirrored", "--cpu_devices=2")
+    assert mirrored["replicas"] == 2
+    assert max(abs(loss - default["loss"][0]) for loss in default["loss"]) > 100 * LOSS_RTOL * default["loss"][0]
+    assert mirrored["loss"] == pytest.approx(default["loss"], rel=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--model=huge"], "--model=huge: expected one of tiny, small, base, vit_small"),
+    (["--stem=64,0"], "--stem=64,0: expected positive channel counts"),
+    (["--stem=", "--patch_size=3"], "--patch_size=3 with 0 stem stages: expected a patch size that divides the 32x32"),
+    (["--stem=8,8,8,8,8,8"], "6 stages halve a 32-pixel image to nothing"),
+    (["--flip=sideways"], "--flip=sideways: expected one of alternate, random, none"),
+    (["--warmup_fraction=1"], "--warmup_fraction=1.0: expected a number between 0 and 1"),
+    (["--learning_rate=fast"], "--learning_rate=fast: expected a number"),
+])
+def test_bad_flag_ends_in_one_line_error(argv, expected, tmp_path, capsys):
+    argv = ["--smoke", f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        config_lib.run_cli(cifar10_vit.main, cifar10_vit.evaluate_command, argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+# models/transformer.image_classifier ---------------------------------------------------------
+
+@pytest.mark.parametrize("stem, patch_size, tokens", [
+    ((), 4, 64),  # plain ViT: 4x4 patches
+    ((8, 16), 1, 64),  # convolutional tokenizer, two stages: 32 -> 16 -> 8
+    ((8,), 2, 64),  # one stage, then 2x2 patches
+])
+def test_image_classifier_tokens_and_logits(stem, patch_size, tokens):
+    model = transformer.image_classifier("tiny", stem=stem, patch_size=patch_size, num_classes=7)
+    assert model.get_layer("position_embedding").output_shape == (None, tokens, transformer.VARIANTS["tiny"][0])
+    assert [layer.name for layer in model.layers if layer.name.startswith("stem_conv")] == \
+        [f"stem_conv{i + 1}" for i in range(len(stem))]
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    assert model(images).shape == (2, 7)
+
+
+def test_image_classifier_config_round_trip_computes_the_same():
+    model = transformer.image_classifier("tiny", stem=(8, 16), patch_size=1, pixel_mean=(120.0, 115.0, 100.0),
+                                         pixel_std=(60.0, 60.0, 65.0))
+    copy = keras.Model.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    assert copy.get_config() == model.get_config()
+    images = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(copy(images), model(images), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stem, patch_size", [((), 3), ((8,), 3), ((8,) * 6, 1)])
+def test_image_classifier_rejects_a_grid_that_does_not_divide(stem, patch_size):
+    with pytest.raises(ValueError, match="do not divide the image size"):
+        transformer.image_classifier("tiny", stem=stem, patch_size=patch_size)
