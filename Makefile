@@ -17,9 +17,11 @@ NAME     ?=
 PYTHON   ?= $(shell command -v python3.11 || echo python3)
 VENV     := .venv
 PY       := $(VENV)/bin/python
-# Offline default: the shared JPEG copy of CIFAR-10 when it is beside this checkout, else TFDS.
-CIFAR10_OFFLINE := ../shared/data/cifar10/cifar10-jpeg-train.tar.gz
-TRAIN_DATA := $(or $(DATA),$(if $(and $(filter cifar10_%,$(PIPELINE)),$(wildcard $(CIFAR10_OFFLINE))),$(CIFAR10_OFFLINE),tfds))
+# Offline default: the shared copy of the pipeline's dataset when it is beside this checkout, else TFDS.
+OFFLINE_cifar10 := ../shared/data/cifar10/cifar10-jpeg-train.tar.gz
+OFFLINE_imdb    := ../shared/data/imdb/aclImdb_v1_labeled.tar.gz
+OFFLINE_DATA := $(wildcard $(OFFLINE_$(firstword $(subst _, ,$(PIPELINE)))))
+TRAIN_DATA := $(or $(DATA),$(OFFLINE_DATA),tfds)
 # Multi-worker: every worker must open the same run folder, so the name is fixed here, once.
 RUN_NAME := $(or $(NAME),$(if $(filter multiworker,$(STRATEGY)),$(shell date +%Y%m%d-%H%M%S)))
 TRAIN_FLAGS := --strategy=$(STRATEGY) --data=$(TRAIN_DATA) $(if $(RUN_NAME),--name=$(RUN_NAME)) $(if $(CONFIG),--config=$(CONFIG)) $(ARGS)

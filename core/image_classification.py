@@ -4,7 +4,7 @@ pipelines/cifar10_cnn.py and pipelines/cifar10_vit.py read the same data, augmen
 way, evaluate and report the same way; only the model and its optimiser differ. Those shared
 stages live here, written once:
 
-    run, cfg, strategy, precision, run_dir, is_chief = start_run(argv, pipeline=..., ...)
+    run, cfg, strategy, precision, run_dir, is_chief = training.start_run(argv, ...)
     data = prepare_data(cfg, run, class_names=..., image_shape=..., tfds_name=...)
     train, val, steps = make_datasets(strategy, data, global_batch=..., train_batch_fn=...)
     ... build and fit the model: the pipeline's own stages ...
@@ -32,28 +32,9 @@ COMMANDS = ["evaluate --model=PATH --data=PATH [--tta=N]"]  # besides training, 
 
 
 def start_run(argv, *, pipeline, config_class, smoke):
-    """What a training run sets up before it reads any data; returns
-    (run, cfg, strategy, precision, run_dir, is_chief).
-
-    In this order: flags (`smoke` are the --smoke overrides), seeds, the strategy (before any
-    other TF op, which --cpu_devices needs), precision, the batch split check, the run folder
-    (refusing a finished run, or a resume with other flags) and the run's config.json.
-    """
-    run, cfg = config_lib.parse_flags(
-        argv, [config_lib.RunOptions, config_class], prog=f"python -m pipelines.{pipeline}",
-        smoke_overrides=smoke, pipeline=pipeline, commands=COMMANDS)
-    keras.utils.set_random_seed(run.seed)
-    strategy = strategies.make_strategy(run.strategy, tpu=run.tpu, cpu_devices=run.cpu_devices)
-    precision = training.set_precision(run.precision, strategy)
-    strategies.per_replica_batch(cfg.batch_size, strategy)  # fails early if not divisible
-    run_dir = training.run_directory(run.output_dir, pipeline, run.name,
-                                     multi_worker=strategies.resolved_name(strategy) == "multiworker")
-    is_chief = strategies.is_chief(strategy)
-    config = {"pipeline": pipeline, **config_lib.to_dict(run, cfg)}
-    training.check_resume(run_dir, config)
-    if is_chief:
-        training.write_json(os.path.join(run_dir, "config.json"), config)
-    return run, cfg, strategy, precision, run_dir, is_chief
+    """`training.start_run` with the image pipelines' extra command listed in --help."""
+    return training.start_run(argv, pipeline=pipeline, config_class=config_class, smoke=smoke,
+                              commands=COMMANDS)
 
 
 def prepare_data(cfg, run, *, class_names, image_shape, tfds_name):

@@ -21,7 +21,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_context=None,
-                 num_examples=None, seed=0, cache=True, drop_remainder=None, repeat=None):
+                 num_examples=None, seed=0, cache=True, drop_remainder=None, repeat=None, batcher=None):
     """Builds one input pipeline.
 
     files: TFRecord shard paths of one split.
@@ -30,6 +30,8 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
     batch_fn: applied to whole batches (augmentation, one-hot): vectorized ops on a batch cost
         far less per example than the same ops mapped one example at a time.
     input_context: from `distribute_datasets_from_function`; selects this worker's shards.
+    batcher: (dataset, batch_size, drop_remainder) -> batched dataset, for examples that do not
+        batch as they are (variable-length sequences: padding, length bucketing).
     """
     files = list(files)
     if not files:
@@ -77,8 +79,11 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
     # epoch would otherwise retrace the train step. Evaluation keeps every example.
     if drop_remainder is None:
         drop_remainder = training
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
-                  deterministic=not training)
+    if batcher is not None:
+        ds = batcher(ds, batch_size, drop_remainder)
+    else:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
+                      deterministic=not training)
     if batch_fn is not None:
         ds = ds.map(batch_fn, num_parallel_calls=AUTOTUNE, deterministic=not training)
     ds = ds.prefetch(AUTOTUNE)  # overlap input with the train step on the accelerator/CPU

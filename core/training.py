@@ -29,6 +29,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 import strategies
+from core import config as config_lib
 from core.config import PRECISIONS
 from core.errors import UserError
 
@@ -346,3 +347,28 @@ def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_
           f"test_accuracy={metrics['test_accuracy']} train_seconds={metrics['train_seconds']} "
           f"examples_per_second={metrics['examples_per_second']}")
     return metrics
+
+
+def start_run(argv, *, pipeline, config_class, smoke, commands=()):
+    """What a training run sets up before it reads any data; returns
+    (run, cfg, strategy, precision, run_dir, is_chief).
+
+    In this order: flags (`smoke` are the --smoke overrides), seeds, the strategy (before any
+    other TF op, which --cpu_devices needs), precision, the batch split check, the run folder
+    (refusing a finished run, or a resume with other flags) and the run's config.json.
+    """
+    run, cfg = config_lib.parse_flags(
+        argv, [config_lib.RunOptions, config_class], prog=f"python -m pipelines.{pipeline}",
+        smoke_overrides=smoke, pipeline=pipeline, commands=list(commands))
+    keras.utils.set_random_seed(run.seed)
+    strategy = strategies.make_strategy(run.strategy, tpu=run.tpu, cpu_devices=run.cpu_devices)
+    precision = set_precision(run.precision, strategy)
+    strategies.per_replica_batch(cfg.batch_size, strategy)  # fails early if not divisible
+    run_dir = run_directory(run.output_dir, pipeline, run.name,
+                                     multi_worker=strategies.resolved_name(strategy) == "multiworker")
+    is_chief = strategies.is_chief(strategy)
+    config = {"pipeline": pipeline, **config_lib.to_dict(run, cfg)}
+    check_resume(run_dir, config)
+    if is_chief:
+        write_json(os.path.join(run_dir, "config.json"), config)
+    return run, cfg, strategy, precision, run_dir, is_chief

@@ -112,15 +112,10 @@ def make_datasets(cfg, run, data, strategy, epoch_counter):
 # Stage 2: model ----------------------------------------------------------------------------
 
 def make_optimizer(cfg, total_steps):
-    """AdamW, linear warm-up then cosine decay to 0; no weight decay on biases, LayerNorms and
-    the position table (decaying them only pulls offsets and scales toward 0)."""
+    """AdamW, linear warm-up then cosine decay to 0 (`optim.adamw_warmup_cosine`)."""
     peak = strategies.scale_learning_rate(cfg.learning_rate, cfg.batch_size)
-    warmup_steps = max(1, int(cfg.warmup_fraction * total_steps))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, total_steps - warmup_steps), warmup_target=peak, warmup_steps=warmup_steps)
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=["bias", "_norm/", "position_table"])
-    return optimizer
+    return optim.adamw_warmup_cosine(peak, total_steps, warmup_fraction=cfg.warmup_fraction,
+                                     weight_decay=cfg.weight_decay)
 
 
 def make_model(cfg, run, train_images, strategy, steps_per_epoch, total_steps):

@@ -1,4 +1,4 @@
-"""Trains a pipeline's recipe (cifar10_cnn, or --pipeline=cifar10_vit) for a few steps on fixed
+"""Trains a pipeline's recipe (cifar10_cnn, or --pipeline=cifar10_vit|imdb_transformer) for a few steps on fixed
 data under one strategy and prints the per-step losses as JSON, so tests can compare strategies
 on exactly the same global batches.
 
@@ -23,7 +23,7 @@ import tf_keras as keras
 import strategies
 from core import config as config_lib
 from core.errors import UserError
-from pipelines import cifar10_cnn, cifar10_vit
+from pipelines import cifar10_cnn, cifar10_vit, imdb_transformer
 
 GLOBAL_BATCH = 64
 STEPS = 4
@@ -31,7 +31,28 @@ STEPS = 4
 PIPELINES = {
     "cifar10_cnn": (cifar10_cnn, dict(model="tiny", lookahead_every=0, learning_rate=0.5)),
     "cifar10_vit": (cifar10_vit, dict(model="tiny", stem=(8,), patch_size=4, learning_rate=0.5)),
+    "imdb_transformer": (imdb_transformer, dict(model="tiny", vocab_size=500, max_length=32,
+                                                bigram_buckets=256, dropout=0.0, learning_rate=0.05)),
 }
+TEXT_PIPELINES = ("imdb_transformer",)
+
+
+def fixed_data(name, rng):
+    """The same global batches for every strategy: images + one-hot labels, or padded token ids
+    (random lengths, so padding masks are exercised) + integer labels."""
+    if name in TEXT_PIPELINES:
+        token_ids = rng.integers(1, 500, (GLOBAL_BATCH * STEPS, 32))
+        lengths = rng.integers(4, 33, GLOBAL_BATCH * STEPS)
+        token_ids[np.arange(32)[None, :] >= lengths[:, None]] = 0
+        return token_ids.astype(np.int32), rng.integers(0, 2, GLOBAL_BATCH * STEPS)
+    images = rng.integers(0, 256, (GLOBAL_BATCH * STEPS, 32, 32, 3)).astype(np.float32)
+    return images, tf.one_hot(rng.integers(0, 10, GLOBAL_BATCH * STEPS), 10)
+
+
+def build_model(name, pipeline, cfg, run, inputs, strategy):
+    if name in TEXT_PIPELINES:
+        return pipeline.make_model(cfg, run, strategy, total_steps=STEPS)
+    return pipeline.make_model(cfg, run, inputs[:256], strategy, steps_per_epoch=1, total_steps=STEPS)
 
 
 def main(argv):
@@ -46,16 +67,15 @@ def main(argv):
     strategy = strategies.make_strategy(run.strategy, cpu_devices=run.cpu_devices)
     keras.mixed_precision.set_global_policy("float32")  # compare the maths, not rounding
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (GLOBAL_BATCH * STEPS, 32, 32, 3)).astype(np.float32)
-    labels = rng.integers(0, 10, GLOBAL_BATCH * STEPS)
+    inputs, labels = fixed_data(name, rng)
     per_replica = strategies.per_replica_batch(GLOBAL_BATCH, strategy)
 
     def dataset_fn(ctx):
-        ds = tf.data.Dataset.from_tensor_slices((images, tf.one_hot(labels, 10))).batch(per_replica)
+        ds = tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(per_replica)
         return ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id).repeat()
 
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    model = pipeline.make_model(cfg, run, images[:256], strategy, steps_per_epoch=1, total_steps=STEPS)
+    model = build_model(name, pipeline, cfg, run, inputs, strategy)
     history = model.fit(dataset, epochs=STEPS, steps_per_epoch=1, verbose=0)
     print(json.dumps({"strategy": strategies.describe(strategy)["strategy"],
                       "replicas": strategy.num_replicas_in_sync, "loss": history.history["loss"]}))

@@ -1,0 +1,70 @@
+"""Raw review text -> token ids, as Keras layers, so the exported model classifies raw strings.
+
+The tokenizer is word-level `TextVectorization` (the choice, measured against a WordPiece
+subword tokenizer from tensorflow-text, is recorded in `pipelines/imdb_transformer.py`). It lives
+inside the saved model (its vocabulary is saved with it), so `model.keras` maps strings to
+logits and training and serving can never disagree on tokenization.
+
+Long reviews keep their head and tail (`HeadTailTruncate`): a review's verdict sits mostly in
+its first and last sentences (Sun et al. 2019, "How to Fine-Tune BERT for Text Classification",
+found head+tail truncation best on IMDB).
+"""
+
+import tensorflow as tf
+import tf_keras as keras
+from tf_keras import layers
+
+
+@keras.utils.register_keras_serializable(package="text_preprocessing")
+def standardize_review(text):
+    """Lower-case; HTML line breaks to spaces; punctuation split off as tokens of its own.
+
+    Keeping "!" and "?" as tokens (the default standardizer deletes them) keeps a signal that
+    sentiment models use, and splitting "'s" keeps "film's" and "film" one word.
+    """
+    text = tf.strings.lower(text)
+    text = tf.strings.regex_replace(text, r"<br\s*/?>", " ")
+    text = tf.strings.regex_replace(text, r"([!?.,;:()\"])", r" \1 ")
+    return tf.strings.regex_replace(text, r"'s\b", " 's")
+
+
+@keras.utils.register_keras_serializable(package="text_preprocessing")
+class HeadTailTruncate(layers.Layer):
+    """Zero-padded token ids (batch, any length) -> (batch, <= max_length), keeping head and tail.
+
+    A row with more than `max_length` tokens keeps its first `max_length // 2` and last
+    `max_length - max_length // 2`; shorter rows are unchanged. The output is as long as the
+    longest (truncated) row in the batch, so short batches stay short.
+    """
+
+    def __init__(self, max_length, **kwargs):
+        super().__init__(**kwargs)
+        self.max_length = max_length
+
+    def call(self, token_ids):
+        lengths = tf.reduce_sum(tf.cast(tf.not_equal(token_ids, 0), tf.int32), axis=1)
+        out_length = tf.minimum(tf.reduce_max(lengths), self.max_length)
+        head = self.max_length // 2
+        position = tf.range(out_length)[tf.newaxis, :]
+        # Past the head, a long row reads from its tail: index length - max_length + position.
+        tail_shift = tf.maximum(lengths - self.max_length, 0)[:, tf.newaxis]
+        source = tf.where(position < head, position, position + tail_shift)
+        source = tf.minimum(source, tf.shape(token_ids)[1] - 1)
+        gathered = tf.gather(token_ids, source, batch_dims=1)
+        return tf.where(position < lengths[:, tf.newaxis], gathered, tf.zeros_like(gathered))
+
+    def get_config(self):
+        return {**super().get_config(), "max_length": self.max_length}
+
+
+def make_vectorizer(vocab_size, name="tokenizer"):
+    """Word-level tokenizer: ids 0 = padding, 1 = out of vocabulary, then words by frequency."""
+    return layers.TextVectorization(max_tokens=vocab_size, standardize=standardize_review,
+                                    output_mode="int", name=name)
+
+
+def end_to_end(vectorizer, truncate, classifier, name="review_classifier"):
+    """One saved model: a batch of raw strings -> class logits."""
+    texts = keras.Input(shape=(), dtype="string", name="text")
+    token_ids = truncate(vectorizer(texts))
+    return keras.Model(texts, classifier(token_ids), name=name)

@@ -1,0 +1,242 @@
+"""IMDB sentiment classification with a small Transformer, trained from scratch, in Keras 2.
+
+Run:    make train PIPELINE=imdb_transformer STRATEGY=auto
+        python -m pipelines.imdb_transformer --data=../shared/data/imdb/aclImdb_v1_labeled.tar.gz
+        python -m pipelines.imdb_transformer evaluate --model=runs/imdb_transformer/<name>/model.keras --data=PATH
+Try:    python -m pipelines.imdb_transformer --smoke      (seconds, synthetic reviews, any machine)
+Result: see BENCHMARKS.md (`make bench PIPELINE=imdb_transformer RUNS=3`).
+
+The exported `model.keras` takes raw review strings: the tokenizer (with its vocabulary) and the
+head+tail truncation are its first layers, so serving needs no separate preprocessing.
+
+Tokenizer: word-level `TextVectorization`, chosen over a WordPiece subword tokenizer
+(tensorflow-text) on measured accuracy and speed; the figures are in BENCHMARKS.md.
+
+The recipe, for a few minutes on a CPU: hashed bigram embeddings beside the word embeddings
+(`models/transformer.BigramIds`) so a shallow encoder sees phrases from the first step; reviews
+cut to their head and tail; batches grouped by length (padding to the next multiple of
+`length_bucket`, not to the longest review); AdamW with warm-up and cosine decay.
+
+Copy this file to start a new text task: change `CLASS_NAMES`, `Config` and `make_model`; the
+stages in `main` stay.
+"""
+
+import dataclasses
+import os
+
+import tensorflow as tf
+import tf_keras as keras
+
+import strategies
+from core import config as config_lib
+from core import evaluation, input_pipeline, optim, text_data, training
+from core.errors import UserError
+from models import text_preprocessing, transformer
+
+PIPELINE = "imdb_transformer"
+CLASS_NAMES = text_data.CLASS_NAMES  # ("neg", "pos")
+COMMANDS = ["evaluate --model=PATH --data=PATH"]  # besides training, for --help
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # model
+    model: str = "small"  # transformer size variant: tiny | small | base (models/transformer.VARIANTS)
+    vocab_size: int = 20000  # words kept by the tokenizer (most frequent in train), padding and OOV included
+    max_length: int = 400  # tokens per review; longer ones keep their first and last halves
+    bigram_buckets: int = 262144  # hashed (word, next word) embeddings; 0 = words only
+    dropout: float = 0.1  # in the encoder, on the embeddings and before the head
+    # data
+    val_fraction: float = 0.1  # share of each class carved from train for validation (seeded)
+    max_examples: int = 0  # cap examples per split, 0 = all (smoke runs use a few hundred)
+    examples_per_shard: int = 4096  # TFRecord shard size of the converted cache (~5 MB of text)
+    length_bucket: int = 64  # training batches pad to a multiple of this many tokens (length bucketing)
+    # optimisation
+    batch_size: int = 256  # global, split across replicas
+    epochs: int = 2  # full passes over the training split
+    learning_rate: float = 3e-3  # peak AdamW rate at the configured batch_size
+    weight_decay: float = 0.01  # AdamW decoupled decay (not on biases, norms, position table)
+    warmup_fraction: float = 0.1  # linear warm-up over this share of steps, then cosine decay to 0
+
+    def __post_init__(self):
+        config_lib.check_choice("model", self.model, tuple(transformer.VARIANTS))
+        config_lib.check_positive(self, "vocab_size", "max_length", "batch_size", "epochs",
+                                  "learning_rate", "examples_per_shard", "length_bucket")
+        config_lib.check_positive(self, "max_examples", "bigram_buckets", "weight_decay", allow_zero=True)
+        for name in ("val_fraction", "warmup_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise UserError(f"--{name}={getattr(self, name)}: expected a number between 0 and 1")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout={self.dropout}: expected a number in [0, 1)")
+        if self.vocab_size < 3:
+            raise UserError(f"--vocab_size={self.vocab_size}: expected at least 3 (padding, out-of-vocabulary, one word)")
+        if self.bigram_buckets == 1:
+            raise UserError("--bigram_buckets=1: expected 0 (off) or at least 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateOptions:
+    """Flags of `python -m pipelines.imdb_transformer evaluate`."""
+    model: str = ""  # path to model.keras from a training run (it takes raw strings)
+    data: str = ""  # aclImdb folder or .tar.gz (its test split is used), a folder of pos/ and neg/ text files, or tfds
+    batch_size: int = 500  # reviews per inference batch
+
+    def __post_init__(self):
+        config_lib.check_positive(self, "batch_size")
+
+
+SMOKE = dict(data="synthetic", model="tiny", vocab_size=200, max_length=64, bigram_buckets=512,
+             batch_size=32, epochs=2, learning_rate=5e-3, examples_per_shard=64, length_bucket=16,
+             verbose=2)
+
+
+# Stage 1: data -----------------------------------------------------------------------------
+
+def prepare_data(cfg, run):
+    """Converts the source (--data) once into the sharded cache; later runs reuse it."""
+    return text_data.prepare(run.data, cache_root=run.cache_dir, val_fraction=cfg.val_fraction,
+                             seed=run.seed, max_examples=cfg.max_examples or None,
+                             examples_per_shard=cfg.examples_per_shard)
+
+
+def fit_tokenizer(cfg, data):
+    """The word vocabulary of the training split (every worker computes the same one)."""
+    texts, _ = text_data.read_texts(data.splits["train"])
+    vectorizer = text_preprocessing.make_vectorizer(cfg.vocab_size)
+    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(texts).batch(1024))
+    return vectorizer
+
+
+def tokenized(vectorizer, truncate):
+    """Record -> (token ids of one review, label): tokenized once, before the input cache."""
+    def parse(serialized):
+        text, label = text_data.parse_example(serialized)
+        return truncate(vectorizer(text[tf.newaxis]))[0], label
+    return parse
+
+
+def length_bucketed(cfg):
+    """Batches of reviews of similar length, padded to the next multiple of `length_bucket`.
+
+    Padding every batch to `max_length` would spend most of the attention and MLP work on
+    padding (the median review is ~170 tokens); a handful of fixed widths also keeps the number
+    of traced train-step shapes small.
+    """
+    boundaries = list(range(cfg.length_bucket + 1, cfg.max_length + 1, cfg.length_bucket))
+    boundaries.append(cfg.max_length + 1)
+
+    def batcher(ds, batch_size, drop_remainder):
+        return ds.bucket_by_sequence_length(
+            lambda ids, label: tf.shape(ids)[0], bucket_boundaries=boundaries,
+            bucket_batch_sizes=[batch_size] * (len(boundaries) + 1), pad_to_bucket_boundary=True,
+            drop_remainder=drop_remainder)
+    return batcher
+
+
+def padded(ds, batch_size, drop_remainder):
+    """Evaluation batches: in order, padded to their longest review."""
+    return ds.padded_batch(batch_size, drop_remainder=drop_remainder)
+
+
+def make_datasets(cfg, run, data, strategy, parse_fn):
+    common = dict(global_batch=cfg.batch_size, parse_fn=parse_fn, seed=run.seed)
+    train_ds = input_pipeline.distributed_dataset(
+        strategy, data.splits["train"].files, training=True, batcher=length_bucketed(cfg),
+        num_examples=data.splits["train"].num_examples, **common)
+    val_ds, validation_steps = input_pipeline.validation_dataset(
+        strategy, data.splits["val"].files, num_examples=data.splits["val"].num_examples,
+        multi_worker=strategies.resolved_name(strategy) == "multiworker", batcher=padded, **common)
+    return train_ds, val_ds, validation_steps
+
+
+# Stage 2: model ----------------------------------------------------------------------------
+
+def make_model(cfg, run, strategy, total_steps):
+    """Builds and compiles the token-id classifier under the strategy's scope."""
+    with strategy.scope():
+        model = transformer.text_classifier(
+            cfg.model, vocab_size=cfg.vocab_size, max_length=cfg.max_length, num_classes=len(CLASS_NAMES),
+            dropout=cfg.dropout, embedding_dropout=cfg.dropout, bigram_buckets=cfg.bigram_buckets)
+        model.compile(
+            optimizer=optim.adamw_warmup_cosine(cfg.learning_rate, total_steps, warmup_fraction=cfg.warmup_fraction,
+                                                weight_decay=cfg.weight_decay),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"], jit_compile=run.jit_compile, steps_per_execution=run.steps_per_execution)
+    return model
+
+
+# Stage 3: train ----------------------------------------------------------------------------
+
+def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch):
+    train_ds, val_ds, validation_steps = datasets
+    return training.fit(model, train_ds, val_ds, validation_steps=validation_steps,
+                        epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                        run_dir=run_dir, is_chief=is_chief, verbose=run.verbose)
+
+
+# Stage 4: export and evaluate --------------------------------------------------------------
+
+def export(vectorizer, truncate, classifier):
+    """The served model: raw strings in, logits out (tokenizer and truncation inside)."""
+    return text_preprocessing.end_to_end(vectorizer, truncate, classifier)
+
+
+def accuracy_on_texts(model, texts, labels, batch_size=500):
+    """The exported model's accuracy on raw strings, as `evaluation.accuracy_report`."""
+    dataset = tf.data.Dataset.from_tensor_slices((list(texts), labels)).batch(batch_size)
+    logits, labels = evaluation.predict(model, dataset)
+    return evaluation.accuracy_report(logits, labels, CLASS_NAMES)
+
+
+def save_and_report(model, data, run_dir, **report):
+    """The chief's last stage: model.keras, then its accuracy on val and test (when the source
+    has one) measured on raw strings through the exported model, into metrics.json."""
+    model.save(os.path.join(run_dir, "model.keras"))
+    scores = {split: accuracy_on_texts(model, *text_data.read_texts(data.splits[split]))
+              for split in ("val", "test") if split in data.splits}
+    return training.write_report(run_dir, data=data, val=scores["val"], val_no_tta=scores["val"],
+                                 test=scores.get("test"), **report)
+
+
+def evaluate_command(argv):
+    """`evaluate --model=PATH --data=PATH`: one JSON line with accuracy on unseen reviews.
+
+    DATA is any source `text_data` reads; its test split is used when it has one, otherwise all
+    its reviews (a folder of pos/ and neg/ is taken whole).
+    """
+    (opts,) = config_lib.parse_flags(argv, [EvaluateOptions], prog=f"python -m pipelines.{PIPELINE} evaluate")
+    if not opts.model or not opts.data:
+        raise UserError("evaluate: expected both --model=PATH and --data=PATH")
+    model = evaluation.load_model(opts.model)
+    splits = text_data.read_source_texts(opts.data)
+    split = "test" if "test" in splits else next(iter(splits))
+    texts, labels = splits[split]
+    return {"pipeline": PIPELINE, "model": opts.model, "data": opts.data,
+            "split": split if split == "test" else "all",
+            **accuracy_on_texts(model, texts, labels, opts.batch_size)}
+
+
+# Main: the stages in order -----------------------------------------------------------------
+
+def main(argv):
+    run, cfg, strategy, precision, run_dir, is_chief = training.start_run(
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, commands=COMMANDS)
+    data = prepare_data(cfg, run)
+    vectorizer = fit_tokenizer(cfg, data)
+    truncate = text_preprocessing.HeadTailTruncate(cfg.max_length)
+    steps_per_epoch, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
+    datasets = make_datasets(cfg, run, data, strategy, tokenized(vectorizer, truncate))
+    model = make_model(cfg, run, strategy, total_steps)
+    result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch)
+    model = training.unreplicated(model)  # every worker, together (a collective read)
+
+    if is_chief:
+        save_and_report(
+            export(vectorizer, truncate, model), data, run_dir, pipeline=PIPELINE, strategy=strategy,
+            precision=precision, result=result, model_name=cfg.model, epochs=cfg.epochs,
+            global_batch=cfg.batch_size, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return run_dir
+
+
+if __name__ == "__main__":
+    config_lib.run_cli(main, evaluate_command)

@@ -1,0 +1,114 @@
+"""End-to-end behaviour of the imdb_transformer pipeline: smoke training and report, the exported
+model classifying raw strings, `evaluate` on a pos/neg folder, mirrored agreeing with default,
+and one-line errors for bad data and bad flags."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from core import config as config_lib
+from pipelines import imdb_transformer
+from tests.helpers import last_json_line, run_module
+
+# Per-step losses of the same global batches, mirrored (2 replicas) vs default: no BatchNorm, so
+# only the order of float32 sums may differ, while the loss moves visibly in 4 steps.
+LOSS_RTOL = 1e-4
+
+
+def write_review_folder(root, reviews):
+    """`root/<class>/<i>.txt` from {class: [texts]}; bytes are written as they are."""
+    for label, texts in reviews.items():
+        os.makedirs(root / label, exist_ok=True)
+        for i, text in enumerate(texts):
+            (root / label / f"{i}.txt").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    result = run_module("pipelines.imdb_transformer", "--smoke", f"--output_dir={root}/runs",
+                        f"--cache_dir={root}/cache", "--name=smoke", "--strategy=default")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / "imdb_transformer" / "smoke"
+
+
+def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
+    for name in ("config.json", "history.csv", "metrics.json", "model.keras", "curves.png", "logs", "checkpoints"):
+        assert (smoke_run / name).exists(), name
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    assert metrics["pipeline"] == "imdb_transformer" and metrics["model"] == "tiny"
+    assert metrics["strategy"] == "default" and metrics["epochs"] == 2
+    # the synthetic reviews are learnable: sentiment words decide the label
+    assert metrics["val_accuracy"] > 0.8 and metrics["test_accuracy"] > 0.8
+    lines = (smoke_run / "history.csv").read_text().strip().splitlines()
+    losses = [float(line.split(",")[lines[0].split(",").index("loss")]) for line in lines[1:]]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+
+
+def test_saved_model_classifies_raw_strings(smoke_run):
+    model = keras.models.load_model(smoke_run / "model.keras")
+    logits = model(np.array(["great wonderful great", "awful boring awful", "<br />" * 3, ""]))
+    assert logits.shape == (4, 2) and np.isfinite(logits).all()
+    assert logits[0].numpy().argmax() == 1 and logits[1].numpy().argmax() == 0
+
+
+def test_evaluate_a_pos_neg_folder(smoke_run, tmp_path):
+    folder = write_review_folder(tmp_path / "reviews", {
+        "pos": ["A great, wonderful film.", "Wonderful! Great acting."],
+        "neg": ["Awful and boring.", "Boring, awful plot."]})
+    result = run_module("pipelines.imdb_transformer", "evaluate", f"--model={smoke_run}/model.keras",
+                        f"--data={folder}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = last_json_line(result.stdout)
+    assert report["split"] == "all" and report["examples"] == 4
+    assert set(report["per_class_accuracy"]) == {"neg", "pos"}
+
+
+def test_mirrored_matches_default_loss():
+    def losses(*args):
+        result = run_module("tests.strategy_agreement", "--pipeline=imdb_transformer", *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return last_json_line(result.stdout)
+
+    default = losses("--strategy=default")
+    mirrored = losses("--strategy=mirrored", "--cpu_devices=2")
+    assert mirrored["replicas"] == 2
+    assert max(abs(loss - default["loss"][0]) for loss in default["loss"]) > 100 * LOSS_RTOL * default["loss"][0]
+    assert mirrored["loss"] == pytest.approx(default["loss"], rel=LOSS_RTOL)
+
+
+def _run_cli(argv, tmp_path, capsys):
+    argv = ["--smoke", f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        config_lib.run_cli(imdb_transformer.main, imdb_transformer.evaluate_command, argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("reviews, expected", [
+    ({}, "no .txt reviews"),
+    ({"pos": ["good"], "neg": [b"caf\xe9 is latin-1, not UTF-8"]}, "UTF-8"),
+    ({"pos": ["good"], "neg": ["bad"], "funny": ["ha"]}, "funny"),
+])
+def test_bad_data_ends_in_one_line_error(reviews, expected, tmp_path, capsys):
+    folder = write_review_folder(tmp_path / "data", reviews)
+    os.makedirs(folder, exist_ok=True)
+    assert expected in _run_cli([f"--data={folder}"], tmp_path, capsys)
+    assert not os.path.exists(tmp_path / "runs" / "imdb_transformer" / "x" / "model.keras")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--model=huge"], "--model=huge: expected one of"),
+    (["--vocab_size=2"], "--vocab_size=2: expected at least 3"),
+    (["--bigram_buckets=1"], "--bigram_buckets=1: expected 0 (off) or at least 2"),
+    (["--dropout=1.5"], "--dropout=1.5: expected a number in [0, 1)"),
+    (["--data=/no/such/reviews"], "/no/such/reviews"),
+])
+def test_bad_flag_ends_in_one_line_error(argv, expected, tmp_path, capsys):
+    assert expected in _run_cli(argv, tmp_path, capsys)
