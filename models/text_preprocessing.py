@@ -1,7 +1,7 @@
 """Raw review text -> token ids, as Keras layers, so the exported model classifies raw strings.
 
-The tokenizer is word-level `TextVectorization` (the choice, measured against a WordPiece
-subword tokenizer from tensorflow-text, is recorded in `pipelines/imdb_transformer.py`). It lives
+The tokenizer is word-level `TextVectorization` (see `pipelines/imdb_transformer.py` for the
+state of the comparison with a WordPiece subword tokenizer). It lives
 inside the saved model (its vocabulary is saved with it), so `model.keras` maps strings to
 logits and training and serving can never disagree on tokenization.
 

@@ -82,7 +82,17 @@ def test_head_tail_truncate_keeps_both_ends():
     np.testing.assert_array_equal(out, [[1, 2, 5, 6], [7, 8, 0, 0]])
 
 
-def test_pruning_wraps_the_text_classifier():
+@pytest.fixture
+def float32_policy():
+    """Compression works on float32 models (TFMOT's wrappers break under mixed precision, and
+    the pipelines export float32 copies); other tests in this process may have set bf16."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy(previous)
+
+
+def test_pruning_wraps_the_text_classifier(float32_policy):
     model = transformer.text_classifier("tiny", vocab_size=100, max_length=16, bigram_buckets=64)
     pruned = tfmot.sparsity.keras.prune_low_magnitude(
         model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.5, 0))
