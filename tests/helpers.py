@@ -31,3 +31,29 @@ def write_image_folder(root, class_names, per_class=2, size=(32, 32), seed=0):
             pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(os.path.join(root, name, f"{i}.png"))
     return root
+
+
+def smoke_run(root, pipeline):
+    """Trains `pipeline --smoke` under the default strategy into `root`; returns the run folder."""
+    result = run_module(f"pipelines.{pipeline}", "--smoke", f"--output_dir={root}/runs",
+                        f"--cache_dir={root}/cache", "--name=smoke", "--strategy=default")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / pipeline / "smoke"
+
+
+def strategy_losses(pipeline, *args, workers=0):
+    """Per-step losses of `tests/strategy_agreement.py` for `pipeline` under the given strategy
+    flags; with `workers`, as that many local multi-worker processes."""
+    command = ("tests.strategy_agreement", f"--pipeline={pipeline}", *args)
+    if workers:
+        command = ("strategies.launch_local", f"--workers={workers}", "--", sys.executable, "-m", *command)
+    result = run_module(*command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return last_json_line(result.stdout.replace("[worker 0] ", ""))  # the chief's line
+
+
+def history_losses(run_dir):
+    """The per-epoch training losses in a run's history.csv."""
+    lines = (run_dir / "history.csv").read_text().strip().splitlines()
+    column = lines[0].split(",").index("loss")
+    return [float(line.split(",")[column]) for line in lines[1:]]

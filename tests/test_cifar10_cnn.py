@@ -12,6 +12,7 @@ import tf_keras as keras
 from core import config as config_lib
 from core.errors import UserError
 from pipelines import cifar10_cnn
+from tests import helpers
 from tests.helpers import last_json_line, run_module, write_image_folder
 
 METRIC_KEYS = {"pipeline", "strategy", "replicas", "epochs", "train_seconds", "examples_per_second",
@@ -135,26 +136,19 @@ def test_tfds_source_trains_and_reports_test_accuracy(tmp_path):
     assert metrics["test_accuracy"] is not None and metrics["data"]["test_examples"] == 80
 
 
-def _losses(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return last_json_line(result.stdout.replace("[worker 0] ", ""))
-
-
 @pytest.fixture(scope="module")
 def default_losses():
-    return _losses(run_module("tests.strategy_agreement", "--strategy=default"))
+    return helpers.strategy_losses("cifar10_cnn", "--strategy=default")
 
 
 def test_mirrored_matches_default_loss(default_losses):
-    mirrored = _losses(run_module("tests.strategy_agreement", "--strategy=mirrored", "--cpu_devices=2"))
+    mirrored = helpers.strategy_losses("cifar10_cnn", "--strategy=mirrored", "--cpu_devices=2")
     assert mirrored["replicas"] == 2
     assert mirrored["loss"] == pytest.approx(default_losses["loss"], rel=LOSS_RTOL)
 
 
 def test_multiworker_matches_default_loss(default_losses):
-    result = run_module("strategies.launch_local", "--workers=2", "--", sys.executable, "-m",
-                        "tests.strategy_agreement", "--strategy=multiworker")
-    multiworker = _losses(result)
+    multiworker = helpers.strategy_losses("cifar10_cnn", "--strategy=multiworker", workers=2)
     assert multiworker["strategy"] == "multiworker" and multiworker["replicas"] == 2
     assert multiworker["loss"] == pytest.approx(default_losses["loss"], rel=LOSS_RTOL)
 

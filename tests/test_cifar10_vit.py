@@ -10,6 +10,7 @@ import tf_keras as keras
 from core import config as config_lib
 from models import transformer
 from pipelines import cifar10_vit
+from tests import helpers
 from tests.helpers import last_json_line, run_module, write_image_folder
 
 # Per-step losses of the same global batches, mirrored (2 replicas) vs default. No BatchNorm, so
@@ -20,11 +21,7 @@ LOSS_RTOL = 1e-4
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    result = run_module("pipelines.cifar10_vit", "--smoke", f"--output_dir={root}/runs",
-                        f"--cache_dir={root}/cache", "--name=smoke", "--strategy=default")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "runs" / "cifar10_vit" / "smoke"
+    return helpers.smoke_run(tmp_path_factory.mktemp("smoke"), "cifar10_vit")
 
 
 def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
@@ -37,8 +34,7 @@ def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
     assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["examples_per_second"] > 0
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["stem"] == [8] and config["smoke"] is True  # replayable with --config
-    lines = (smoke_run / "history.csv").read_text().strip().splitlines()
-    losses = [float(line.split(",")[lines[0].split(",").index("loss")]) for line in lines[1:]]
+    losses = helpers.history_losses(smoke_run)
     assert len(losses) == 2 and losses[-1] < losses[0]
 
 
@@ -53,13 +49,8 @@ def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
 
 
 def test_mirrored_matches_default_loss():
-    def losses(*args):
-        result = run_module("tests.strategy_agreement", "--pipeline=cifar10_vit", *args)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return last_json_line(result.stdout)
-
-    default = losses("--strategy=default")
-    mirrored = losses("--strategy=mirrored", "--cpu_devices=2")
+    default = helpers.strategy_losses("cifar10_vit", "--strategy=default")
+    mirrored = helpers.strategy_losses("cifar10_vit", "--strategy=mirrored", "--cpu_devices=2")
     assert mirrored["replicas"] == 2
     assert max(abs(loss - default["loss"][0]) for loss in default["loss"]) > 100 * LOSS_RTOL * default["loss"][0]
     assert mirrored["loss"] == pytest.approx(default["loss"], rel=LOSS_RTOL)

@@ -11,6 +11,7 @@ import tf_keras as keras
 
 from core import config as config_lib
 from pipelines import imdb_transformer
+from tests import helpers
 from tests.helpers import last_json_line, run_module
 
 # Per-step losses of the same global batches, mirrored (2 replicas) vs default: no BatchNorm, so
@@ -29,11 +30,7 @@ def write_review_folder(root, reviews):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    result = run_module("pipelines.imdb_transformer", "--smoke", f"--output_dir={root}/runs",
-                        f"--cache_dir={root}/cache", "--name=smoke", "--strategy=default")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "runs" / "imdb_transformer" / "smoke"
+    return helpers.smoke_run(tmp_path_factory.mktemp("smoke"), "imdb_transformer")
 
 
 def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
@@ -44,8 +41,7 @@ def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
     assert metrics["strategy"] == "default" and metrics["epochs"] == 2
     # the synthetic reviews are learnable: sentiment words decide the label
     assert metrics["val_accuracy"] > 0.8 and metrics["test_accuracy"] > 0.8
-    lines = (smoke_run / "history.csv").read_text().strip().splitlines()
-    losses = [float(line.split(",")[lines[0].split(",").index("loss")]) for line in lines[1:]]
+    losses = helpers.history_losses(smoke_run)
     assert len(losses) == 2 and losses[-1] < losses[0]
 
 
@@ -69,16 +65,18 @@ def test_evaluate_a_pos_neg_folder(smoke_run, tmp_path):
 
 
 def test_mirrored_matches_default_loss():
-    def losses(*args):
-        result = run_module("tests.strategy_agreement", "--pipeline=imdb_transformer", *args)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return last_json_line(result.stdout)
-
-    default = losses("--strategy=default")
-    mirrored = losses("--strategy=mirrored", "--cpu_devices=2")
+    default = helpers.strategy_losses("imdb_transformer", "--strategy=default")
+    mirrored = helpers.strategy_losses("imdb_transformer", "--strategy=mirrored", "--cpu_devices=2")
     assert mirrored["replicas"] == 2
     assert max(abs(loss - default["loss"][0]) for loss in default["loss"]) > 100 * LOSS_RTOL * default["loss"][0]
     assert mirrored["loss"] == pytest.approx(default["loss"], rel=LOSS_RTOL)
+
+
+def test_multiworker_matches_default_loss():
+    default = helpers.strategy_losses("imdb_transformer", "--strategy=default")
+    multiworker = helpers.strategy_losses("imdb_transformer", "--strategy=multiworker", workers=2)
+    assert multiworker["strategy"] == "multiworker" and multiworker["replicas"] == 2
+    assert multiworker["loss"] == pytest.approx(default["loss"], rel=LOSS_RTOL)
 
 
 def _run_cli(argv, tmp_path, capsys):
