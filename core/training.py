@@ -114,13 +114,18 @@ def _float32_config(config):
     return config
 
 
-def write_json(path, data):
-    # Write-then-rename: a crash mid-write never leaves a truncated report behind.
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
+def write_text(path, text):
+    # Write-then-rename: a crash mid-write never leaves a truncated file behind, and concurrent
+    # writers of the same content (multi-worker) each replace it whole. The temporary name is
+    # per process so two writers never share one.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path, data):
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _is_finite(logs):

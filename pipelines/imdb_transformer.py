@@ -40,13 +40,15 @@ from models import text_preprocessing, transformer
 PIPELINE = "imdb_transformer"
 CLASS_NAMES = text_data.CLASS_NAMES  # ("neg", "pos")
 COMMANDS = ["evaluate --model=PATH --data=PATH"]  # besides training, for --help
+TOKENIZERS = ("words", "wordpiece")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     # model
     model: str = "small"  # transformer size variant: tiny | small | base (models/transformer.VARIANTS)
-    vocab_size: int = 20000  # words kept by the tokenizer (most frequent in train), padding and OOV included
+    tokenizer: str = "words"  # words (TextVectorization) | wordpiece (tensorflow-text subwords)
+    vocab_size: int = 20000  # tokenizer vocabulary (most frequent words, or WordPiece's target size), padding and OOV included
     max_length: int = 400  # tokens per review; longer ones keep their first and last halves
     bigram_buckets: int = 0  # hashed (word, next word) embeddings, e.g. 262144; 0 = words only (measured better so far)
     dropout: float = 0.1  # in the encoder, on the embeddings and before the head
@@ -64,6 +66,7 @@ class Config:
 
     def __post_init__(self):
         config_lib.check_choice("model", self.model, tuple(transformer.VARIANTS))
+        config_lib.check_choice("tokenizer", self.tokenizer, TOKENIZERS)
         config_lib.check_positive(self, "vocab_size", "max_length", "batch_size", "epochs",
                                   "learning_rate", "examples_per_shard", "length_bucket")
         config_lib.check_positive(self, "max_examples", "bigram_buckets", "weight_decay", allow_zero=True)
@@ -104,8 +107,19 @@ def prepare_data(cfg, run):
 
 
 def fit_tokenizer(cfg, data):
-    """The word vocabulary of the training split (every worker computes the same one)."""
+    """The tokenizer, fitted on the training split (every worker computes the same one).
+
+    WordPiece vocabularies take minutes to learn, so the vocabulary is kept beside the data
+    cache and later runs with the same split and size reuse it.
+    """
     texts, _ = text_data.read_texts(data.splits["train"])
+    if cfg.tokenizer == "wordpiece":
+        path = os.path.join(data.cache_dir, f"wordpiece-{cfg.vocab_size}.txt")
+        if not os.path.exists(path):
+            vocabulary = text_preprocessing.learn_wordpiece_vocabulary(texts, cfg.vocab_size)
+            training.write_text(path, "\n".join(vocabulary) + "\n")
+        with open(path, encoding="utf-8") as f:
+            return text_preprocessing.WordPieceTokenizer(f.read().splitlines(), name="tokenizer")
     vectorizer = text_preprocessing.make_vectorizer(cfg.vocab_size)
     vectorizer.adapt(tf.data.Dataset.from_tensor_slices(texts).batch(1024))
     return vectorizer
