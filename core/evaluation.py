@@ -16,7 +16,12 @@ from core.errors import UserError
 
 
 def load_model(path):
-    """Loads a `.keras` model in safe mode (no arbitrary code from the file is run)."""
+    """Loads a `.keras` model in safe mode (no arbitrary code from the file is run).
+
+    The repo's custom layers (Transformer blocks, text preprocessing) are registered on import;
+    importing them here means any of our saved models loads, whichever pipeline wrote it.
+    """
+    import models.text_preprocessing  # noqa: F401  (imports models.transformer too)
     if not os.path.exists(path):
         raise UserError(f"--model={path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)")
     try:

@@ -14,6 +14,11 @@ import tensorflow as tf
 import tf_keras as keras
 from tf_keras import layers
 
+# The end-to-end model holds a `models.transformer` classifier: importing this module is then
+# all a caller needs before `keras.models.load_model` (an unregistered custom layer otherwise
+# fails deep inside Keras with "'str' object is not callable").
+from models import transformer  # noqa: F401
+
 
 @keras.utils.register_keras_serializable(package="text_preprocessing")
 def standardize_review(text):

@@ -39,8 +39,9 @@ def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
     metrics = json.loads((smoke_run / "metrics.json").read_text())
     assert metrics["pipeline"] == "imdb_transformer" and metrics["model"] == "tiny"
     assert metrics["strategy"] == "default" and metrics["epochs"] == 2
-    # the synthetic reviews are learnable: sentiment words decide the label
-    assert metrics["val_accuracy"] > 0.8 and metrics["test_accuracy"] > 0.8
+    # the synthetic reviews are learnable (sentiment words decide the label; chance is 0.5).
+    # Seen: 0.90-1.00 on ~30 val and 128 test reviews; training order is not deterministic.
+    assert metrics["val_accuracy"] > 0.7 and metrics["test_accuracy"] > 0.7
     losses = helpers.history_losses(smoke_run)
     assert len(losses) == 2 and losses[-1] < losses[0]
 
@@ -104,6 +105,7 @@ def test_bad_data_ends_in_one_line_error(reviews, expected, tmp_path, capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["--model=huge"], "--model=huge: expected one of"),
     (["--vocab_size=2"], "--vocab_size=2: expected at least 3"),
+    (["--tokenizer=bpe"], "--tokenizer=bpe: expected one of words, wordpiece"),
     (["--bigram_buckets=1"], "--bigram_buckets=1: expected 0 (off) or at least 2"),
     (["--dropout=1.5"], "--dropout=1.5: expected a number in [0, 1)"),
     (["--data=/no/such/reviews"], "/no/such/reviews"),

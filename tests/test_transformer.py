@@ -113,3 +113,22 @@ def test_exported_text_model_classifies_raw_strings_the_same_after_save_and_load
     restored = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_array_equal(restored(tf.constant(texts)).numpy(), before)
     assert len(set(np.round(before[:, 0], 6))) > 1  # different texts, different logits
+
+
+def test_wordpiece_model_classifies_raw_strings_the_same_after_save_and_load(tmp_path):
+    vocabulary = ["[PAD]", "[UNK]", "a", "good", "film", "bad", "!", "##s", "##ly"]
+    tokenizer = text_preprocessing.WordPieceTokenizer(vocabulary)
+    ids = tokenizer(tf.constant(["A good films!", "Badly<br />bad", "zzz"])).numpy()
+    np.testing.assert_array_equal(ids, [[2, 3, 4, 7, 6], [5, 8, 5, 0, 0], [1, 0, 0, 0, 0]])
+    classifier = transformer.text_classifier("tiny", vocab_size=len(vocabulary), max_length=8)
+    classifier.get_layer("head_logits").kernel.assign(tf.random.normal((32, 2), seed=4))
+    model = text_preprocessing.end_to_end(tokenizer, text_preprocessing.HeadTailTruncate(8), classifier)
+    texts = tf.constant(["a good film!", "bad bad films", "café"])
+    before = model(texts).numpy()
+    model.save(tmp_path / "model.keras")
+    np.testing.assert_array_equal(keras.models.load_model(tmp_path / "model.keras")(texts).numpy(), before)
+
+
+def test_wordpiece_vocabulary_must_reserve_padding_and_unknown():
+    with pytest.raises(ValueError, match=r"must start with \[PAD\], \[UNK\]"):
+        text_preprocessing.WordPieceTokenizer(["a", "[PAD]", "[UNK]"])
