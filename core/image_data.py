@@ -79,6 +79,26 @@ class Split:
     num_examples: int
 
 
+def splits_from_meta(meta):
+    """The Split of each split recorded in a cache's meta.json (text and image caches alike)."""
+    return {name: Split(files=tuple(sorted(s["files"])), num_examples=s["num_examples"])
+            for name, s in meta["splits"].items()}
+
+
+def load_tfds_split(tfds_name, split, description, local_copies, **load_kwargs):
+    """`tfds.load` of one split; any failure to download or prepare it becomes one line that
+    points offline users to --data=PATH (`local_copies` says which local sources work)."""
+    import tensorflow_datasets as tfds
+    try:
+        return tfds.load(tfds_name, split=split, **load_kwargs)
+    except Exception as e:  # download/prepare failures come in many types; all mean "not here"
+        raise UserError(
+            f"{description}: cannot download or prepare the {split} split "
+            f"({e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); offline, pass "
+            f"--data=PATH to a local copy ({local_copies})"
+        ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageData:
     cache_dir: str
@@ -167,10 +187,7 @@ def prepare(
     meta = records.build_cache(cache_dir, build)
     return ImageData(
         cache_dir=cache_dir,
-        splits={
-            name: Split(files=tuple(sorted(s["files"])), num_examples=s["num_examples"])
-            for name, s in meta["splits"].items()
-        },
+        splits=splits_from_meta(meta),
         class_names=tuple(meta["class_names"]),
         image_shape=tuple(meta["image_shape"]),
         source=meta["source"],
@@ -365,14 +382,9 @@ def _load_tfds(tfds_name, image_shape, class_names):
     for split in SPLIT_DIRS:
         if split not in available:
             continue
-        try:
-            ds = tfds.load(tfds_name, split=split, as_supervised=True)
-        except Exception as e:  # download/prepare failures come in many types; all mean "not here"
-            raise UserError(
-                f"{description}: cannot download or prepare the {split} split "
-                f"({e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); offline, pass "
-                "--data=PATH to a local copy (a folder of class folders, a .tar.gz of one, or cifar-10-binary.tar.gz)"
-            ) from None
+        ds = load_tfds_split(
+            tfds_name, split, description,
+            "a folder of class folders, a .tar.gz of one, or cifar-10-binary.tar.gz", as_supervised=True)
         if not ds.element_spec[0].shape.is_compatible_with(image_shape):
             raise UserError(
                 f"{description}: images are {_hwc(ds.element_spec[0].shape)}, "

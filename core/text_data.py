@@ -158,8 +158,7 @@ def prepare(
     meta = records.build_cache(cache_dir, build)
     return TextData(
         cache_dir=cache_dir,
-        splits={name: Split(files=tuple(sorted(s["files"])), num_examples=s["num_examples"])
-                for name, s in meta["splits"].items()},
+        splits=image_data.splits_from_meta(meta),
         class_names=tuple(meta["class_names"]),
         source=meta["source"],
         val_carved_from_train=meta["val_carved_from_train"],
@@ -279,14 +278,7 @@ def _load_tfds(tfds_name):
     for split in SPLIT_DIRS:
         if split not in available:
             continue
-        try:
-            ds = tfds.load(tfds_name, split=split)
-        except Exception as e:  # download/prepare failures come in many types; all mean "not here"
-            raise UserError(
-                f"{description}: cannot download or prepare the {split} split "
-                f"({e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); offline, pass "
-                "--data=PATH to a local copy (an aclImdb folder or a .tar.gz of one)"
-            ) from None
+        ds = image_data.load_tfds_split(tfds_name, split, description, "an aclImdb folder or a .tar.gz of one")
         texts, labels = [], []
         for batch in tfds.as_numpy(ds.batch(1024)):
             texts.extend(batch["text"])
