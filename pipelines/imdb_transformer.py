@@ -94,7 +94,7 @@ class EvaluateOptions:
 
 
 SMOKE = dict(data="synthetic", model="tiny", vocab_size=200, max_length=64, bigram_buckets=512,
-             batch_size=32, epochs=2, max_examples=320, learning_rate=5e-3, examples_per_shard=64, length_bucket=16,
+             batch_size=32, epochs=2, max_examples=512, learning_rate=5e-3, examples_per_shard=64, length_bucket=16,
              verbose=2)
 
 

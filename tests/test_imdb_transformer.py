@@ -40,7 +40,8 @@ def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
     assert metrics["pipeline"] == "imdb_transformer" and metrics["model"] == "tiny"
     assert metrics["strategy"] == "default" and metrics["epochs"] == 2
     # the synthetic reviews are learnable (sentiment words decide the label; chance is 0.5).
-    # Seen: 0.90-1.00 on ~30 val and 128 test reviews; training order is not deterministic.
+    # Seen: 0.92-0.98 on 52 val and 128 test reviews (0.61 once when smoke used 320 reviews);
+    # training order is not deterministic.
     assert metrics["val_accuracy"] > 0.7 and metrics["test_accuracy"] > 0.7
     losses = helpers.history_losses(smoke_run)
     assert len(losses) == 2 and losses[-1] < losses[0]
