@@ -178,7 +178,9 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
     run_dir = tmp_path / "runs" / "cifar10_cnn" / "preempted"
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((run_dir / "backup").rglob("*.index")):
+    # The CheckpointManager's "checkpoint" file is written after the .index and .data files:
+    # once it exists, the backup is complete and a resume cannot start over at epoch 0.
+    while time.time() < deadline and not list((run_dir / "backup").rglob("checkpoint")):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)  # preemption: no chance to clean up
     process.wait()
