@@ -36,11 +36,9 @@ second call reuses the cache in under 10 ms.
 """
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
-import posixpath
 import tarfile
 import zlib
 
@@ -48,13 +46,13 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from core import records
+from core import records, sources
 from core.errors import UserError
+from core.sources import Split, carve_val, splits_from_meta  # noqa: F401  (re-exported)
 
 # Bump when the record layout or the carve changes, so old caches are not reused.
 FORMAT_VERSION = 2  # 2: shards of equal size (records.balanced_shard_size)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SPLIT_DIRS = ("train", "test")
 SYNTHETIC_TRAIN_EXAMPLES = 512
 # The synthetic images stay the same whatever `seed` is, so seeds vary only the val carve.
@@ -71,32 +69,6 @@ _SOURCE_HELP = (
     "expected a folder of class subfolders, a .tar.gz of one, cifar-10-binary.tar.gz, "
     "'tfds' or 'synthetic'"
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    files: tuple[str, ...]  # TFRecord shard paths, sorted
-    num_examples: int
-
-
-def splits_from_meta(meta):
-    """The Split of each split recorded in a cache's meta.json (text and image caches alike)."""
-    return {name: Split(files=tuple(sorted(s["files"])), num_examples=s["num_examples"])
-            for name, s in meta["splits"].items()}
-
-
-def load_tfds_split(tfds_name, split, description, local_copies, **load_kwargs):
-    """`tfds.load` of one split; any failure to download or prepare it becomes one line that
-    points offline users to --data=PATH (`local_copies` says which local sources work)."""
-    import tensorflow_datasets as tfds
-    try:
-        return tfds.load(tfds_name, split=split, **load_kwargs)
-    except Exception as e:  # download/prepare failures come in many types; all mean "not here"
-        raise UserError(
-            f"{description}: cannot download or prepare the {split} split "
-            f"({e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); offline, pass "
-            f"--data=PATH to a local copy ({local_copies})"
-        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +108,9 @@ def prepare(
         raise UserError(f"max_examples={max_examples}: expected a positive integer or None")
     if examples_per_shard < 1:
         raise UserError(f"examples_per_shard={examples_per_shard}: expected a positive integer")
-    kind, path = _source_kind(source)
+    kind, path = sources.source_kind(source, _SOURCE_HELP)
     params = dict(
+        format_version=FORMAT_VERSION,
         image_shape=list(image_shape),
         class_names=class_names,
         val_fraction=val_fraction,
@@ -147,7 +120,7 @@ def prepare(
     )
     # Absolute, so shard paths stay valid for workers started from another directory.
     cache_dir = os.path.join(
-        os.path.abspath(cache_root), f"{_cache_name(kind, path, tfds_name)}-{_fingerprint(kind, path, tfds_name, params)}"
+        os.path.abspath(cache_root), f"{sources.cache_name(kind, path, tfds_name)}-{sources.fingerprint(kind, path, tfds_name, params)}"
     )
 
     def build(tmp_dir):
@@ -155,7 +128,7 @@ def prepare(
         rng = np.random.default_rng(seed)
         if max_examples is not None:
             loaded = {
-                split: _subsample(images, labels, max_examples, rng)
+                split: sources.subsample(images, labels, max_examples, rng)
                 for split, (images, labels) in loaded.items()
             }
         train_images, train_labels = loaded["train"]
@@ -219,27 +192,13 @@ def read_images(
     """
     image_shape = _check_shape(image_shape)
     class_names = _check_class_names(class_names)
-    kind, path = _source_kind(source)
+    kind, path = sources.source_kind(source, _SOURCE_HELP)
     loaded, names, description = _load(kind, path, image_shape, class_names, tfds_name)
     if split is not None:
         if split not in loaded:
             raise UserError(f"split {split!r}: {description} has only {sorted(loaded)}")
         loaded = {split: loaded[split]}
     return {name: (images, labels, names) for name, (images, labels) in loaded.items()}
-
-
-def carve_val(labels: np.ndarray, num_classes: int, val_fraction: float, rng) -> tuple:
-    """(train indices, val indices): val_fraction of each class, both shuffled by rng."""
-    train, val = [], []
-    for label in range(num_classes):
-        idx = np.flatnonzero(labels == label)
-        idx = idx[rng.permutation(len(idx))]
-        num_val = int(np.floor(len(idx) * val_fraction + 0.5))
-        val.append(idx[:num_val])
-        train.append(idx[num_val:])
-    train = np.concatenate(train)
-    val = np.concatenate(val)
-    return train[rng.permutation(len(train))], val[rng.permutation(len(val))]
 
 
 # --- arguments and cache identity ---------------------------------------------------------------
@@ -260,60 +219,6 @@ def _check_class_names(class_names):
     if not names or len(set(names)) != len(names):
         raise UserError(f"class_names={list(class_names)}: expected a non-empty list of distinct names")
     return names
-
-
-def _source_kind(source: str) -> tuple[str, str | None]:
-    if source in ("tfds", "synthetic"):
-        return source, None
-    path = os.path.abspath(os.path.expanduser(source)) if source else ""
-    if path and os.path.isdir(path):
-        return "folder", path
-    if path and os.path.isfile(path):
-        if path.lower().endswith(ARCHIVE_SUFFIXES):
-            return "archive", path
-        raise UserError(f"{source}: not a folder or a .tar.gz/.tgz/.tar archive; {_SOURCE_HELP}")
-    raise UserError(f"{source!s}: no such file or folder; {_SOURCE_HELP}")
-
-
-def _cache_name(kind, path, tfds_name) -> str:
-    if kind == "tfds":
-        name = f"tfds-{tfds_name}"
-    elif kind == "synthetic":
-        name = "synthetic"
-    else:
-        name = os.path.basename(path)
-        for suffix in ARCHIVE_SUFFIXES:
-            if name.lower().endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def _fingerprint(kind, path, tfds_name, params) -> str:
-    """Hash of what the records depend on; stats files but never opens them."""
-    digest = hashlib.sha256()
-    identity = {"format_version": FORMAT_VERSION, "kind": kind, "path": path, **params}
-    if kind == "tfds":
-        identity["tfds_name"] = tfds_name
-    elif kind == "archive":
-        st = os.stat(path)
-        identity["file"] = [st.st_size, st.st_mtime_ns]
-    digest.update(json.dumps(identity, sort_keys=True).encode())
-    if kind == "folder":
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames.sort()
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                st = os.stat(full)
-                digest.update(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def _subsample(images, labels, max_examples, rng):
-    if len(labels) <= max_examples:
-        return images, labels
-    keep = np.sort(rng.choice(len(labels), size=max_examples, replace=False))
-    return images[keep], labels[keep]
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -382,7 +287,7 @@ def _load_tfds(tfds_name, image_shape, class_names):
     for split in SPLIT_DIRS:
         if split not in available:
             continue
-        ds = load_tfds_split(
+        ds = sources.load_tfds_split(
             tfds_name, split, description,
             "a folder of class folders, a .tar.gz of one, or cifar-10-binary.tar.gz", as_supervised=True)
         if not ds.element_spec[0].shape.is_compatible_with(image_shape):
@@ -482,7 +387,7 @@ def _load_archive(archive, image_shape):
     try:
         with tarfile.open(archive, "r|*") as tar:
             for member in tar:
-                parts = _member_parts(archive, member)
+                parts = sources.safe_member_parts(archive, member)
                 if member.isdir():
                     dirs.add(parts)
                     continue
@@ -539,19 +444,6 @@ def _load_archive(archive, image_shape):
         if images[split]
     }
     return found, splits, description
-
-
-def _member_parts(archive, member) -> tuple[str, ...]:
-    """Path components of a safe member; UserError for anything that could escape or surprise."""
-    name = member.name
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
-    if name.startswith("/") or posixpath.isabs(name) or ".." in parts:
-        raise UserError(f"{archive}: unsafe member {name!r} (absolute or '..' path); expected relative paths inside the archive")
-    if member.issym() or member.islnk():
-        raise UserError(f"{archive}: unsafe member {name!r} (link to {member.linkname!r}); expected plain files and folders")
-    if not (member.isfile() or member.isdir()):
-        raise UserError(f"{archive}: unsafe member {name!r} (device, fifo or special file); expected plain files and folders")
-    return parts
 
 
 def _cifar_binary(archive, binary, image_shape):

@@ -18,7 +18,7 @@ Design:
 - Records hold the review exactly as the source has it, as UTF-8 bytes ("text") with an int64
   "label" (0 neg, 1 pos, as TFDS imdb_reviews). `<br />` tags and case are kept: normalisation
   belongs to the model's preprocessing layers, so the exported model applies it to raw input too.
-- Splits, the val carve, the cache identity and the safe tar streaming are image_data's: "val" is
+- Splits, the val carve, the cache identity and the safe tar streaming are core/sources.py's: "val" is
   carved from train (seeded, stratified per class), "test" is never carved, and the cache folder
   name carries a fingerprint of the source and of every argument that changes the records.
 - Test examples are shuffled (seeded) before sharding as train ones are: aclImdb lists every neg
@@ -41,15 +41,15 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from core import image_data, records
+from core import records, sources
 from core.errors import UserError
-from core.image_data import Split, carve_val
+from core.sources import Split, carve_val
 
 # Bump when the record layout or the carve changes, so old caches are not reused.
 FORMAT_VERSION = 1
 CLASS_NAMES = ("neg", "pos")  # label i is CLASS_NAMES[i], as in TFDS imdb_reviews
 REVIEW_SUFFIX = ".txt"
-SPLIT_DIRS = image_data.SPLIT_DIRS  # ("train", "test")
+SPLIT_DIRS = ("train", "test")
 # aclImdb's 50,000 unlabeled reviews sit in train/unsup/: not a class, so never read.
 UNLABELED_DIR = "unsup"
 # Labels of TFDS datasets that name no classes (tfds.testing.mock_data names imdb's properly).
@@ -110,28 +110,28 @@ def prepare(
         raise UserError(f"max_examples={max_examples}: expected a positive integer or None")
     if examples_per_shard < 1:
         raise UserError(f"examples_per_shard={examples_per_shard}: expected a positive integer")
-    kind, path = _source_kind(source)
+    kind, path = sources.source_kind(source, _SOURCE_HELP)
     params = dict(
-        # image_data's fingerprint hashes these with the source's identity; this module's own
-        # format version and name keep text caches apart from image caches of the same source.
+        # Hashed with the source's identity; "records" keeps text caches apart from image caches
+        # of the same source.
         records="text",
-        text_format_version=FORMAT_VERSION,
+        format_version=FORMAT_VERSION,
         val_fraction=val_fraction,
         seed=seed,
         max_examples=max_examples,
         examples_per_shard=examples_per_shard,
     )
-    name = "synthetic_text" if kind == "synthetic" else image_data._cache_name(kind, path, tfds_name)
+    name = "synthetic_text" if kind == "synthetic" else sources.cache_name(kind, path, tfds_name)
     # Absolute, so shard paths stay valid for workers started from another directory.
     cache_dir = os.path.join(
-        os.path.abspath(cache_root), f"{name}-{image_data._fingerprint(kind, path, tfds_name, params)}"
+        os.path.abspath(cache_root), f"{name}-{sources.fingerprint(kind, path, tfds_name, params)}"
     )
 
     def build(tmp_dir):
         loaded, description = _load(kind, path, tfds_name)
         rng = np.random.default_rng(seed)
         if max_examples is not None:
-            loaded = {split: image_data._subsample(texts, labels, max_examples, rng)
+            loaded = {split: sources.subsample(texts, labels, max_examples, rng)
                       for split, (texts, labels) in loaded.items()}
         train_idx, val_idx = carve_val(loaded["train"][1], len(CLASS_NAMES), val_fraction, rng)
         chosen = {"train": (*loaded["train"], train_idx), "val": (*loaded["train"], val_idx)}
@@ -158,7 +158,7 @@ def prepare(
     meta = records.build_cache(cache_dir, build)
     return TextData(
         cache_dir=cache_dir,
-        splits=image_data.splits_from_meta(meta),
+        splits=sources.splits_from_meta(meta),
         class_names=tuple(meta["class_names"]),
         source=meta["source"],
         val_carved_from_train=meta["val_carved_from_train"],
@@ -193,7 +193,7 @@ def read_source_texts(source: str, *, tfds_name="imdb_reviews", split=None) -> d
     For `evaluate --data=PATH`: a folder of pos/ and neg/ comes back as one split, "train",
     to be taken whole. `split` picks one of the source's splits.
     """
-    loaded, description = _load(*_source_kind(source), tfds_name)
+    loaded, description = _load(*sources.source_kind(source, _SOURCE_HELP), tfds_name)
     if split is not None:
         if split not in loaded:
             raise UserError(f"split {split!r}: {description} has only {sorted(loaded)}")
@@ -202,17 +202,6 @@ def read_source_texts(source: str, *, tfds_name="imdb_reviews", split=None) -> d
 
 
 # --- sources ------------------------------------------------------------------------------------
-
-
-def _source_kind(source: str) -> tuple[str, str | None]:
-    """image_data's detection ("tfds", "synthetic", "folder", "archive"), with this module's help."""
-    try:
-        return image_data._source_kind(source)
-    except UserError as e:
-        message = str(e)
-        if message.endswith(image_data._SOURCE_HELP):  # its list of image sources would mislead
-            message = message[: -len(image_data._SOURCE_HELP)] + _SOURCE_HELP
-        raise UserError(message) from None
 
 
 def _load(kind, path, tfds_name):
@@ -278,7 +267,7 @@ def _load_tfds(tfds_name):
     for split in SPLIT_DIRS:
         if split not in available:
             continue
-        ds = image_data.load_tfds_split(tfds_name, split, description, "an aclImdb folder or a .tar.gz of one")
+        ds = sources.load_tfds_split(tfds_name, split, description, "an aclImdb folder or a .tar.gz of one")
         texts, labels = [], []
         for batch in tfds.as_numpy(ds.batch(1024)):
             texts.extend(batch["text"])
@@ -318,7 +307,7 @@ def _load_archive(archive):
     try:
         with tarfile.open(archive, "r|*") as tar:
             for member in tar:
-                parts = image_data._member_parts(archive, member)  # refuses unsafe members
+                parts = sources.safe_member_parts(archive, member)  # refuses unsafe members
                 if not parts or any(p.startswith(".") for p in parts):
                     continue
                 if member.isdir():

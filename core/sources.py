@@ -1,0 +1,129 @@
+"""What the image and text importers share: where a source is, what its cache is called, and the
+split bookkeeping around the records (core/records.py writes them).
+
+A source is "tfds", "synthetic", a folder, or a .tar.gz/.tgz/.tar archive (streamed, never
+extracted; `safe_member_parts` refuses members that could escape or surprise). Its cache folder
+is `<cache_name>-<fingerprint>`: the fingerprint hashes the source's identity (path, sizes,
+mtimes; it stats files but never opens them) with every argument that changes the records.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import posixpath
+
+import numpy as np
+
+from core.errors import UserError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    files: tuple[str, ...]  # TFRecord shard paths, sorted
+    num_examples: int
+
+
+def splits_from_meta(meta):
+    """The Split of each split recorded in a cache's meta.json (text and image caches alike)."""
+    return {name: Split(files=tuple(sorted(s["files"])), num_examples=s["num_examples"])
+            for name, s in meta["splits"].items()}
+
+
+def load_tfds_split(tfds_name, split, description, local_copies, **load_kwargs):
+    """`tfds.load` of one split; any failure to download or prepare it becomes one line that
+    points offline users to --data=PATH (`local_copies` says which local sources work)."""
+    import tensorflow_datasets as tfds
+    try:
+        return tfds.load(tfds_name, split=split, **load_kwargs)
+    except Exception as e:  # download/prepare failures come in many types; all mean "not here"
+        raise UserError(
+            f"{description}: cannot download or prepare the {split} split "
+            f"({e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); offline, pass "
+            f"--data=PATH to a local copy ({local_copies})"
+        ) from None
+
+
+def carve_val(labels: np.ndarray, num_classes: int, val_fraction: float, rng) -> tuple:
+    """(train indices, val indices): val_fraction of each class, both shuffled by rng."""
+    train, val = [], []
+    for label in range(num_classes):
+        idx = np.flatnonzero(labels == label)
+        idx = idx[rng.permutation(len(idx))]
+        num_val = int(np.floor(len(idx) * val_fraction + 0.5))
+        val.append(idx[:num_val])
+        train.append(idx[num_val:])
+    train = np.concatenate(train)
+    val = np.concatenate(val)
+    return train[rng.permutation(len(train))], val[rng.permutation(len(val))]
+
+
+def source_kind(source: str, help: str) -> tuple[str, str | None]:
+    """("tfds" | "synthetic", None) or ("folder" | "archive", absolute path); `help` ends the error."""
+    if source in ("tfds", "synthetic"):
+        return source, None
+    path = os.path.abspath(os.path.expanduser(source)) if source else ""
+    if path and os.path.isdir(path):
+        return "folder", path
+    if path and os.path.isfile(path):
+        if path.lower().endswith(ARCHIVE_SUFFIXES):
+            return "archive", path
+        raise UserError(f"{source}: not a folder or a .tar.gz/.tgz/.tar archive; {help}")
+    raise UserError(f"{source!s}: no such file or folder; {help}")
+
+
+def cache_name(kind, path, tfds_name) -> str:
+    if kind == "tfds":
+        name = f"tfds-{tfds_name}"
+    elif kind == "synthetic":
+        name = "synthetic"
+    else:
+        name = os.path.basename(path)
+        for suffix in ARCHIVE_SUFFIXES:
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def fingerprint(kind, path, tfds_name, params) -> str:
+    """Hash of what the records depend on (`params`: the importer's format version and arguments)."""
+    digest = hashlib.sha256()
+    identity = {"kind": kind, "path": path, **params}
+    if kind == "tfds":
+        identity["tfds_name"] = tfds_name
+    elif kind == "archive":
+        st = os.stat(path)
+        identity["file"] = [st.st_size, st.st_mtime_ns]
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    if kind == "folder":
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                st = os.stat(full)
+                digest.update(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def subsample(examples, labels, max_examples, rng):
+    """A seeded random subset of at most `max_examples`, in source order."""
+    if len(labels) <= max_examples:
+        return examples, labels
+    keep = np.sort(rng.choice(len(labels), size=max_examples, replace=False))
+    return examples[keep], labels[keep]
+
+
+def safe_member_parts(archive, member) -> tuple[str, ...]:
+    """Path components of a safe member; UserError for anything that could escape or surprise."""
+    name = member.name
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if name.startswith("/") or posixpath.isabs(name) or ".." in parts:
+        raise UserError(f"{archive}: unsafe member {name!r} (absolute or '..' path); expected relative paths inside the archive")
+    if member.issym() or member.islnk():
+        raise UserError(f"{archive}: unsafe member {name!r} (link to {member.linkname!r}); expected plain files and folders")
+    if not (member.isfile() or member.isdir()):
+        raise UserError(f"{archive}: unsafe member {name!r} (device, fifo or special file); expected plain files and folders")
+    return parts
