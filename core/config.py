@@ -215,10 +215,10 @@ def check_positive(cfg, *names, allow_zero=False):
             raise UserError(f"--{name}={value}: expected a number {bound}")
 
 
-def run_cli(main, evaluate=None, argv=None):
-    """Entry point of a pipeline module: `[evaluate] --key=value ...`.
+def run_cli(main, evaluate=None, argv=None, compress=None):
+    """Entry point of a pipeline module: `[evaluate|compress] --key=value ...`.
 
-    `evaluate` returns a dict that is printed as one JSON line. A `UserError` anywhere prints
+    `evaluate` and `compress` return a dict that is printed as one JSON line. A `UserError` anywhere prints
     `error: <message>` and exits 2; anything else is a bug and keeps its traceback.
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -227,6 +227,10 @@ def run_cli(main, evaluate=None, argv=None):
             if evaluate is None:
                 raise UserError("this pipeline has no evaluate command")
             print(json.dumps(evaluate(argv[1:])))
+        elif argv[:1] == ["compress"]:
+            if compress is None:
+                raise UserError("this pipeline has no compress command")
+            print(json.dumps(compress(argv[1:])))
         else:
             main(argv)
     except UserError as e:

@@ -19,16 +19,19 @@ layers) and labels into one-hot vectors (label smoothing needs them).
 import dataclasses
 import os
 
+import numpy as np
+
 import tensorflow as tf
 import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import evaluation, image_data, input_pipeline, training
+from core import compress, compression, evaluation, image_data, input_pipeline, training
 from core.errors import UserError
 
 FLIPS = ("alternate", "random", "none")
-COMMANDS = ["evaluate --model=PATH --data=PATH [--tta=N]"]  # besides training, for --help
+COMMANDS = ["evaluate --model=PATH --data=PATH [--tta=N]",  # besides training, for --help
+            "compress --model=PATH --stages=prune,pqat,..."]
 
 
 def start_run(argv, *, pipeline, config_class, smoke):
@@ -188,3 +191,37 @@ def evaluate_command(argv, *, pipeline, class_names, image_shape):
     logits, labels = evaluation.predict(model, dataset, evaluation.image_tta(opts.tta))
     return {"pipeline": pipeline, "model": opts.model, "data": opts.data, "split": split,
             "tta": opts.tta, **evaluation.accuracy_report(logits, labels, class_names)}
+
+
+def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_name):
+    """The `compress` command's Task: the run's own data split (same source, cache and seed),
+    un-augmented training batches for fine-tuning, the val split to score each `.tflite` on,
+    and 8 batches of 32 training images to calibrate int8 ranges."""
+    data = image_data.prepare(
+        run_config["data"], cache_root=run_config["cache_dir"], image_shape=image_shape, class_names=class_names,
+        val_fraction=run_config["val_fraction"], seed=run_config["seed"], tfds_name=tfds_name,
+        max_examples=run_config["max_examples"] or None, examples_per_shard=run_config["examples_per_shard"])
+    train = input_pipeline.make_dataset(
+        data.splits["train"].files, batch_size=opts.batch_size, training=True, seed=run_config["seed"],
+        parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
+        batch_fn=model_inputs(len(class_names)), num_examples=data.splits["train"].num_examples)
+    images, labels = [], []
+    for batch_images, batch_labels in local_dataset(data, "val"):
+        images.append(batch_images.numpy())
+        labels.append(batch_labels.numpy().argmax(-1))
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    if opts.eval_examples:
+        images, labels = images[:opts.eval_examples], labels[:opts.eval_examples]
+    train_images = first_train_images(data, count=256).astype(np.float32)
+    tune = compression.FineTune(
+        train_ds=train, steps_per_epoch=max(1, data.splits["train"].num_examples // opts.batch_size),
+        epochs=opts.epochs, learning_rate=opts.learning_rate, verbose=opts.verbose,
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    return compress.Task(model=model, tune=tune, eval_inputs=images, eval_labels=labels,
+                         representative=[train_images[i:i + 32] for i in range(0, 256, 32)], eval_split="val")
+
+
+def compress_command(argv, *, pipeline, class_names, image_shape, tfds_name):
+    """`compress --model=PATH --stages=...`: core/compress.py with this family's Task."""
+    return compress.compress_command(argv, pipeline=pipeline, make_task=lambda model, run_config, opts: compression_task(
+        model, run_config, opts, class_names=class_names, image_shape=image_shape, tfds_name=tfds_name))

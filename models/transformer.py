@@ -68,7 +68,8 @@ class PositionEmbedding(layers.Layer, prunable_layer.PrunableLayer):
 
     def call(self, tokens):
         length = tf.shape(tokens)[1]
-        return tokens + tf.cast(self.position_table[tf.newaxis, :length], tokens.dtype)
+        # slice then expand_dims (not [tf.newaxis, :length]): TFLite has no StridedSlice with new axes
+        return tokens + tf.cast(tf.expand_dims(self.position_table[:length], 0), tokens.dtype)
 
     def get_prunable_weights(self):
         return []  # a few thousand weights that carry word order; pruning them is not worth it
@@ -145,7 +146,8 @@ class DotProductAttention(layers.Layer, prunable_layer.PrunableLayer):
         scores = tf.cast(scores, tf.float32)
         if mask is not None:
             # padded keys get -1e9 before softmax, so they receive no attention
-            scores += (1.0 - tf.cast(mask[:, tf.newaxis, tf.newaxis, :], tf.float32)) * -1e9
+            key_mask = tf.reshape(tf.cast(mask, tf.float32), [tf.shape(mask)[0], 1, 1, tf.shape(mask)[1]])
+            scores += (1.0 - key_mask) * -1e9
         weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
         attended = tf.einsum("bhqk,bhkd->bqhd", weights, value)
         return tf.reshape(attended, (batch, length, width))
@@ -172,7 +174,7 @@ class MaskedMeanPooling(layers.Layer, prunable_layer.PrunableLayer):
             tokens, mask = tokens
         if mask is None:
             return tf.reduce_mean(tokens, axis=1)
-        mask = tf.cast(mask, tokens.dtype)[:, :, tf.newaxis]
+        mask = tf.expand_dims(tf.cast(mask, tokens.dtype), -1)
         total = tf.reduce_sum(tokens * mask, axis=1)
         return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
 

@@ -131,6 +131,13 @@ def evaluate_command(argv):
                                                  image_shape=IMAGE_SHAPE)
 
 
+def compress_command(argv):
+    """`compress --model=PATH --stages=prune,pqat,...`: TFMOT stages and TFLite variants, measured
+    (core/compress.py); the report goes to compress/ beside the model."""
+    return image_classification.compress_command(argv, pipeline=PIPELINE, class_names=CLASS_NAMES,
+                                                 image_shape=IMAGE_SHAPE, tfds_name="cifar10")
+
+
 # Main: the stages in order -----------------------------------------------------------------
 
 def main(argv):
@@ -155,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command)
+    config_lib.run_cli(main, evaluate_command, compress=compress_command)

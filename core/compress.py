@@ -1,0 +1,198 @@
+"""The `compress` command every pipeline has: stages on a trained model, each result measured.
+
+    python -m pipelines.<pipeline> compress --model=runs/<pipeline>/<name>/model.keras --stages=prune,pqat
+    make compress PIPELINE=<pipeline> MODEL=runs/<pipeline>/<name>/model.keras STAGES=prune,pqat
+
+Writes, in `compress/` beside the model (or --output_dir):
+    <variant>.tflite   one per variant ("float32" is the trained model, unchanged)
+    <variant>/         the variant's Keras stage result as a SavedModel (Keras stages only)
+    report.json        {"variants": [{"name", "stages", "accuracy", "size_bytes", "gzip_bytes",
+                        "latency_ms": {"1": ms, "2": ms}, "sparsity"}, ...], ...}
+    report.md          the same as a table, with accuracy and gzip size relative to float32
+    accuracy_vs_size.png
+
+The pipeline supplies a `Task` (core/compression stages are model-agnostic): the model to
+compress (inputs -> logits), fine-tuning batches and loss, the evaluation split as arrays, and
+representative inputs for int8 calibration. Accuracy is always the `.tflite` file's, run in
+the TFLite interpreter on the evaluation split; the Keras model's own accuracy is reported
+beside it as a check that conversion changed nothing it should not.
+
+Fine-tuning runs on one device in float32 whatever strategy trained the model: TFMOT's
+pruning and QAT wrappers keep per-layer state that they update outside the replica context
+(`UpdatePruningStep` assigns step counters; QAT's range variables), which MirroredStrategy
+allows but which TFMOT does not document or test; see BENCHMARKS.md for what was measured.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from core import compression, tflite, training
+from core import config as config_lib
+from core.errors import UserError
+
+THREADS = (1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressOptions:
+    """Flags of `python -m pipelines.<pipeline> compress`."""
+    model: str = ""  # model.keras of a training run (its config.json beside it names the data)
+    stages: str = "prune,pqat"  # comma-separated chain, e.g. prune,pqat or cluster,cqat or ptq_int8 (core/compression.py)
+    sparsity: float = 0.8  # target of `prune` (fraction of zeros in each compressed kernel)
+    clusters: int = 16  # distinct weights per kernel after `cluster`
+    epochs: int = 1  # fine-tuning epochs of each Keras stage (prune ramps sparsity over 2/3 of them)
+    learning_rate: float = 1e-4  # Adam, constant, while fine-tuning
+    batch_size: int = 128  # fine-tuning batch
+    eval_examples: int = 0  # cap on the evaluation split, 0 = all of it
+    latency_runs: int = 50  # batch-1 invokes timed per variant and thread count (median reported)
+    output_dir: str = ""  # default: compress/ beside the model
+    verbose: int = 2  # Keras fit verbosity while fine-tuning
+
+    def __post_init__(self):
+        config_lib.check_positive(self, "clusters", "epochs", "learning_rate", "batch_size", "latency_runs")
+        config_lib.check_positive(self, "eval_examples", allow_zero=True)
+        if not 0 < self.sparsity < 1:
+            raise UserError(f"--sparsity={self.sparsity}: expected a number between 0 and 1")
+        compression.check_chain(self.stage_list)
+
+    @property
+    def stage_list(self):
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+
+@dataclasses.dataclass
+class Task:
+    """What a pipeline hands to the compression stages."""
+    model: object  # float32 Keras model: inputs -> logits
+    tune: compression.FineTune
+    eval_inputs: np.ndarray
+    eval_labels: np.ndarray  # integer class ids
+    representative: list  # input batches for int8 calibration
+    eval_split: str  # which split eval_inputs are, for the report
+
+
+def run_config(model_path):
+    """The training run's config.json beside model.keras (data source, cache, seed, recipe)."""
+    if not os.path.exists(model_path):
+        raise UserError(f"--model={model_path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)")
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"--model={model_path}: no config.json beside it; expected a model.keras inside a training run folder")
+    return config_lib.load_json_object(path)
+
+
+def compress_command(argv, *, pipeline, make_task):
+    """`compress --model=PATH --stages=...`: runs the chain, writes the report, returns a summary.
+
+    `make_task(model, run_config, opts)` is the pipeline's: it builds the Task's data.
+    """
+    (opts,) = config_lib.parse_flags(argv, [CompressOptions], prog=f"python -m pipelines.{pipeline} compress")
+    if not opts.model:
+        raise UserError("compress: expected --model=PATH (model.keras of a training run)")
+    config = run_config(opts.model)
+    keras.mixed_precision.set_global_policy("float32")  # TFMOT's wrappers fail under mixed precision
+    from core import evaluation
+    task = make_task(evaluation.load_model(opts.model), config, opts)
+    output_dir = opts.output_dir or os.path.join(os.path.dirname(os.path.abspath(opts.model)), "compress")
+    os.makedirs(output_dir, exist_ok=True)
+
+    variants = [measure("float32", [], task.model, tflite.convert(task.model, "float32"), task, opts, output_dir)]
+    current, done = task.model, []
+    for stage in opts.stage_list:
+        done = done + [stage]
+        name = "+".join(done)
+        started = time.perf_counter()
+        if stage in compression.TFLITE_STAGES:
+            mode = compression.TFLITE_STAGES[stage]
+            tflite_bytes = tflite.convert(current, mode, task.representative)
+            variants.append(measure(name, done, current, tflite_bytes, task, opts, output_dir, seconds=time.perf_counter() - started))
+            done = done[:-1]  # a conversion branches off; the chain's model is unchanged
+            continue
+        current = run_stage(stage, current, task.tune, opts)
+        tflite_bytes = tflite.convert(current, "qat" if stage in compression.QAT_STAGES else "float32")
+        current.save(os.path.join(output_dir, name), save_format="tf")  # SavedModel of the Keras result
+        variants.append(measure(name, done, current, tflite_bytes, task, opts, output_dir, seconds=time.perf_counter() - started))
+    report = {"pipeline": pipeline, "model": os.path.abspath(opts.model), "eval_split": task.eval_split,
+              "eval_examples": int(len(task.eval_labels)), "options": dataclasses.asdict(opts),
+              "environment": training.environment(), "variants": variants}
+    write_report(report, output_dir)
+    return {"report": os.path.join(output_dir, "report.json"),
+            "variants": {v["name"]: {"accuracy": v["accuracy"], "gzip_bytes": v["gzip_bytes"]} for v in variants}}
+
+
+def run_stage(stage, model, tune, opts):
+    if stage == "prune":
+        return compression.prune(model, tune, target_sparsity=opts.sparsity)
+    if stage == "cluster":
+        return compression.cluster(model, tune, clusters=opts.clusters)
+    return getattr(compression, stage)(model, tune)
+
+
+def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, seconds=None):
+    """One report row: the `.tflite` file's accuracy, sizes and latency, measured."""
+    tflite.write(tflite_bytes, os.path.join(output_dir, f"{name}.tflite"))
+    size, gzipped = tflite.sizes(tflite_bytes)
+    keras_accuracy = float((keras_model.predict(task.eval_inputs, batch_size=256, verbose=0).argmax(-1)
+                            == task.eval_labels).mean())
+    row = {
+        "name": name,
+        "stages": stages,
+        "accuracy": round(tflite.accuracy(tflite_bytes, task.eval_inputs, task.eval_labels, threads=max(THREADS)), 4),
+        "keras_accuracy": round(keras_accuracy, 4),
+        "size_bytes": size,
+        "gzip_bytes": gzipped,
+        "latency_ms": {str(t): round(tflite.latency_ms(tflite_bytes, task.eval_inputs[0], threads=t, runs=opts.latency_runs), 3)
+                       for t in THREADS},
+        "sparsity": round(compression.sparsity(keras_model), 4),
+        "weight_types": tflite.weight_tensor_types(tflite_bytes),
+    }
+    if seconds is not None:
+        row["stage_seconds"] = round(seconds, 1)
+    print(f"{name}: accuracy {row['accuracy']:.4f} (keras {row['keras_accuracy']:.4f}) size {size} gzip {gzipped} "
+          f"latency {row['latency_ms']} ms sparsity {row['sparsity']}", flush=True)
+    return row
+
+
+def write_report(report, output_dir):
+    training.write_json(os.path.join(output_dir, "report.json"), report)
+    base = report["variants"][0]
+    lines = [f"# Compression: {report['pipeline']}", "",
+             f"Model `{report['model']}`; accuracy of each `.tflite` in the TFLite interpreter on "
+             f"{report['eval_examples']} {report['eval_split']} examples; latency at batch 1, median of "
+             f"{report['options']['latency_runs']} invokes; {report['environment']['cpu']}, "
+             f"{report['environment']['date']}.", "",
+             "| variant | accuracy | Δ vs float32 | size | gzip size | gzip ratio | latency 1 thread | latency 2 threads | sparsity |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in report["variants"]:
+        lines.append(
+            f"| {v['name']} | {100 * v['accuracy']:.2f}% | {100 * (v['accuracy'] - base['accuracy']):+.2f} | "
+            f"{v['size_bytes'] / 1024:.0f} KiB | {v['gzip_bytes'] / 1024:.0f} KiB | "
+            f"{base['gzip_bytes'] / v['gzip_bytes']:.1f}x | {v['latency_ms']['1']:.2f} ms | {v['latency_ms']['2']:.2f} ms | "
+            f"{100 * v['sparsity']:.0f}% |")
+    training.write_text(os.path.join(output_dir, "report.md"), "\n".join(lines) + "\n")
+    plot(report, os.path.join(output_dir, "accuracy_vs_size.png"))
+
+
+def plot(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v in report["variants"]:
+        ax.scatter(v["gzip_bytes"] / 1024, 100 * v["accuracy"])
+        ax.annotate(v["name"], (v["gzip_bytes"] / 1024, 100 * v["accuracy"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("gzipped .tflite size (KiB, log scale)")
+    ax.set_ylabel(f"{report['eval_split']} accuracy (%)")
+    ax.set_title(f"{report['pipeline']}: accuracy against size")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,152 @@
+"""TFLite export and measurement: convert a Keras model, then score it in the TFLite interpreter.
+
+Every figure in a compression report comes from here, measured on the `.tflite` bytes, never
+assumed from the Keras model:
+- accuracy: the interpreter run over the evaluation split in batches (the input tensor is
+  resized to the batch, `num_threads` set), so 10,000 images take seconds, not minutes;
+- size: bytes of the file, and of the file gzipped (level 9), which is what pruning shrinks:
+  a pruned kernel is stored dense with zeros, and only compression turns zeros into savings;
+- latency: one example at a time (batch 1), the median of `runs` invokes after warm-up, with
+  1 and 2 interpreter threads.
+
+Conversion modes (`convert(model, mode)`):
+  float32   the reference: no optimisation
+  dynamic   weights int8, activations float, quantized on the fly by the kernels ("dynamic range")
+  float16   weights float16, computed in float32 on CPU
+  int8      full integer: weights and activations int8, scales calibrated on `representative`
+            inputs; the model's inputs and outputs stay float32 (a quantize op at the input, a
+            dequantize at the output) so callers feed the same pixels or token ids as the Keras model
+  qat       a quantization-aware-trained model: its fake-quant ranges become the int8 scales
+"""
+
+import gzip
+import os
+import statistics
+import time
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from core.errors import UserError
+
+MODES = ("float32", "dynamic", "float16", "int8", "qat")
+
+
+def convert(model, mode, representative=None):
+    """Keras model -> `.tflite` bytes. `representative`: an iterable of input batches (int8 only)."""
+    if mode not in MODES:
+        raise UserError(f"tflite mode {mode!r}: expected one of {', '.join(MODES)}")
+    if len(model.inputs) != 1:
+        raise UserError(f"{model.name}: {len(model.inputs)} inputs; expected a model with one input")
+    spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), model.inputs[0].dtype)
+
+    @tf.function(input_signature=[spec])
+    def serve(inputs):
+        return model(inputs, training=False)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], model)
+    if mode != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode == "int8":
+        if representative is None:
+            raise UserError("tflite mode int8: expected representative input batches to calibrate activation ranges")
+        converter.representative_dataset = lambda: ([tf.cast(batch, spec.dtype)] for batch in representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def sizes(tflite_bytes):
+    """(raw bytes, gzip -9 bytes)."""
+    return len(tflite_bytes), len(gzip.compress(tflite_bytes, compresslevel=9))
+
+
+def interpreter(tflite_bytes, threads):
+    # tf.lite.Interpreter warns that it moves to the ai_edge_litert package; it still works in
+    # TF 2.21 and needs no extra dependency, so the warning is silenced, not acted on yet.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return tf.lite.Interpreter(model_content=tflite_bytes, num_threads=threads)
+
+
+def predict(tflite_bytes, inputs, *, threads=2, batch_size=256):
+    """Logits for `inputs` (a numpy array), run through the interpreter `batch_size` at a time.
+
+    The last partial batch is padded to `batch_size` (one input shape, one allocation) and the
+    padding's outputs dropped.
+    """
+    runner = interpreter(tflite_bytes, threads)
+    input_detail = runner.get_input_details()[0]
+    runner.resize_tensor_input(input_detail["index"], [batch_size, *inputs.shape[1:]])
+    runner.allocate_tensors()
+    output_index = runner.get_output_details()[0]["index"]
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        real = len(batch)
+        if real < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)])
+        runner.set_tensor(input_detail["index"], batch.astype(input_detail["dtype"]))
+        runner.invoke()
+        outputs.append(runner.get_tensor(output_index)[:real].copy())
+    return np.concatenate(outputs)
+
+
+def accuracy(tflite_bytes, inputs, labels, **kwargs):
+    return float((predict(tflite_bytes, inputs, **kwargs).argmax(-1) == labels).mean())
+
+
+def latency_ms(tflite_bytes, example, *, threads, runs=50, warmup=5):
+    """Median milliseconds of one invoke at batch 1 (`example` has no batch axis)."""
+    runner = interpreter(tflite_bytes, threads)
+    input_detail = runner.get_input_details()[0]
+    runner.resize_tensor_input(input_detail["index"], [1, *example.shape])
+    runner.allocate_tensors()
+    runner.set_tensor(input_detail["index"], example[np.newaxis].astype(input_detail["dtype"]))
+    timings = []
+    for index in range(warmup + runs):
+        start = time.perf_counter()
+        runner.invoke()
+        if index >= warmup:
+            timings.append((time.perf_counter() - start) * 1000)
+    return statistics.median(timings)
+
+
+def weight_tensor_types(tflite_bytes):
+    """{dtype name: count} over the model's constant tensors (weights), e.g. {"int8": 12, "int32": 12}."""
+    runner = interpreter(tflite_bytes, 1)
+    counts = {}
+    for detail in runner.get_tensor_details():
+        try:
+            runner.get_tensor(detail["index"])  # constants are readable before allocation
+        except ValueError:
+            continue
+        name = np.dtype(detail["dtype"]).name
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def float_ops(tflite_bytes):
+    """{op name: count} of the ops that compute in float32 (any float32 input or output): what
+    stays float in a quantized model. Quantize/Dequantize ops are the boundaries, not counted."""
+    runner = interpreter(tflite_bytes, 1)
+    tensors = {d["index"]: d for d in runner.get_tensor_details()}
+    counts = {}
+    for op in runner._get_ops_details():  # the public API has no per-op view
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        indices = [i for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0]
+        if any(tensors[i]["dtype"] == np.float32 for i in indices if i in tensors):
+            counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
+    return counts
+
+
+def write(tflite_bytes, path):
+    """Writes the file atomically (a crash never leaves a truncated model)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(tflite_bytes)
+    os.replace(tmp, path)

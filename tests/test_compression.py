@@ -1,0 +1,207 @@
+"""Compression stages (core/compression.py), TFLite export and measurement (core/tflite.py) and
+the `compress` command (core/compress.py), on tiny models and random data."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from core import compression, tflite
+from core.errors import UserError
+from models import cnn, transformer
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy(previous)
+
+
+def _images(n=128, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def _token_ids(n=128, seed=0, vocab=500, length=24):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (n, length)).astype(np.int32)
+    ids[:, length // 2 + rng.integers(0, length // 2):] = 0  # trailing padding
+    return ids, rng.integers(0, 2, n)
+
+
+def _tune(inputs, labels, steps=4):
+    ds = tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(32).repeat()
+    return compression.FineTune(ds, steps_per_epoch=steps, epochs=1, learning_rate=1e-3, verbose=0,
+                                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
+def _tiny_text_model():
+    return transformer.text_classifier("tiny", vocab_size=500, max_length=24)
+
+
+@pytest.mark.parametrize("chain", [["prune", "pqat"], ["cluster", "cqat"], ["prune", "cluster", "cqat"],
+                                   ["prune_2x4", "ptq_int8", "pqat"], ["ptq_dynamic", "ptq_float16", "ptq_int8"], ["qat"]])
+def test_valid_chains_pass(chain):
+    assert compression.check_chain(chain) == chain
+
+
+@pytest.mark.parametrize("chain, message", [
+    ([], "empty"),
+    (["prune", "sparsify"], "unknown stage 'sparsify'"),
+    (["pqat"], "expected prune or prune_2x4 before it"),
+    (["prune", "cqat"], "expected cluster before it"),
+    (["qat", "prune"], "after quantization-aware training"),
+    (["qat", "ptq_int8"], "already gives an int8 model"),
+    (["prune", "prune_2x4"], "already pruned"),
+    (["ptq_int8", "ptq_int8"], "twice"),
+])
+def test_invalid_chains_are_refused_with_the_reason(chain, message):
+    with pytest.raises(UserError, match=message):
+        compression.check_chain(chain)
+
+
+def test_small_layers_are_left_alone():
+    model = cnn.cnn("tiny")
+    compressible = [l.name for l in model.layers if compression.is_compressible(l)]
+    assert "block1_conv1" in compressible and "logits" not in {l.name for l in model.layers if l.name in compressible}
+    assert all(model.get_layer(name).kernel.shape.num_elements() >= compression.MIN_WEIGHTS for name in compressible)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8])
+def test_prune_reaches_the_target_in_every_kernel(target):
+    images, labels = _images()
+    pruned = compression.prune(cnn.cnn("tiny"), _tune(images, labels), target_sparsity=target)
+    kernels = compression.kernels(pruned)
+    assert len(kernels) == 6
+    for name, kernel in kernels.items():
+        assert (kernel == 0).mean() == pytest.approx(target, abs=0.01), name
+    assert not any("prune" in l.name for l in pruned.layers)  # stripped
+
+
+def test_prune_2x4_zeroes_two_of_every_four_input_weights():
+    images, labels = _images()
+    pruned = compression.prune_2x4(cnn.cnn("tiny"), _tune(images, labels))
+    for name, kernel in compression.kernels(pruned).items():
+        # Conv2D (h, w, in, out): the groups of 4 run along the input channels
+        groups = np.moveaxis(kernel, 2, -1).reshape(-1, 4)
+        assert ((groups == 0).sum(-1) >= 2).all(), name
+
+
+def test_cluster_leaves_at_most_n_distinct_values_per_kernel():
+    images, labels = _images()
+    clustered = compression.cluster(cnn.cnn("tiny"), _tune(images, labels), clusters=8)
+    for name, kernel in compression.kernels(clustered).items():
+        assert len(np.unique(kernel)) <= 8, name
+
+
+def test_float32_tflite_matches_keras():
+    model = cnn.cnn("tiny")
+    images, _ = _images(64)
+    logits = tflite.predict(tflite.convert(model, "float32"), images, batch_size=24)  # 64 = 2 x 24 + a partial batch
+    np.testing.assert_allclose(logits, model.predict(images, verbose=0), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_tflite_has_int8_weights_and_stays_close_to_keras():
+    images, labels = _images(256)
+    model = compression.prune(cnn.cnn("tiny"), _tune(images, labels), target_sparsity=0.5)
+    int8 = tflite.convert(model, "int8", representative=[images[i:i + 32] for i in range(0, 256, 32)])
+    types = tflite.weight_tensor_types(int8)
+    assert types.get("int8", 0) >= 6 and "float32" not in types, types
+    expected = model.predict(images, verbose=0)
+    error = np.abs(tflite.predict(int8, images) - expected).mean()
+    # stated tolerance: mean absolute logit error within a quarter of the logits' spread (int8
+    # rounding of an untrained tiny model measured ~10%; a wrong scale or layout gives >= 100%)
+    assert error <= 0.25 * expected.std(), (error, expected.std())
+
+
+def test_pruned_int8_model_is_smaller_gzipped():
+    images, labels = _images()
+    model = cnn.cnn("tiny")
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # trained-like kernels: the airbench init (partly identity) gzips well
+        if compression.is_compressible(layer):
+            layer.kernel.assign(rng.normal(0, 0.05, layer.kernel.shape))
+    dense = tflite.sizes(tflite.convert(model, "float32"))[1]
+    pruned = compression.prune(model, _tune(images, labels), target_sparsity=0.8)
+    small = tflite.sizes(tflite.convert(pruned, "int8", representative=[images[:32]]))[1]
+    assert small * 5 < dense
+
+
+def test_pqat_keeps_the_zeros_and_converts_to_int8():
+    images, labels = _images()
+    tune = _tune(images, labels)
+    quantized = compression.pqat(compression.prune(cnn.cnn("tiny"), tune, target_sparsity=0.5), tune)
+    assert compression.sparsity(quantized) >= 0.5 - 0.01
+    converted = tflite.convert(quantized, "qat")
+    assert tflite.weight_tensor_types(converted).get("int8", 0) >= 6
+    agreement = (tflite.predict(converted, images).argmax(-1) == quantized.predict(images, verbose=0).argmax(-1)).mean()
+    assert agreement >= 0.9
+
+
+def test_transformer_prune_and_pqat_cover_attention_mlp_and_embedding():
+    ids, labels = _token_ids()
+    tune = _tune(ids, labels)
+    pruned = compression.prune(_tiny_text_model(), tune, target_sparsity=0.5)
+    kernels = compression.kernels(pruned)
+    assert {"token_embedding", "encoder_block1_qkv", "encoder_block1_attention_output",
+            "encoder_block1_mlp_hidden", "encoder_block1_mlp_output"} <= set(kernels)
+    quantized = compression.pqat(pruned, tune)
+    for name, kernel in compression.kernels(quantized).items():
+        assert (kernel == 0).mean() >= 0.5 - 0.01, name
+    converted = tflite.convert(quantized, "qat")
+    logits = tflite.predict(converted, ids)
+    assert logits.shape == (len(ids), 2) and np.isfinite(logits).all()
+
+
+def test_transformer_int8_tflite_is_integer_but_for_the_mask_cast():
+    ids, _ = _token_ids()
+    model = _tiny_text_model()
+    int8 = tflite.convert(model, "int8", representative=[ids[i:i + 32] for i in range(0, 128, 32)])
+    assert set(tflite.float_ops(int8)) <= {"CAST"}
+    assert tflite.predict(int8, ids).shape == (len(ids), 2)
+
+
+def test_vit_prunes_and_converts():
+    images, labels = _images()
+    model = transformer.image_classifier("tiny", patch_size=4)
+    pruned = compression.prune(model, _tune(images, labels), target_sparsity=0.5)
+    assert compression.sparsity(pruned) == pytest.approx(0.5, abs=0.01)
+    int8 = tflite.convert(pruned, "int8", representative=[images[:32]])
+    assert tflite.predict(int8, images).shape == (len(images), 10)
+
+
+def test_latency_and_sizes_are_measured():
+    converted = tflite.convert(cnn.cnn("tiny"), "float32")
+    size, gzipped = tflite.sizes(converted)
+    assert size == len(converted) and 0 < gzipped < size
+    assert tflite.latency_ms(converted, _images(1)[0][0], threads=1, runs=3, warmup=1) > 0
+
+
+def test_compress_command_writes_the_report(tmp_path):
+    from tests.helpers import smoke_run
+    from pipelines import cifar10_cnn
+    run_dir = smoke_run(tmp_path, "cifar10_cnn")
+    summary = cifar10_cnn.compress_command([f"--model={run_dir}/model.keras", "--stages=prune,ptq_int8",
+                                            "--latency_runs=3", "--eval_examples=64", "--verbose=0"])
+    report = json.loads((run_dir / "compress" / "report.json").read_text())
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["float32", "prune", "prune+ptq_int8"] and summary["report"].endswith("report.json")
+    for variant in report["variants"]:
+        assert {"name", "stages", "accuracy", "size_bytes", "gzip_bytes", "latency_ms", "sparsity"} <= set(variant)
+        assert set(variant["latency_ms"]) == {"1", "2"} and 0 <= variant["accuracy"] <= 1
+    assert report["variants"][1]["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert (run_dir / "compress" / "prune+ptq_int8.tflite").exists()
+    assert (run_dir / "compress" / "accuracy_vs_size.png").exists()
+    assert "| prune+ptq_int8 |" in (run_dir / "compress" / "report.md").read_text()
+
+
+def test_compress_command_refuses_bad_input(tmp_path):
+    from pipelines import cifar10_cnn
+    with pytest.raises(UserError, match="no such file"):
+        cifar10_cnn.compress_command([f"--model={tmp_path}/missing/model.keras"])
+    with pytest.raises(UserError, match="unknown stage"):
+        cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--stages=prune,shrink"])
