@@ -185,8 +185,13 @@ def qat(model, tune, *, scheme=None):
     # output, so the int8 layer after them gets a calibrated input range; in the TFLite model
     # they stay float ops followed by one quantize op.
     def annotate(layer):
-        if isinstance(layer, keras.layers.InputLayer) or _reads_integers(layer) and layer.__class__.__name__ not in configs:
-            return layer  # token ids -> padding mask, bigram ids: integer work, nothing to quantize
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer
+        if _reads_integers(layer) and layer.__class__.__name__ not in configs:
+            # token ids -> padding mask, bigram ids: integer work, nothing to quantize. Annotated
+            # all the same (with a no-op config): TFMOT otherwise asks its registry for an output
+            # quantizer for any unannotated layer that feeds an annotated one, and fails on ours.
+            return tfmot.quantization.keras.quantize_annotate_layer(layer, NoQuantizeConfig())
         config = None if registry.supports(layer) else configs.get(layer.__class__.__name__, OutputQuantizeConfig())
         return tfmot.quantization.keras.quantize_annotate_layer(layer, config)
 
@@ -263,6 +268,13 @@ class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         return {}
 
 
+class NoQuantizeConfig(OutputQuantizeConfig):
+    """Nothing quantized: for layers whose inputs and outputs are integers or masks."""
+
+    def get_output_quantizers(self, layer):
+        return []
+
+
 class ZeroPreservingQuantizer(tfmot.quantization.keras.quantizers.LastValueQuantizer):
     """LastValueQuantizer of `w * (w != 0)`: a weight that is exactly zero (pruned) gets zero
     gradient, so Adam never moves it and QAT keeps the pruning. TFMOT's prune-preserving scheme
@@ -301,5 +313,5 @@ def quantize_configs():
 def _custom_objects():
     """The repo's registered layers and configs, for quantize_apply's clone of the model."""
     import models.text_preprocessing  # noqa: F401  (registers models.transformer's layers too)
-    return {**keras.saving.get_custom_objects(), "OutputQuantizeConfig": OutputQuantizeConfig,
+    return {**keras.saving.get_custom_objects(), "OutputQuantizeConfig": OutputQuantizeConfig, "NoQuantizeConfig": NoQuantizeConfig,
             "WeightTableQuantizeConfig": WeightTableQuantizeConfig, "ZeroPreservingQuantizer": ZeroPreservingQuantizer}

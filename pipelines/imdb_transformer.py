@@ -29,18 +29,20 @@ stages in `main` stay.
 import dataclasses
 import os
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import evaluation, input_pipeline, optim, text_data, training
+from core import compress, compression, evaluation, input_pipeline, optim, text_data, training
 from core.errors import UserError
 from models import text_preprocessing, transformer
 
 PIPELINE = "imdb_transformer"
 CLASS_NAMES = text_data.CLASS_NAMES  # ("neg", "pos")
-COMMANDS = ["evaluate --model=PATH --data=PATH"]  # besides training, for --help
+COMMANDS = ["evaluate --model=PATH --data=PATH",  # besides training, for --help
+            "compress --model=PATH --stages=prune,pqat,..."]
 TOKENIZERS = ("words", "wordpiece")
 
 
@@ -235,6 +237,46 @@ def evaluate_command(argv):
             **accuracy_on_texts(model, texts, labels, opts.batch_size)}
 
 
+def compression_task(model, run_config, opts):
+    """The `compress` command's Task. TFLite has no string ops, so the compressed model is the
+    classifier inside model.keras (token ids -> logits), and the exported model's own tokenizer
+    and truncation turn reviews into ids, padded to `max_length`, outside it. Fine-tuning reads
+    the run's training split as training does (tokenized, length-bucketed); each `.tflite` is
+    scored on the run's validation split; int8 ranges come from 256 training reviews."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in run_config.items() if k in fields})
+    data = text_data.prepare(run_config["data"], cache_root=run_config["cache_dir"], val_fraction=cfg.val_fraction,
+                             seed=run_config["seed"], max_examples=cfg.max_examples or None,
+                             examples_per_shard=cfg.examples_per_shard)
+    _, vectorizer, truncate, classifier = model.layers  # end_to_end: text input, tokenizer, truncation, classifier
+
+    def padded_ids(texts):
+        ids = truncate(vectorizer(tf.constant(texts))).numpy()
+        return np.pad(ids, [[0, 0], [0, cfg.max_length - ids.shape[1]]])
+
+    train = input_pipeline.make_dataset(
+        data.splits["train"].files, batch_size=opts.batch_size, training=True, seed=run_config["seed"],
+        parse_fn=tokenized(vectorizer, truncate), batcher=length_bucketed(cfg),
+        num_examples=data.splits["train"].num_examples)
+    texts, labels = text_data.read_texts(data.splits["val"])
+    if opts.eval_examples:
+        texts, labels = texts[:opts.eval_examples], labels[:opts.eval_examples]
+    eval_ids = np.concatenate([padded_ids(texts[i:i + 1000]) for i in range(0, len(texts), 1000)])
+    train_ids = padded_ids(text_data.read_texts(data.splits["train"])[0][:256])
+    tune = compression.FineTune(
+        train_ds=train, steps_per_epoch=max(1, data.splits["train"].num_examples // opts.batch_size),
+        epochs=opts.epochs, learning_rate=opts.learning_rate, verbose=opts.verbose,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return compress.Task(model=classifier, tune=tune, eval_inputs=eval_ids, eval_labels=np.asarray(labels),
+                         representative=[train_ids[i:i + 32] for i in range(0, 256, 32)], eval_split="val")
+
+
+def compress_command(argv):
+    """`compress --model=PATH --stages=prune,pqat,...`: TFMOT stages and TFLite variants of the
+    classifier, measured (core/compress.py); the report goes to compress/ beside the model."""
+    return compress.compress_command(argv, pipeline=PIPELINE, make_task=compression_task)
+
+
 # Main: the stages in order -----------------------------------------------------------------
 
 def main(argv):
@@ -258,4 +300,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command)
+    config_lib.run_cli(main, evaluate_command, compress=compress_command)

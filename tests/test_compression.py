@@ -205,3 +205,19 @@ def test_compress_command_refuses_bad_input(tmp_path):
         cifar10_cnn.compress_command([f"--model={tmp_path}/missing/model.keras"])
     with pytest.raises(UserError, match="unknown stage"):
         cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--stages=prune,shrink"])
+
+
+def test_imdb_compress_command_compresses_the_classifier_inside_the_text_model(tmp_path):
+    from tests.helpers import smoke_run
+    from pipelines import imdb_transformer
+    run_dir = smoke_run(tmp_path, "imdb_transformer")
+    imdb_transformer.compress_command([f"--model={run_dir}/model.keras", "--stages=prune,ptq_int8,pqat",
+                                       "--sparsity=0.5", "--latency_runs=3", "--verbose=0"])
+    report = json.loads((run_dir / "compress" / "report.json").read_text())
+    variants = {v["name"]: v for v in report["variants"]}
+    assert list(variants) == ["float32", "prune", "prune+ptq_int8", "prune+pqat"]
+    assert variants["prune+pqat"]["sparsity"] >= 0.49
+    assert variants["prune+ptq_int8"]["gzip_bytes"] * 3 < variants["float32"]["gzip_bytes"]
+    # the float model's TFLite scores what the training run measured on the same split
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert variants["float32"]["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=0.01)
