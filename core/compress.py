@@ -115,7 +115,8 @@ def compress_command(argv, *, pipeline, make_task):
             done = done[:-1]  # a conversion branches off; the chain's model is unchanged
             continue
         current = run_stage(stage, current, task.tune, opts)
-        tflite_bytes = tflite.convert(current, "qat" if stage in compression.QAT_STAGES else "float32")
+        tflite_bytes = (tflite.convert(current, "qat", task.representative) if stage in compression.QAT_STAGES
+                        else tflite.convert(current, "float32"))
         current.save(os.path.join(output_dir, name), save_format="tf")  # SavedModel of the Keras result
         variants.append(measure(name, done, current, tflite_bytes, task, opts, output_dir, seconds=time.perf_counter() - started))
     report = {"pipeline": pipeline, "model": os.path.abspath(opts.model), "eval_split": task.eval_split,
@@ -151,6 +152,7 @@ def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, sec
                        for t in THREADS},
         "sparsity": round(compression.sparsity(keras_model), 4),
         "weight_types": tflite.weight_tensor_types(tflite_bytes),
+        "float_ops": tflite.float_ops(tflite_bytes),
     }
     if seconds is not None:
         row["stage_seconds"] = round(seconds, 1)

@@ -50,6 +50,11 @@ def convert(model, mode, representative=None):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
+    if mode == "qat" and representative is not None:
+        # Fake-quant ranges cover most tensors; calibration fills the rest (TFMOT puts no fake
+        # quant between a Dense's Tensordot reshapes on 3-D inputs, so without it the
+        # Transformer's projections and MLPs would stay float).
+        converter.representative_dataset = lambda: ([tf.cast(batch, spec.dtype)] for batch in representative)
     if mode == "int8":
         if representative is None:
             raise UserError("tflite mode int8: expected representative input batches to calibrate activation ranges")
