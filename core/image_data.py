@@ -385,7 +385,7 @@ def _load_archive(archive, image_shape):
     other_files = []
     binary = {}
     try:
-        with tarfile.open(archive, "r|*") as tar:
+        with sources.open_archive(archive) as tar:
             for member in tar:
                 parts = sources.safe_member_parts(archive, member)
                 if member.isdir():

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import posixpath
+import tarfile
 
 import numpy as np
 
@@ -127,3 +128,14 @@ def safe_member_parts(archive, member) -> tuple[str, ...]:
     if not (member.isfile() or member.isdir()):
         raise UserError(f"{archive}: unsafe member {name!r} (device, fifo or special file); expected plain files and folders")
     return parts
+
+
+def open_archive(archive):
+    """Opens a .tar.gz/.tgz/.tar for one forward pass over its members.
+
+    Mode "r:*", not the stream mode "r|*": tarfile's stream reader returns whatever a cut-off
+    gzip stream decompresses to and treats the end as the end of the archive, so an archive
+    truncated at a member boundary would import as a smaller dataset. GzipFile (used by "r:*")
+    raises EOFError when the compressed stream ends before its end marker.
+    """
+    return tarfile.open(archive, "r:*")

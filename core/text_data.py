@@ -305,7 +305,7 @@ def _load_archive(archive):
     """Streams the archive once, keeping .txt files in memory until the layout is known."""
     dirs, files, contents = [], [], {}
     try:
-        with tarfile.open(archive, "r|*") as tar:
+        with sources.open_archive(archive) as tar:
             for member in tar:
                 parts = sources.safe_member_parts(archive, member)  # refuses unsafe members
                 if not parts or any(p.startswith(".") for p in parts):
