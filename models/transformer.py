@@ -176,7 +176,11 @@ class MaskedMeanPooling(layers.Layer, prunable_layer.PrunableLayer):
             return tf.reduce_mean(tokens, axis=1)
         mask = tf.expand_dims(tf.cast(mask, tokens.dtype), -1)
         total = tf.reduce_sum(tokens * mask, axis=1)
-        return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        # total * rsqrt(n)^2, not total / n: TFLite's int8 DIV kernel checks the divisor's raw
+        # int8 value for zero, ignoring its zero point, and so fails on any review of ~200
+        # tokens (n's range [0, 400] puts raw 0 at 200.8). RSQRT and MUL run int8 correctly.
+        inverse_sqrt = tf.math.rsqrt(tf.maximum(tf.reduce_sum(mask, axis=1), 1.0))
+        return total * inverse_sqrt * inverse_sqrt
 
     def get_prunable_weights(self):
         return []

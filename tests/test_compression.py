@@ -222,3 +222,15 @@ def test_imdb_compress_command_compresses_the_classifier_inside_the_text_model(t
     # the float model's TFLite scores what the training run measured on the same split
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert variants["float32"]["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=0.01)
+
+
+def test_int8_text_model_runs_on_every_review_length():
+    # Regression: mean pooling used DIV, whose int8 kernel rejects a divisor whose raw int8 value
+    # is 0; with token counts calibrated on [0, 400] that is a review of ~201 tokens.
+    model = transformer.text_classifier("tiny", vocab_size=500, max_length=400)
+    rng = np.random.default_rng(0)
+    lengths = np.arange(1, 401)
+    ids = np.where(np.arange(400)[None, :] < lengths[:, None], rng.integers(1, 500, (400, 400)), 0).astype(np.int32)
+    int8 = tflite.convert(model, "int8", representative=[ids[i:i + 50] for i in range(0, 400, 50)])
+    logits = tflite.predict(int8, ids, batch_size=100)
+    assert np.isfinite(logits).all()
