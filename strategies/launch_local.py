@@ -44,6 +44,16 @@ def launch(workers, command):
     """Runs `command` as `workers` local workers; returns the exit status for the launcher."""
     addresses = [f"localhost:{port}" for port in tf_config.free_ports(workers)]
     children = []
+
+    def forward(signum, frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    # Installed before any worker starts: a Ctrl-C that comes as soon as a worker has printed
+    # (as the test's does) must already be forwarded, not end the launcher and orphan them.
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
     try:
         _start(command, addresses, children)
     except OSError:
@@ -57,14 +67,6 @@ def launch(workers, command):
     ]
     for pump in pumps:
         pump.start()
-
-    def forward(signum, frame):
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
 
     status = _wait_first_failure(children)
     for pump in pumps:
