@@ -19,20 +19,18 @@ beside it as a check that conversion changed nothing it should not.
 
 Fine-tuning runs on one device in float32 whatever strategy trained the model: TFMOT's
 pruning and QAT wrappers keep per-layer state that they update outside the replica context
-(`UpdatePruningStep` assigns step counters; QAT's range variables), which MirroredStrategy
-allows but which TFMOT does not document or test; see BENCHMARKS.md for what was measured.
+(`UpdatePruningStep` assigns step counters; QAT's range variables), which TFMOT does not
+document or test under MirroredStrategy. Running them under a strategy is not tried yet.
 """
 
 import dataclasses
-import json
 import os
 import time
 
 import numpy as np
-import tensorflow as tf
 import tf_keras as keras
 
-from core import compression, tflite, training
+from core import compression, evaluation, tflite, training
 from core import config as config_lib
 from core.errors import UserError
 
@@ -77,6 +75,13 @@ class Task:
     eval_split: str  # which split eval_inputs are, for the report
 
 
+def fine_tune(train_ds, num_examples, opts, loss):
+    """The FineTune of the compress flags: one pass over `num_examples` per epoch."""
+    return compression.FineTune(train_ds=train_ds, steps_per_epoch=max(1, num_examples // opts.batch_size),
+                                epochs=opts.epochs, learning_rate=opts.learning_rate, loss=loss,
+                                verbose=opts.verbose)
+
+
 def run_config(model_path):
     """The training run's config.json beside model.keras (data source, cache, seed, recipe)."""
     if not os.path.exists(model_path):
@@ -97,7 +102,6 @@ def compress_command(argv, *, pipeline, make_task):
         raise UserError("compress: expected --model=PATH (model.keras of a training run)")
     config = run_config(opts.model)
     keras.mixed_precision.set_global_policy("float32")  # TFMOT's wrappers fail under mixed precision
-    from core import evaluation
     task = make_task(evaluation.load_model(opts.model), config, opts)
     output_dir = opts.output_dir or os.path.join(os.path.dirname(os.path.abspath(opts.model)), "compress")
     os.makedirs(output_dir, exist_ok=True)

@@ -102,11 +102,12 @@ def kernels(model):
     found = {}
     for layer in model.layers:
         inner = getattr(layer, "layer", layer)
-        if is_compressible(inner) if inner is layer else isinstance(inner, COMPRESSIBLE):
-            wanted = "embeddings" if isinstance(inner, keras.layers.Embedding) else "kernel"
-            values = [w.numpy() for w in layer.weights if w.name.split("/")[-1].split(":")[0] == wanted]
-            if values and values[0].size >= MIN_WEIGHTS:
-                found[inner.name] = values[0]
+        if not isinstance(inner, COMPRESSIBLE):
+            continue
+        wanted = "embeddings" if isinstance(inner, keras.layers.Embedding) else "kernel"
+        values = [w.numpy() for w in layer.weights if w.name.split("/")[-1].split(":")[0] == wanted]
+        if values and values[0].size >= MIN_WEIGHTS:
+            found[inner.name] = values[0]
     return found
 
 
@@ -173,17 +174,17 @@ def cluster(model, tune, *, clusters=16):
 def qat(model, tune, *, scheme=None):
     """Quantization-aware training (int8): fake-quant nodes learn the ranges TFLite will use.
 
-    The whole model is annotated (TFMOT's default 8-bit registry covers the stock layers); the
-    Transformer's weight-free custom layers bring their own QuantizeConfig through
-    `quantize_scope` (models/transformer.QUANTIZE_CONFIGS).
+    The whole model is annotated: TFMOT's default 8-bit registry covers the stock layers, and
+    `quantize_configs()` / OutputQuantizeConfig the rest (Embedding, the Transformer's custom
+    layers, Normalization, LayerNormalization).
     """
     from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import default_8bit_quantize_registry
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
     configs = quantize_configs()
-    # Every layer is annotated. Layers TFMOT has no config for (the input Normalization and
-    # Rescaling, the repo's weight-free custom layers) compute in float but quantize their
-    # output, so the int8 layer after them gets a calibrated input range; in the TFLite model
-    # they stay float ops followed by one quantize op.
+    # Layers TFMOT has no config for (the input Normalization, LayerNormalization, the repo's
+    # weight-free custom layers) compute in float during QAT but quantize their output, so the
+    # int8 layer after them trains with a real input range. Their insides are calibrated at
+    # conversion (core/tflite.convert, mode "qat"), which makes them int8 in the TFLite model.
     def annotate(layer):
         if isinstance(layer, keras.layers.InputLayer):
             return layer
@@ -197,8 +198,8 @@ def qat(model, tune, *, scheme=None):
 
     annotated = keras.models.clone_model(model, clone_function=annotate)
     with tfmot.quantization.keras.quantize_scope(_custom_objects()), _integer_inputs_stay_integer(model):
-        quantized = tfmot.quantization.keras.quantize_apply(annotated, scheme) if scheme else \
-            tfmot.quantization.keras.quantize_apply(annotated)
+        quantized = tfmot.quantization.keras.quantize_apply(
+            annotated, scheme or tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
     return _fine_tune(quantized, tune)
 
 

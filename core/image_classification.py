@@ -26,7 +26,7 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import compress, compression, evaluation, image_data, input_pipeline, training
+from core import compress, evaluation, image_data, input_pipeline, training
 from core.errors import UserError
 
 FLIPS = ("alternate", "random", "none")
@@ -213,10 +213,8 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
     if opts.eval_examples:
         images, labels = images[:opts.eval_examples], labels[:opts.eval_examples]
     train_images = first_train_images(data, count=256).astype(np.float32)
-    tune = compression.FineTune(
-        train_ds=train, steps_per_epoch=max(1, data.splits["train"].num_examples // opts.batch_size),
-        epochs=opts.epochs, learning_rate=opts.learning_rate, verbose=opts.verbose,
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    tune = compress.fine_tune(train, data.splits["train"].num_examples, opts,
+                              loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     return compress.Task(model=model, tune=tune, eval_inputs=images, eval_labels=labels,
                          representative=[train_images[i:i + 32] for i in range(0, 256, 32)], eval_split="val")
 

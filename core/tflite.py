@@ -34,7 +34,7 @@ MODES = ("float32", "dynamic", "float16", "int8", "qat")
 
 
 def convert(model, mode, representative=None):
-    """Keras model -> `.tflite` bytes. `representative`: an iterable of input batches (int8 only)."""
+    """Keras model -> `.tflite` bytes. `representative`: input batches (int8: required; qat: optional)."""
     if mode not in MODES:
         raise UserError(f"tflite mode {mode!r}: expected one of {', '.join(MODES)}")
     if len(model.inputs) != 1:
@@ -50,15 +50,14 @@ def convert(model, mode, representative=None):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    if mode == "qat" and representative is not None:
-        # Fake-quant ranges cover most tensors; calibration fills the rest (TFMOT puts no fake
-        # quant between a Dense's Tensordot reshapes on 3-D inputs, so without it the
+    if mode == "int8" and representative is None:
+        raise UserError("tflite mode int8: expected representative input batches to calibrate activation ranges")
+    if mode in ("int8", "qat") and representative is not None:
+        # qat: fake-quant ranges cover most tensors and calibration fills the rest (TFMOT puts
+        # no fake quant between a Dense's Tensordot reshapes on 3-D inputs, so without it the
         # Transformer's projections and MLPs would stay float).
         converter.representative_dataset = lambda: ([tf.cast(batch, spec.dtype)] for batch in representative)
     if mode == "int8":
-        if representative is None:
-            raise UserError("tflite mode int8: expected representative input batches to calibrate activation ranges")
-        converter.representative_dataset = lambda: ([tf.cast(batch, spec.dtype)] for batch in representative)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return converter.convert()
 

@@ -36,7 +36,7 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import compress, compression, evaluation, input_pipeline, optim, text_data, training
+from core import compress, evaluation, input_pipeline, optim, text_data, training
 from core.errors import UserError
 from models import text_preprocessing, transformer
 
@@ -264,10 +264,8 @@ def compression_task(model, run_config, opts):
         texts, labels = texts[:opts.eval_examples], labels[:opts.eval_examples]
     eval_ids = np.concatenate([padded_ids(texts[i:i + 1000]) for i in range(0, len(texts), 1000)])
     train_ids = padded_ids(text_data.read_texts(data.splits["train"])[0][:256])
-    tune = compression.FineTune(
-        train_ds=train, steps_per_epoch=max(1, data.splits["train"].num_examples // opts.batch_size),
-        epochs=opts.epochs, learning_rate=opts.learning_rate, verbose=opts.verbose,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    tune = compress.fine_tune(train, data.splits["train"].num_examples, opts,
+                              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return compress.Task(model=classifier, tune=tune, eval_inputs=eval_ids, eval_labels=np.asarray(labels),
                          representative=[train_ids[i:i + 32] for i in range(0, 256, 32)], eval_split="val")
 
