@@ -244,6 +244,8 @@ def compression_task(model, run_config, opts):
     and truncation turn reviews into ids, padded to `max_length`, outside it. Fine-tuning reads
     the run's training split as training does (tokenized, length-bucketed); each `.tflite` is
     scored on the run's validation split; int8 ranges come from 256 training reviews."""
+    if len(model.layers) != 4 or model.inputs[0].dtype != tf.string:
+        raise UserError(f"--model={opts.model}: not an {PIPELINE} model; expected the raw-string model.keras its training writes")
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in run_config.items() if k in fields})
     data = text_data.prepare(run_config["data"], cache_root=run_config["cache_dir"], val_fraction=cfg.val_fraction,

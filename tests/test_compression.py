@@ -208,6 +208,15 @@ def test_compress_command_refuses_bad_input(tmp_path):
         cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--stages=prune,shrink"])
 
 
+def test_imdb_compress_refuses_an_image_model(tmp_path):
+    from tests.helpers import smoke_run
+    from pipelines import imdb_transformer
+    run_dir = smoke_run(tmp_path, "cifar10_cnn")
+    with pytest.raises(UserError, match="not an imdb_transformer model") as error:
+        imdb_transformer.compress_command([f"--model={run_dir}/model.keras", "--stages=ptq_int8"])
+    assert "\n" not in str(error.value)
+
+
 def test_imdb_compress_command_compresses_the_classifier_inside_the_text_model(tmp_path):
     from tests.helpers import smoke_run
     from pipelines import imdb_transformer
