@@ -17,10 +17,16 @@ representative inputs for int8 calibration. Accuracy is always the `.tflite` fil
 the TFLite interpreter on the evaluation split; the Keras model's own accuracy is reported
 beside it as a check that conversion changed nothing it should not.
 
-Fine-tuning runs on one device in float32 whatever strategy trained the model: TFMOT's
-pruning and QAT wrappers keep per-layer state that they update outside the replica context
-(`UpdatePruningStep` assigns step counters; QAT's range variables), which TFMOT does not
-document or test under MirroredStrategy. Running them under a strategy is not tried yet.
+Fine-tuning runs in float32 under `--strategy`: default (one device), mirrored (all local GPUs,
+or `--cpu_devices=N` logical CPUs) or auto (mirrored with 2 or more GPUs, else default). All
+four Keras stages work under MirroredStrategy: the model is loaded inside its scope, so the
+TFMOT wrappers' step counters, masks, centroids and quantization ranges are mirrored variables
+that stay identical on every replica (tests/test_compression.py runs prune and pqat on 2
+logical CPUs). `multiworker` and `tpu` are refused with a one-line error: compression
+fine-tunes for about one epoch, which one host does in minutes, and TFMOT neither documents nor
+tests its wrappers there (the prune step counter is assigned outside the replica context, and
+TPUs have no kernels for its fake-quant ops). The fallback is the same command on one host,
+with `--strategy=mirrored` where it has several GPUs.
 """
 
 import dataclasses
@@ -28,13 +34,16 @@ import os
 import time
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
+import strategies
 from core import compression, evaluation, tflite, training
 from core import config as config_lib
 from core.errors import UserError
 
 THREADS = (1, 2)
+STRATEGIES = ("auto", "default", "mirrored")  # see the module docstring for multiworker and tpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +60,15 @@ class CompressOptions:
     latency_runs: int = 50  # batch-1 invokes timed per variant and thread count (median reported)
     output_dir: str = ""  # default: compress/ beside the model
     verbose: int = 2  # Keras fit verbosity while fine-tuning
+    strategy: str = "auto"  # fine-tuning strategy: auto | default | mirrored (multiworker, tpu: run on one host)
+    cpu_devices: int = 0  # split the CPU into this many logical devices (mirrored on a CPU-only machine, tests)
 
     def __post_init__(self):
+        if self.strategy in ("multiworker", "tpu"):
+            raise UserError(f"--strategy={self.strategy}: compression fine-tuning runs on one host; expected "
+                            f"{', '.join(STRATEGIES)} (run compress on one machine, mirrored over its GPUs)")
+        config_lib.check_choice("strategy", self.strategy, STRATEGIES)
+        config_lib.check_positive(self, "cpu_devices", allow_zero=True)
         config_lib.check_positive(self, "clusters", "epochs", "learning_rate", "batch_size", "latency_runs")
         config_lib.check_positive(self, "eval_examples", allow_zero=True)
         if not 0 < self.sparsity < 1:
@@ -101,11 +117,32 @@ def compress_command(argv, *, pipeline, make_task):
     if not opts.model:
         raise UserError("compress: expected --model=PATH (model.keras of a training run)")
     config = run_config(opts.model)
+    strategy = fine_tuning_strategy(opts)  # before any other TF op (--cpu_devices needs that)
+    strategies.per_replica_batch(opts.batch_size, strategy)  # fails early if it does not split
     keras.mixed_precision.set_global_policy("float32")  # TFMOT's wrappers fail under mixed precision
-    task = make_task(evaluation.load_model(opts.model), config, opts)
     output_dir = opts.output_dir or os.path.join(os.path.dirname(os.path.abspath(opts.model)), "compress")
-    os.makedirs(output_dir, exist_ok=True)
+    with strategy.scope():  # every variable the stages create is then the strategy's
+        task = make_task(evaluation.load_model(opts.model), config, opts)
+        os.makedirs(output_dir, exist_ok=True)
+        variants = run_chain(task, opts, output_dir)
+    report = {"pipeline": pipeline, "model": os.path.abspath(opts.model), "eval_split": task.eval_split,
+              "eval_examples": int(len(task.eval_labels)), "options": dataclasses.asdict(opts),
+              "strategy": strategies.describe(strategy), "environment": training.environment(), "variants": variants}
+    write_report(report, output_dir)
+    return {"report": os.path.join(output_dir, "report.json"),
+            "variants": {v["name"]: {"accuracy": v["accuracy"], "gzip_bytes": v["gzip_bytes"]} for v in variants}}
 
+
+def fine_tuning_strategy(opts):
+    """--strategy, where auto never means TPU: on a TPU VM the stages run on the host's CPU."""
+    name = opts.strategy
+    if name == "auto":
+        name = "mirrored" if len(tf.config.list_physical_devices("GPU")) >= 2 else "default"
+    return strategies.make_strategy(name, cpu_devices=opts.cpu_devices)
+
+
+def run_chain(task, opts, output_dir):
+    """The float32 variant, then one variant per stage of `--stages` (a list of report rows)."""
     variants = [measure("float32", [], task.model, tflite.convert(task.model, "float32"), task, opts, output_dir)]
     current, done = task.model, []
     for stage in opts.stage_list:
@@ -123,12 +160,7 @@ def compress_command(argv, *, pipeline, make_task):
                         else tflite.convert(current, "float32"))
         current.save(os.path.join(output_dir, name), save_format="tf")  # SavedModel of the Keras result
         variants.append(measure(name, done, current, tflite_bytes, task, opts, output_dir, seconds=time.perf_counter() - started))
-    report = {"pipeline": pipeline, "model": os.path.abspath(opts.model), "eval_split": task.eval_split,
-              "eval_examples": int(len(task.eval_labels)), "options": dataclasses.asdict(opts),
-              "environment": training.environment(), "variants": variants}
-    write_report(report, output_dir)
-    return {"report": os.path.join(output_dir, "report.json"),
-            "variants": {v["name"]: {"accuracy": v["accuracy"], "gzip_bytes": v["gzip_bytes"]} for v in variants}}
+    return variants
 
 
 def run_stage(stage, model, tune, opts):

@@ -200,12 +200,31 @@ def test_compress_command_writes_the_report(tmp_path):
     assert "| prune+ptq_int8 |" in (run_dir / "compress" / "report.md").read_text()
 
 
+def test_compress_command_fine_tunes_under_mirrored_on_two_cpus(tmp_path):
+    from tests.helpers import run_module, smoke_run
+    run_dir = smoke_run(tmp_path, "cifar10_cnn")
+    result = run_module("pipelines.cifar10_cnn", "compress", f"--model={run_dir}/model.keras", "--stages=prune,pqat",
+                        "--strategy=mirrored", "--cpu_devices=2", "--sparsity=0.5", "--latency_runs=3",
+                        "--eval_examples=64", "--verbose=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "compress" / "report.json").read_text())
+    assert report["strategy"]["strategy"] == "mirrored" and report["strategy"]["replicas"] == 2
+    variants = {v["name"]: v for v in report["variants"]}
+    assert variants["prune"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert variants["prune+pqat"]["sparsity"] >= 0.49
+    assert variants["prune+pqat"]["weight_types"].get("int8", 0) >= 6
+
+
 def test_compress_command_refuses_bad_input(tmp_path):
     from pipelines import cifar10_cnn
     with pytest.raises(UserError, match="no such file"):
         cifar10_cnn.compress_command([f"--model={tmp_path}/missing/model.keras"])
     with pytest.raises(UserError, match="unknown stage"):
         cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--stages=prune,shrink"])
+    with pytest.raises(UserError, match="--strategy=multiworker: compression fine-tuning runs on one host"):
+        cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--strategy=multiworker"])
+    with pytest.raises(UserError, match="--strategy=tpu: compression fine-tuning runs on one host"):
+        cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--strategy=tpu"])
 
 
 def test_imdb_compress_refuses_an_image_model(tmp_path):
