@@ -56,6 +56,7 @@ class CompressOptions:
     epochs: int = 1  # fine-tuning epochs of each Keras stage (prune ramps sparsity over 2/3 of them)
     learning_rate: float = 1e-4  # Adam, constant, while fine-tuning
     batch_size: int = 128  # fine-tuning batch
+    eval_split: str = "val"  # the run's split each .tflite is scored on: val | test (where the run's data has one)
     eval_examples: int = 0  # cap on the evaluation split, 0 = all of it
     latency_runs: int = 50  # batch-1 invokes timed per variant and thread count (median reported)
     output_dir: str = ""  # default: compress/ beside the model
@@ -68,6 +69,7 @@ class CompressOptions:
             raise UserError(f"--strategy={self.strategy}: compression fine-tuning runs on one host; expected "
                             f"{', '.join(STRATEGIES)} (run compress on one machine, mirrored over its GPUs)")
         config_lib.check_choice("strategy", self.strategy, STRATEGIES)
+        config_lib.check_choice("eval_split", self.eval_split, ("val", "test"))
         config_lib.check_positive(self, "cpu_devices", allow_zero=True)
         config_lib.check_positive(self, "clusters", "epochs", "learning_rate", "batch_size", "latency_runs")
         config_lib.check_positive(self, "eval_examples", allow_zero=True)
@@ -96,6 +98,14 @@ def fine_tune(train_ds, num_examples, opts, loss):
     return compression.FineTune(train_ds=train_ds, steps_per_epoch=max(1, num_examples // opts.batch_size),
                                 epochs=opts.epochs, learning_rate=opts.learning_rate, loss=loss,
                                 verbose=opts.verbose)
+
+
+def evaluation_split(splits, opts):
+    """The name of the split to score on, checked against the splits the run's data has."""
+    if opts.eval_split not in splits:
+        raise UserError(f"--eval_split={opts.eval_split}: the run's data has no {opts.eval_split} split "
+                        f"(it has {', '.join(splits)}); expected one of them")
+    return opts.eval_split
 
 
 def run_config(model_path):

@@ -195,8 +195,8 @@ def evaluate_command(argv, *, pipeline, class_names, image_shape):
 
 def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_name):
     """The `compress` command's Task: the run's own data split (same source, cache and seed),
-    un-augmented training batches for fine-tuning, the val split to score each `.tflite` on,
-    and 8 batches of 32 training images to calibrate int8 ranges."""
+    un-augmented training batches for fine-tuning, the val split (or --eval_split=test) to score
+    each `.tflite` on, and 8 batches of 32 training images to calibrate int8 ranges."""
     data = image_data.prepare(
         run_config["data"], cache_root=run_config["cache_dir"], image_shape=image_shape, class_names=class_names,
         val_fraction=run_config["val_fraction"], seed=run_config["seed"], tfds_name=tfds_name,
@@ -205,8 +205,9 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
         data.splits["train"].files, batch_size=opts.batch_size, training=True, seed=run_config["seed"],
         parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
         batch_fn=model_inputs(len(class_names)), num_examples=data.splits["train"].num_examples)
+    split = compress.evaluation_split(data.splits, opts)
     images, labels = [], []
-    for batch_images, batch_labels in local_dataset(data, "val"):
+    for batch_images, batch_labels in local_dataset(data, split):
         images.append(batch_images.numpy())
         labels.append(batch_labels.numpy().argmax(-1))
     images, labels = np.concatenate(images), np.concatenate(labels)
@@ -216,7 +217,7 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
     tune = compress.fine_tune(train, data.splits["train"].num_examples, opts,
                               loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     return compress.Task(model=model, tune=tune, eval_inputs=images, eval_labels=labels,
-                         representative=[train_images[i:i + 32] for i in range(0, 256, 32)], eval_split="val")
+                         representative=[train_images[i:i + 32] for i in range(0, 256, 32)], eval_split=split)
 
 
 def compress_command(argv, *, pipeline, class_names, image_shape, tfds_name):

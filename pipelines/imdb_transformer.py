@@ -243,7 +243,8 @@ def compression_task(model, run_config, opts):
     classifier inside model.keras (token ids -> logits), and the exported model's own tokenizer
     and truncation turn reviews into ids, padded to `max_length`, outside it. Fine-tuning reads
     the run's training split as training does (tokenized, length-bucketed); each `.tflite` is
-    scored on the run's validation split; int8 ranges come from 256 training reviews."""
+    scored on the run's validation split (or --eval_split=test: the 25,000 test reviews); int8
+    ranges come from 256 training reviews."""
     if len(model.layers) != 4 or model.inputs[0].dtype != tf.string:
         raise UserError(f"--model={opts.model}: not an {PIPELINE} model; expected the raw-string model.keras its training writes")
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -261,7 +262,8 @@ def compression_task(model, run_config, opts):
         data.splits["train"].files, batch_size=opts.batch_size, training=True, seed=run_config["seed"],
         parse_fn=tokenized(vectorizer, truncate), batcher=length_bucketed(cfg),
         num_examples=data.splits["train"].num_examples)
-    texts, labels = text_data.read_texts(data.splits["val"])
+    split = compress.evaluation_split(data.splits, opts)
+    texts, labels = text_data.read_texts(data.splits[split])
     if opts.eval_examples:
         texts, labels = texts[:opts.eval_examples], labels[:opts.eval_examples]
     eval_ids = np.concatenate([padded_ids(texts[i:i + 1000]) for i in range(0, len(texts), 1000)])
@@ -269,7 +271,7 @@ def compression_task(model, run_config, opts):
     tune = compress.fine_tune(train, data.splits["train"].num_examples, opts,
                               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return compress.Task(model=classifier, tune=tune, eval_inputs=eval_ids, eval_labels=np.asarray(labels),
-                         representative=[train_ids[i:i + 32] for i in range(0, 256, 32)], eval_split="val")
+                         representative=[train_ids[i:i + 32] for i in range(0, 256, 32)], eval_split=split)
 
 
 def compress_command(argv):

@@ -198,6 +198,8 @@ def test_compress_command_writes_the_report(tmp_path):
     assert (run_dir / "compress" / "prune+ptq_int8.tflite").exists()
     assert (run_dir / "compress" / "accuracy_vs_size.png").exists()
     assert "| prune+ptq_int8 |" in (run_dir / "compress" / "report.md").read_text()
+    with pytest.raises(UserError, match="--eval_split=test: the run's data has no test split"):
+        cifar10_cnn.compress_command([f"--model={run_dir}/model.keras", "--stages=ptq_dynamic", "--eval_split=test"])
 
 
 def test_compress_command_fine_tunes_under_mirrored_on_two_cpus(tmp_path):
@@ -221,6 +223,8 @@ def test_compress_command_refuses_bad_input(tmp_path):
         cifar10_cnn.compress_command([f"--model={tmp_path}/missing/model.keras"])
     with pytest.raises(UserError, match="unknown stage"):
         cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--stages=prune,shrink"])
+    with pytest.raises(UserError, match="--eval_split=train: expected one of val, test"):
+        cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--eval_split=train"])
     with pytest.raises(UserError, match="--strategy=multiworker: compression fine-tuning runs on one host"):
         cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--strategy=multiworker"])
     with pytest.raises(UserError, match="--strategy=tpu: compression fine-tuning runs on one host"):
@@ -250,6 +254,11 @@ def test_imdb_compress_command_compresses_the_classifier_inside_the_text_model(t
     # the float model's TFLite scores what the training run measured on the same split
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert variants["float32"]["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=0.01)
+    # --eval_split=test scores on the data's test split (synthetic reviews: 128), never on val
+    imdb_transformer.compress_command([f"--model={run_dir}/model.keras", "--stages=ptq_dynamic", "--eval_split=test",
+                                       f"--output_dir={run_dir}/on_test", "--latency_runs=3", "--verbose=0"])
+    report = json.loads((run_dir / "on_test" / "report.json").read_text())
+    assert report["eval_split"] == "test" and report["eval_examples"] == 128
 
 
 def test_int8_text_model_runs_on_every_review_length():
