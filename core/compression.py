@@ -200,7 +200,38 @@ def qat(model, tune, *, scheme=None):
     with tfmot.quantization.keras.quantize_scope(_custom_objects()), _integer_inputs_stay_integer(model):
         quantized = tfmot.quantization.keras.quantize_apply(
             annotated, scheme or tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
+    calibrate_ranges(quantized, tune)
     return _fine_tune(quantized, tune)
+
+
+CALIBRATION_BATCHES = 16
+
+
+def calibrate_ranges(model, tune, batches=CALIBRATION_BATCHES, decay=0.5):
+    """Sets the QAT model's activation ranges from `batches` training batches before fine-tuning.
+
+    TFMOT starts every activation range at [-6, 6] and moves it by an exponential moving average
+    of the batch min/max with decay 0.999, so after one short epoch (~350 steps) 70% of the range
+    is still the initial guess: activations beyond +-6 are clipped. Measured on the trained CNN
+    (80% pruned, 88.18% val): the QAT model scored 84.12% before any weight update, where PTQ
+    calibration gives 87.90%; calibrated here first, 87.82%, and 88.42% after the epoch. The same
+    update runs with `decay` instead, in training mode, so the fine-tuning starts from measured
+    ranges and keeps refining them at 0.999.
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+    original = quant_ops.MovingAvgQuantize
+
+    def fast_average(*args, **kwargs):
+        return original(*args, **{**kwargs, "ema_decay": decay})
+
+    strategy = tf.distribute.get_strategy()
+    forward = tf.function(lambda inputs: strategy.run(lambda x: model(x, training=True), args=(inputs,)))
+    quant_ops.MovingAvgQuantize = fast_average  # read at trace time, inside this block
+    try:
+        for inputs, _ in tune.train_ds.take(batches):
+            forward(inputs)
+    finally:
+        quant_ops.MovingAvgQuantize = original
 
 
 def _reads_integers(layer):

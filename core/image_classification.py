@@ -26,7 +26,7 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import compress, evaluation, image_data, input_pipeline, training
+from core import compress, evaluation, image_data, input_pipeline, optim, training
 from core.errors import UserError
 
 FLIPS = ("alternate", "random", "none")
@@ -195,16 +195,22 @@ def evaluate_command(argv, *, pipeline, class_names, image_shape):
 
 def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_name):
     """The `compress` command's Task: the run's own data split (same source, cache and seed),
-    un-augmented training batches for fine-tuning, the val split (or --eval_split=test) to score
+    training batches augmented as in training for fine-tuning, the val split (or --eval_split=test) to score
     each `.tflite` on, and 8 batches of 32 training images to calibrate int8 ranges."""
     data = image_data.prepare(
         run_config["data"], cache_root=run_config["cache_dir"], image_shape=image_shape, class_names=class_names,
         val_fraction=run_config["val_fraction"], seed=run_config["seed"], tfds_name=tfds_name,
         max_examples=run_config["max_examples"] or None, examples_per_shard=run_config["examples_per_shard"])
+    # Fine-tuning sees what training saw: its flip and translation (the random flip: the
+    # alternating one needs training's epoch counter) and its label smoothing. Measured on the
+    # 80%-pruned CNN, prune-preserving QAT for one epoch: 88.42% val this way, 87.64% with plain
+    # images and hard labels (start: 88.18%).
+    augment = augmented_inputs(len(class_names), flip="none" if run_config["flip"] == "none" else "random",
+                               translate=run_config["translate"], seed=run_config["seed"])
     train = input_pipeline.make_dataset(
         data.splits["train"].files, batch_size=opts.batch_size, training=True, seed=run_config["seed"],
         parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
-        batch_fn=model_inputs(len(class_names)), num_examples=data.splits["train"].num_examples)
+        batch_fn=augment, num_examples=data.splits["train"].num_examples)
     split = compress.evaluation_split(data.splits, opts)
     images, labels = [], []
     for batch_images, batch_labels in local_dataset(data, split):
@@ -215,7 +221,7 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
         images, labels = images[:opts.eval_examples], labels[:opts.eval_examples]
     train_images = first_train_images(data, count=256).astype(np.float32)
     tune = compress.fine_tune(train, data.splits["train"].num_examples, opts,
-                              loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+                              loss=optim.label_smoothing_loss(run_config["label_smoothing"]))
     return compress.Task(model=model, tune=tune, eval_inputs=images, eval_labels=labels,
                          representative=[train_images[i:i + 32] for i in range(0, 256, 32)], eval_split=split)
 

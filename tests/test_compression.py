@@ -142,6 +142,23 @@ def test_pqat_keeps_the_zeros_and_converts_to_int8():
     assert agreement >= 0.9
 
 
+def test_qat_starts_from_calibrated_ranges_not_tfmots_initial_plus_minus_6():
+    # Activations up to ~250: TFMOT's initial [-6, 6] range, moved at 0.999 per step, would still
+    # clip them after one step; calibration measures them first. Learning rate ~0: only the
+    # ranges change, so the QAT model must still compute what the float model does.
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(16, kernel_initializer=keras.initializers.RandomUniform(0.0, 0.2), name="wide")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+    x = np.random.default_rng(0).uniform(0, 255, (128, 8)).astype(np.float32)
+    tune = compression.FineTune(tf.data.Dataset.from_tensor_slices((x, np.zeros(128))).batch(32).repeat(),
+                                steps_per_epoch=1, epochs=1, learning_rate=1e-12, verbose=0,
+                                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    expected = model.predict(x, verbose=0)
+    quantized = compression.qat(model, tune)
+    error = np.abs(quantized.predict(x, verbose=0) - expected).mean()
+    assert error < 0.02 * np.abs(expected).mean(), (error, np.abs(expected).mean())
+
+
 def test_transformer_prune_and_pqat_cover_attention_mlp_and_embedding():
     ids, labels = _token_ids()
     tune = _tune(ids, labels)
