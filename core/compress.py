@@ -23,14 +23,18 @@ four Keras stages work under MirroredStrategy: the model is loaded inside its sc
 TFMOT wrappers' step counters, masks, centroids and quantization ranges are mirrored variables
 that stay identical on every replica (tests/test_compression.py runs prune and pqat on 2
 logical CPUs). `multiworker` and `tpu` are refused with a one-line error: compression
-fine-tunes for about one epoch, which one host does in minutes, and TFMOT neither documents nor
-tests its wrappers there (the prune step counter is assigned outside the replica context, and
-TPUs have no kernels for its fake-quant ops). The fallback is the same command on one host,
-with `--strategy=mirrored` where it has several GPUs.
+fine-tunes for about one epoch, which one host does in minutes, and neither TFMOT nor this repo
+tests its wrappers there. The fallback is the same command on one host (a TPU VM's own CPU
+counts), with `--strategy=mirrored` where it has several GPUs.
+
+`--int8_float_ops=BATCH_MATMUL,...` leaves the named TFLite ops in float32 in `ptq_int8` (the
+rest int8): the ViT's attention matmuls lose 21 points in int8 (BENCHMARKS.md).
+`--eval_split=test` scores every variant on the data's test split where it has one.
 """
 
 import dataclasses
 import os
+import re
 import time
 
 import numpy as np
@@ -56,6 +60,7 @@ class CompressOptions:
     epochs: int = 1  # fine-tuning epochs of each Keras stage (prune ramps sparsity over 2/3 of them)
     learning_rate: float = 1e-4  # Adam, constant, while fine-tuning
     batch_size: int = 128  # fine-tuning batch
+    int8_float_ops: str = ""  # TFLite ops ptq_int8 leaves float, comma-separated (the ViT: BATCH_MATMUL)
     eval_split: str = "val"  # the run's split each .tflite is scored on: val | test (where the run's data has one)
     eval_examples: int = 0  # cap on the evaluation split, 0 = all of it
     latency_runs: int = 50  # batch-1 invokes timed per variant and thread count (median reported)
@@ -70,6 +75,9 @@ class CompressOptions:
                             f"{', '.join(STRATEGIES)} (run compress on one machine, mirrored over its GPUs)")
         config_lib.check_choice("strategy", self.strategy, STRATEGIES)
         config_lib.check_choice("eval_split", self.eval_split, ("val", "test"))
+        for op in self.int8_float_ops.split(","):
+            if op and not re.fullmatch(r"[A-Z][A-Z0-9_]*", op):
+                raise UserError(f"--int8_float_ops: {op!r} is not a TFLite op name; expected names like BATCH_MATMUL,SOFTMAX")
         config_lib.check_positive(self, "cpu_devices", allow_zero=True)
         config_lib.check_positive(self, "clusters", "epochs", "learning_rate", "batch_size", "latency_runs")
         config_lib.check_positive(self, "eval_examples", allow_zero=True)
@@ -161,7 +169,8 @@ def run_chain(task, opts, output_dir):
         started = time.perf_counter()
         if stage in compression.TFLITE_STAGES:
             mode = compression.TFLITE_STAGES[stage]
-            tflite_bytes = tflite.convert(current, mode, task.representative)
+            float_ops = [op for op in opts.int8_float_ops.split(",") if op] if mode == "int8" else []
+            tflite_bytes = tflite.convert(current, mode, task.representative, float_ops=float_ops)
             variants.append(measure(name, done, current, tflite_bytes, task, opts, output_dir, seconds=time.perf_counter() - started))
             done = done[:-1]  # a conversion branches off; the chain's model is unchanged
             continue

@@ -33,8 +33,13 @@ from core.errors import UserError
 MODES = ("float32", "dynamic", "float16", "int8", "qat")
 
 
-def convert(model, mode, representative=None):
-    """Keras model -> `.tflite` bytes. `representative`: input batches (int8: required; qat: optional)."""
+def convert(model, mode, representative=None, float_ops=()):
+    """Keras model -> `.tflite` bytes. `representative`: input batches (int8: required; qat: optional).
+
+    `float_ops` (int8 only): TFLite op names to leave in float32, the rest int8 ("selective
+    quantization", through TFLite's QuantizationDebugger). The ViT needs BATCH_MATMUL there:
+    its int8 attention matmuls cost 21 points (BENCHMARKS.md).
+    """
     if mode not in MODES:
         raise UserError(f"tflite mode {mode!r}: expected one of {', '.join(MODES)}")
     if len(model.inputs) != 1:
@@ -57,6 +62,15 @@ def convert(model, mode, representative=None):
         # no fake quant between a Dense's Tensordot reshapes on 3-D inputs, so without it the
         # Transformer's projections and MLPs would stay float).
         converter.representative_dataset = lambda: ([tf.cast(batch, spec.dtype)] for batch in representative)
+    if float_ops and mode != "int8":
+        raise UserError(f"tflite mode {mode}: float_ops={','.join(float_ops)} applies to int8 only")
+    if float_ops:
+        with warnings.catch_warnings():  # the debugger builds an interpreter too (see `interpreter`)
+            warnings.simplefilter("ignore", UserWarning)
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=converter, debug_dataset=converter.representative_dataset,
+                debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops)))
+            return debugger.get_nondebug_quantized_model()
     if mode == "int8":
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return converter.convert()

@@ -192,6 +192,17 @@ def test_vit_prunes_and_converts():
     assert tflite.predict(int8, images).shape == (len(images), 10)
 
 
+def test_int8_can_keep_named_ops_float():
+    images, _ = _images(64)
+    model = transformer.image_classifier("tiny", patch_size=4)
+    mixed = tflite.convert(model, "int8", representative=[images[:32]], float_ops=["BATCH_MATMUL"])
+    assert set(tflite.float_ops(mixed)) == {"BATCH_MATMUL"}
+    assert tflite.weight_tensor_types(mixed).get("int8", 0) >= 6
+    assert tflite.predict(mixed, images).shape == (64, 10)
+    with pytest.raises(UserError, match="applies to int8 only"):
+        tflite.convert(model, "dynamic", float_ops=["BATCH_MATMUL"])
+
+
 def test_latency_and_sizes_are_measured():
     converted = tflite.convert(cnn.cnn("tiny"), "float32")
     size, gzipped = tflite.sizes(converted)
@@ -242,6 +253,8 @@ def test_compress_command_refuses_bad_input(tmp_path):
         cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--stages=prune,shrink"])
     with pytest.raises(UserError, match="--eval_split=train: expected one of val, test"):
         cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--eval_split=train"])
+    with pytest.raises(UserError, match="is not a TFLite op name"):
+        cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--int8_float_ops=batch matmul"])
     with pytest.raises(UserError, match="--strategy=multiworker: compression fine-tuning runs on one host"):
         cifar10_cnn.compress_command([f"--model={tmp_path}/model.keras", "--strategy=multiworker"])
     with pytest.raises(UserError, match="--strategy=tpu: compression fine-tuning runs on one host"):
