@@ -208,6 +208,7 @@ def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, sec
         "sparsity": round(compression.sparsity(keras_model), 4),
         "weight_types": tflite.weight_tensor_types(tflite_bytes),
         "float_ops": tflite.float_ops(tflite_bytes),
+        "delegate": tflite.delegate(tflite_bytes),  # what accuracy and latency ran on
     }
     if seconds is not None:
         row["stage_seconds"] = round(seconds, 1)
