@@ -28,7 +28,8 @@ tests its wrappers there. The fallback is the same command on one host (a TPU VM
 counts), with `--strategy=mirrored` where it has several GPUs.
 
 `--int8_float_ops=BATCH_MATMUL,...` leaves the named TFLite ops in float32 in `ptq_int8` (the
-rest int8): the ViT's attention matmuls lose 21 points in int8 (BENCHMARKS.md).
+rest int8). With BATCH_MATMUL float, a Transformer runs on XNNPack, which is 4x faster here than
+TFLite's own int8 kernels, which `core/tflite.delegate` must pick for int8 matmuls.
 `--eval_split=test` scores every variant on the data's test split where it has one.
 """
 
@@ -60,7 +61,7 @@ class CompressOptions:
     epochs: int = 1  # fine-tuning epochs of each Keras stage (prune ramps sparsity over 2/3 of them)
     learning_rate: float = 1e-4  # Adam, constant, while fine-tuning
     batch_size: int = 128  # fine-tuning batch
-    int8_float_ops: str = ""  # TFLite ops ptq_int8 leaves float, comma-separated (the ViT: BATCH_MATMUL)
+    int8_float_ops: str = ""  # TFLite ops ptq_int8 leaves float, comma-separated, e.g. BATCH_MATMUL (keeps XNNPack usable)
     eval_split: str = "val"  # the run's split each .tflite is scored on: val | test (where the run's data has one)
     eval_examples: int = 0  # cap on the evaluation split, 0 = all of it
     latency_runs: int = 50  # batch-1 invokes timed per variant and thread count (median reported)

@@ -38,8 +38,8 @@ def convert(model, mode, representative=None, float_ops=()):
     """Keras model -> `.tflite` bytes. `representative`: input batches (int8: required; qat: optional).
 
     `float_ops` (int8 only): TFLite op names to leave in float32, the rest int8 ("selective
-    quantization", through TFLite's QuantizationDebugger). The ViT needs BATCH_MATMUL there:
-    its int8 attention matmuls cost 21 points (BENCHMARKS.md).
+    quantization", through TFLite's QuantizationDebugger). With BATCH_MATMUL float, a
+    Transformer can run on XNNPack (see `delegate`).
     """
     if mode not in MODES:
         raise UserError(f"tflite mode {mode!r}: expected one of {', '.join(MODES)}")
