@@ -65,6 +65,7 @@ CIFAR_BINARY_SHAPE = (32, 32, 3)
 # Label order of TFDS cifar10, the official archive and the class folders (alphabetical).
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
+_FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
 _SOURCE_HELP = (
     "expected a folder of class subfolders, a .tar.gz of one, cifar-10-binary.tar.gz, "
     "'tfds' or 'synthetic'"
@@ -120,7 +121,7 @@ def prepare(
     )
     # Absolute, so shard paths stay valid for workers started from another directory.
     cache_dir = os.path.join(
-        os.path.abspath(cache_root), f"{sources.cache_name(kind, path, tfds_name)}-{sources.fingerprint(kind, path, tfds_name, params)}"
+        records.absolute(cache_root), f"{sources.cache_name(kind, path, tfds_name)}-{sources.fingerprint(kind, path, tfds_name, params)}"
     )
 
     def build(tmp_dir):
@@ -172,15 +173,25 @@ def prepare(
 
 def parse_example(serialized, image_shape) -> tuple[tf.Tensor, tf.Tensor]:
     """One serialized record -> (uint8 image with static shape image_shape, int32 label)."""
-    features = tf.io.parse_single_example(
-        serialized,
-        {
-            "image": tf.io.FixedLenFeature([], tf.string),
-            "label": tf.io.FixedLenFeature([], tf.int64),
-        },
-    )
+    features = tf.io.parse_single_example(serialized, _FEATURES)
     image = tf.reshape(tf.io.decode_raw(features["image"], tf.uint8), tuple(image_shape))
     return image, tf.cast(features["label"], tf.int32)
+
+
+def parse_examples(serialized, image_shape) -> tuple[tf.Tensor, tf.Tensor]:
+    """`parse_example` for a batch of records at once (input_pipeline's parse_batch_fn)."""
+    features = tf.io.parse_example(serialized, _FEATURES)
+    images = tf.reshape(tf.io.decode_raw(features["image"], tf.uint8), (-1, *image_shape))
+    return images, tf.cast(features["label"], tf.int32)
+
+
+def parse_jpeg_example(serialized, image_shape) -> tuple[tf.Tensor, tf.Tensor]:
+    """`parse_example` for records that hold JPEG bytes instead of raw pixels (the stored-format
+    comparison of `make bench-input`; caches hold raw pixels, which it measured faster)."""
+    features = tf.io.parse_single_example(serialized, _FEATURES)
+    # INTEGER_ACCURATE: the same pixels PIL decodes (see _decode).
+    image = tf.io.decode_jpeg(features["image"], channels=image_shape[2], dct_method="INTEGER_ACCURATE")
+    return tf.ensure_shape(image, tuple(image_shape)), tf.cast(features["label"], tf.int32)
 
 
 def read_images(

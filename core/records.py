@@ -33,6 +33,8 @@ def serialize_example(features: dict) -> bytes:
     """Serializes {name: bytes | int | list of bytes | list of ints} to a tf.train.Example."""
     feature = {}
     for name, value in features.items():
+        if hasattr(value, "tolist") and getattr(value, "ndim", 0):  # a numpy vector
+            value = value.tolist()
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if all(isinstance(v, bytes) for v in values):
             feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
@@ -64,9 +66,11 @@ def balanced_shard_size(num_examples: int, max_per_shard: int) -> int:
 
 
 def write_shards(
-    directory: str, split_name: str, examples: Iterable, examples_per_shard: int
+    directory: str, split_name: str, examples: Iterable, examples_per_shard: int, compression: str = ""
 ) -> tuple[str, ...]:
     """Writes examples (serialized bytes or feature dicts) into shards; returns their paths, sorted.
+
+    compression: "" (what caches use: `make bench-input` measured it fastest to read), GZIP or ZLIB.
 
     The total count is not needed up front (examples may be a generator): shards are written
     under provisional names and renamed once the count, hence the `-of-NNNNN`, is known.
@@ -85,7 +89,7 @@ def write_shards(
                 provisional.append(
                     os.path.join(directory, f"{split_name}-{len(provisional):05d}.partial")
                 )
-                writer = tf.io.TFRecordWriter(provisional[-1])
+                writer = tf.io.TFRecordWriter(provisional[-1], options=compression or None)
             if isinstance(example, dict):
                 example = serialize_example(example)
             writer.write(example)
@@ -106,20 +110,33 @@ def count_records(path: str) -> int:
     return sum(1 for _ in tf.data.TFRecordDataset(path).as_numpy_iterator())
 
 
+def is_url(path: str) -> bool:
+    """gs://, s3://, ram://...: paths only tf.io.gfile (and tf.data's readers) can open."""
+    return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+    """An absolute local path (shard paths must stay valid for workers started elsewhere); URLs as they are."""
+    return path if is_url(path) else os.path.abspath(path)
+
+
 def read_meta(cache_dir: str) -> dict:
-    """Loads a finished cache's meta.json; shard paths in it become absolute."""
+    """Loads a finished cache's meta.json; shard paths in it become absolute.
+
+    Through tf.io.gfile, so a cache on object storage (gs://...) reads like a local one.
+    """
     path = os.path.join(cache_dir, META_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
+        with tf.io.gfile.GFile(path, "r") as f:
             meta = json.load(f)
         splits = meta["splits"]
         for split in splits.values():
             split["files"] = [os.path.join(cache_dir, name) for name in split["files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as e:
         raise UserError(f"{path}: unreadable cache metadata ({e}); delete {cache_dir} to rebuild it")
     for split in splits.values():
         for file in split["files"]:
-            if not os.path.isfile(file):
+            if not tf.io.gfile.exists(file):
                 raise UserError(f"{file}: shard missing from cache; delete {cache_dir} to rebuild it")
     return meta
 
@@ -139,9 +156,15 @@ def build_cache(cache_dir: str, build: Callable[[str], dict]) -> dict:
     `build` writes shards into tmp_dir (via `write_shards`) and returns a meta dict whose
     "splits" map split name -> {"files": [absolute paths], "num_examples": int}; any other keys
     are stored as they are. Paths are stored relative so a cache folder can be moved.
+
+    A URL cache_dir (gs://bucket/cache/...: TPU hosts and multi-host clusters read shards there)
+    is built in a local temporary folder and then uploaded with tf.io.gfile, meta.json last: object
+    stores have no atomic folder rename, so there the last upload is what marks a finished cache.
     """
-    if os.path.isfile(os.path.join(cache_dir, META_FILE)):
+    if tf.io.gfile.exists(os.path.join(cache_dir, META_FILE)):
         return read_meta(cache_dir)
+    if is_url(cache_dir):
+        return _build_and_upload(cache_dir, build)
     parent = os.path.dirname(os.path.abspath(cache_dir))
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(cache_dir) + ".tmp-", dir=parent)
@@ -168,4 +191,20 @@ def build_cache(cache_dir: str, build: Callable[[str], dict]) -> dict:
     finally:
         # Only reached with tmp_dir still present on failure, or when we lost the race above.
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    return read_meta(cache_dir)
+
+
+def _build_and_upload(cache_dir: str, build: Callable[[str], dict]) -> dict:
+    local_root = tempfile.mkdtemp(prefix="cache-upload-")
+    try:
+        local = os.path.join(local_root, os.path.basename(cache_dir))
+        build_cache(local, build)
+        tf.io.gfile.makedirs(cache_dir)
+        names = sorted(os.listdir(local), key=lambda name: name == META_FILE)  # meta.json last
+        for name in names:
+            tf.io.gfile.copy(os.path.join(local, name), os.path.join(cache_dir, name), overwrite=True)
+    except tf.errors.OpError as e:
+        raise UserError(f"{cache_dir}: cannot upload the cache ({e.message}); expected a writable --cache_dir") from None
+    finally:
+        shutil.rmtree(local_root, ignore_errors=True)
     return read_meta(cache_dir)

@@ -124,7 +124,7 @@ def prepare(
     name = "synthetic_text" if kind == "synthetic" else sources.cache_name(kind, path, tfds_name)
     # Absolute, so shard paths stay valid for workers started from another directory.
     cache_dir = os.path.join(
-        os.path.abspath(cache_root), f"{name}-{sources.fingerprint(kind, path, tfds_name, params)}"
+        records.absolute(cache_root), f"{name}-{sources.fingerprint(kind, path, tfds_name, params)}"
     )
 
     def build(tmp_dir):
@@ -170,6 +170,12 @@ def prepare(
 def parse_example(serialized) -> tuple[tf.Tensor, tf.Tensor]:
     """One serialized record -> (tf.string scalar review text, tf.int64 scalar label)."""
     features = tf.io.parse_single_example(serialized, _FEATURES)
+    return features["text"], features["label"]
+
+
+def parse_examples(serialized) -> tuple[tf.Tensor, tf.Tensor]:
+    """`parse_example` for a batch of records at once: (string texts, int64 labels)."""
+    features = tf.io.parse_example(serialized, _FEATURES)
     return features["text"], features["label"]
 
 
