@@ -11,27 +11,68 @@ Layout of a training pipeline, per input pipeline (one per worker):
       -> batch (per-replica size, static shape) -> batch augmentation (vectorized) -> prefetch
 """
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import tensorflow as tf
 
 from core.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
+COMPRESSIONS = ("", "GZIP", "ZLIB")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputKnobs:
+    """The tuning knobs of `make_dataset`, one field each; the defaults are the tuned pipeline.
+
+    `make bench-input` (core/input_bench.py) turns them one at a time and measures each setting;
+    MEASURED_DEFAULTS below says what it found for the defaults. `NAIVE` turns them all off.
+    """
+    interleave_cycle: int = 16  # shard files open at once (1 = one file after another)
+    parallel_reads: bool = True  # read the open files on several threads (else round-robin on one)
+    parallel_parse: bool = True  # parse, batch and augment on several threads
+    vectorized_parse: bool = True  # parse records a batch at a time (when the pipeline gives a parse_batch_fn)
+    cache: bool = True  # keep parsed examples in RAM after the first epoch (training only)
+    prefetch: bool = True  # a buffer of ready batches at the end, filled while the step runs
+    deterministic: bool | None = None  # None: in order for evaluation, first-ready for training
+    read_buffer_bytes: int = 8 << 20  # per open file: few large reads suit network storage
+    compression: str = ""  # of the TFRecord files: "" (as core/records.py writes), GZIP, ZLIB
+    # file path tensor -> dataset of serialized records; None reads TFRecord files directly.
+    # core/input_bench.py passes a simulated remote store here.
+    open_records: Callable | None = None
+
+    def __post_init__(self):
+        if self.interleave_cycle < 1:
+            raise UserError(f"interleave_cycle={self.interleave_cycle}: expected a positive integer")
+        if self.compression not in COMPRESSIONS:
+            raise UserError(f"compression={self.compression!r}: expected one of {COMPRESSIONS}")
+
+
+# Sequential reads, no parallelism, no prefetch, no cache: the baseline the tuned one is compared to.
+NAIVE = InputKnobs(interleave_cycle=1, parallel_reads=False, parallel_parse=False, vectorized_parse=False,
+                   cache=False, prefetch=False, deterministic=True)
+PARSE_BATCH = 256  # records parsed per call by a parse_batch_fn
 
 
 def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_context=None,
-                 num_examples=None, seed=0, cache=True, drop_remainder=None, repeat=None, batcher=None):
+                 num_examples=None, seed=0, cache=True, drop_remainder=None, repeat=None, batcher=None,
+                 parse_batch_fn=None, knobs=InputKnobs()):
     """Builds one input pipeline.
 
     files: TFRecord shard paths of one split.
     batch_size: *per-replica* batch (the global batch divided by the replicas).
     parse_fn: serialized record -> example tuple (decoding happens here, once, before the cache).
+    parse_batch_fn: optional, the same for a batch of records at once (vectorized: one op call
+        per PARSE_BATCH records instead of one per record); its rows must equal parse_fn's
+        (ragged where examples differ in length), since the pipeline unbatches them.
     batch_fn: applied to whole batches (augmentation, one-hot): vectorized ops on a batch cost
         far less per example than the same ops mapped one example at a time.
     input_context: from `distribute_datasets_from_function`; selects this worker's shards.
     batcher: (dataset, batch_size, drop_remainder) -> batched dataset, for examples that do not
         batch as they are (variable-length sequences: padding, length bucketing).
+    knobs: the tuning options (`InputKnobs`); the defaults are the tuned pipeline.
     """
     files = list(files)
     if not files:
@@ -50,21 +91,35 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
         # New file order each epoch (before the cache only the first epoch sees it; the
         # example shuffle below does the rest).
         file_ds = file_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    # Training takes whichever element is ready first, unless records are sharded by position
+    # below, which needs the same order on every worker to stay disjoint.
+    deterministic = not training if knobs.deterministic is None else knobs.deterministic
+    deterministic = deterministic or (workers > 1 and not shard_by_file)
+    parallel = AUTOTUNE if knobs.parallel_parse else None  # tf.data picks the thread count
+    open_records = knobs.open_records or (
+        # Large read buffer: few large reads beat many small ones on network/object storage.
+        lambda f: tf.data.TFRecordDataset(f, compression_type=knobs.compression,
+                                          buffer_size=knobs.read_buffer_bytes))
     ds = file_ds.interleave(
-        # 8 MiB read buffer: few large reads beat many small ones on network/object storage.
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
-        cycle_length=min(len(files), 16),  # parallel open files: hides per-file open latency
-        num_parallel_calls=AUTOTUNE,  # tf.data picks the thread count from measured throughput
-        # Training takes whichever read finishes first, unless records are sharded by position
-        # below, which needs the same order on every worker to stay disjoint.
-        deterministic=not training or (workers > 1 and not shard_by_file),
+        open_records,
+        cycle_length=min(len(files), knobs.interleave_cycle),  # open files: hides per-file latency
+        num_parallel_calls=AUTOTUNE if knobs.parallel_reads else None,
+        deterministic=deterministic if knobs.parallel_reads else None,  # None: no warning when serial
     )
     if workers > 1 and not shard_by_file:
         # Files do not split evenly: every worker reads all files and keeps every n-th record;
         # disjoint, complete and balanced, at the cost of redundant reads.
         ds = ds.shard(workers, worker)
-    ds = ds.map(parse_fn, num_parallel_calls=AUTOTUNE, deterministic=not training)
-    if cache:
+    ordered = deterministic if parallel else None
+    if parse_batch_fn is not None and knobs.vectorized_parse:
+        ds = ds.batch(PARSE_BATCH).map(parse_batch_fn, num_parallel_calls=parallel, deterministic=ordered).unbatch()
+        if any(isinstance(spec, tf.RaggedTensorSpec) for spec in tf.nest.flatten(ds.element_spec)):
+            # A ragged batch unbatches into rows typed ragged (of rank 0); as map arguments they
+            # are plain tensors, which padding and bucketing need.
+            ds = ds.map(lambda *example: tf.nest.map_structure(tf.identity, example))
+    else:
+        ds = ds.map(parse_fn, num_parallel_calls=parallel, deterministic=ordered)
+    if cache and knobs.cache:
         # Decoded examples kept in RAM after the first epoch: CIFAR-10's 50k images are 150 MB,
         # so every later epoch costs no I/O and no parsing.
         ds = ds.cache()
@@ -82,19 +137,64 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
     if batcher is not None:
         ds = batcher(ds, batch_size, drop_remainder)
     else:
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
-                      deterministic=not training)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel,
+                      deterministic=ordered)
     if batch_fn is not None:
-        ds = ds.map(batch_fn, num_parallel_calls=AUTOTUNE, deterministic=not training)
-    ds = ds.prefetch(AUTOTUNE)  # overlap input with the train step on the accelerator/CPU
+        ds = ds.map(batch_fn, num_parallel_calls=parallel, deterministic=ordered)
+    if knobs.prefetch:
+        ds = ds.prefetch(AUTOTUNE)  # overlap input with the train step on the accelerator/CPU
 
     options = tf.data.Options()
-    options.deterministic = not training  # explicit, so nested ops inherit it
+    options.deterministic = deterministic  # explicit, so nested ops inherit it
     options.autotune.enabled = True
+    # Off means off: tf.data's default graph rewrites would otherwise parallelize maps and
+    # batching, and append a prefetch, on their own.
+    if not knobs.parallel_parse:
+        options.experimental_optimization.map_parallelization = False
+        options.experimental_optimization.parallel_batch = False
+    if not knobs.prefetch:
+        options.experimental_optimization.inject_prefetch = False
     # Sharding is done by hand above. distribute_datasets_from_function never auto-shards; OFF
     # keeps it that way if someone hands this dataset to experimental_distribute_dataset.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)
+
+
+class InputWaitMeter:
+    """Measures how long the consumer of a dataset waits for each element: the time a train step
+    stands idle because the input pipeline is behind.
+
+    `wrap(ds)` zips ds with a clock: tf.data's zip asks its inputs for their next element in
+    order, so the clock reads the time when the consumer asks, and a last (sequential) map reads
+    it again when ds has delivered; the difference accumulates in CPU variables that
+    `read_and_reset` returns. Create it outside `strategy.scope()` (its variables are the host's
+    own, as the dataset functions that update them run on the host).
+    """
+
+    def __init__(self):
+        with tf.device("/cpu:0"):
+            self.seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="input_wait_seconds")
+            self.elements = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_wait_elements")
+
+    def wrap(self, ds):
+        clock = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat().map(lambda _: tf.timestamp())
+
+        def record(asked_at, element):
+            waited = tf.timestamp() - asked_at
+            with tf.control_dependencies([self.seconds.assign_add(waited), self.elements.assign_add(1)]):
+                return tf.nest.map_structure(tf.identity, element)
+
+        options = tf.data.Options()
+        # A prefetch after the timing map would time the pipeline's own thread, not the consumer.
+        options.experimental_optimization.inject_prefetch = False
+        return tf.data.Dataset.zip((clock, ds)).map(record).with_options(options)
+
+    def read_and_reset(self):
+        """(seconds waited, elements delivered) since the last call."""
+        seconds, elements = float(self.seconds.numpy()), int(self.elements.numpy())
+        self.seconds.assign(0.0)
+        self.elements.assign(0)
+        return seconds, elements
 
 
 def distributed_dataset(strategy, files, *, global_batch, **kwargs):
@@ -102,12 +202,20 @@ def distributed_dataset(strategy, files, *, global_batch, **kwargs):
 
     Each input pipeline (one per worker) builds its own dataset of per-replica batches; the global
     batch is split evenly across replicas (`InputContext.get_per_replica_batch_size`).
+    Training input carries an `InputWaitMeter` as its `input_wait` attribute, which
+    `training.fit` reads to report how input-bound the run was. (With several GPUs a device
+    prefetch sits between it and the step: there it measures the host side, an upper bound.)
     """
+    meter = InputWaitMeter() if kwargs.get("training") else None
+
     def dataset_fn(input_context):
         batch = input_context.get_per_replica_batch_size(global_batch)
-        return make_dataset(files, batch_size=batch, input_context=input_context, **kwargs)
+        ds = make_dataset(files, batch_size=batch, input_context=input_context, **kwargs)
+        return meter.wrap(ds) if meter else ds
 
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    distributed = strategy.distribute_datasets_from_function(dataset_fn)
+    distributed.input_wait = meter
+    return distributed
 
 
 def validation_dataset(strategy, files, *, global_batch, num_examples, multi_worker, **kwargs):

@@ -198,6 +198,43 @@ class Throughput(keras.callbacks.Callback):
         self.epoch_seconds.append(getattr(self, "_last", time.perf_counter()) - self._start)
 
 
+class InputWait(keras.callbacks.Callback):
+    """Per epoch, the share of train-step time spent waiting for input (from the training
+    dataset's `input_pipeline.InputWaitMeter`); prints a warning when it is above `warn_above`.
+
+    Step time is timed as `Throughput` times it, from the epoch's start to its last step (the
+    first epoch's includes tracing, and its waits include filling the shuffle buffer).
+    """
+
+    def __init__(self, meter, warn_above=0.1, pipeline_hint="make bench-input"):
+        super().__init__()
+        self.meter = meter
+        self.warn_above = warn_above
+        self.pipeline_hint = pipeline_hint
+        self.wait_seconds = []
+        self.step_seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.meter.read_and_reset()
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        waited, _ = self.meter.read_and_reset()
+        self.wait_seconds.append(waited)
+        self.step_seconds.append(self._last - self._start)
+        fraction = waited / max(self._last - self._start, 1e-9)
+        if fraction > self.warn_above:
+            print(f"warning: epoch {epoch + 1} spent {fraction:.0%} of its train-step time waiting for input "
+                  f"(over {self.warn_above:.0%}): training is input-bound; `{self.pipeline_hint}` shows "
+                  "which stage of the input pipeline to speed up", flush=True)
+
+    def fractions(self):
+        return [w / max(s, 1e-9) for w, s in zip(self.wait_seconds, self.step_seconds)]
+
+
 def _writable_dir(run_dir, sub, is_chief, scratch):
     """The chief writes into the run folder; other workers into `scratch`, deleted after fit."""
     path = os.path.join(run_dir if is_chief else scratch, sub)
@@ -211,8 +248,10 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
 
     Returns a dict: history (per-epoch metrics, all epochs of a resumed run included),
     train_seconds (wall time of fit, validation included), train_step_seconds (time in train
-    steps only; its first epoch includes tracing and filling the input cache) and epochs_run
-    (epochs trained by this process, fewer than `epochs` after a resume).
+    steps only; its first epoch includes tracing and filling the input cache), epochs_run
+    (epochs trained by this process, fewer than `epochs` after a resume), and, when the training
+    input is an `input_pipeline.distributed_dataset`, input_wait_seconds (steps idle waiting for
+    input) and input_wait_fraction_per_epoch.
     Raises `TrainingDiverged` when the loss turned NaN; the last finite checkpoint stays.
     """
     with (contextlib.nullcontext(None) if is_chief else tempfile.TemporaryDirectory(prefix="worker-")) as scratch:
@@ -221,6 +260,8 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
         history_csv = os.path.join(run_dir if is_chief else logs_dir, "history.csv")
         earlier = _read_history(history_csv) or {}
         nan_guard, throughput = StopOnNaN(), Throughput()
+        meter = getattr(train_ds, "input_wait", None)  # input_pipeline.distributed_dataset sets it
+        input_wait = [InputWait(meter)] if meter is not None else []
         all_callbacks = [
             nan_guard,
             # Before the backup: a kill between the two then repeats an epoch's row
@@ -238,6 +279,7 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
                                   nan_guard=nan_guard),
             keras.callbacks.TensorBoard(logs_dir, update_freq="epoch", profile_batch=0),
             throughput,
+            *input_wait,
             *callbacks,
         ]
         start = time.perf_counter()
@@ -248,9 +290,12 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
         if nan_guard.stopped_at is not None:
             epoch, batch = nan_guard.stopped_at
             raise TrainingDiverged(f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints} (lower the learning rate or use --precision=float32)")
+        waits = input_wait[0] if input_wait else None
         return {
             "history": _read_history(history_csv) or {k: list(v) for k, v in history.history.items()},
             "train_seconds": train_seconds,
+            "input_wait_seconds": sum(waits.wait_seconds) if waits else None,
+            "input_wait_fraction_per_epoch": waits.fractions() if waits else None,
             "train_step_seconds": sum(throughput.epoch_seconds),
             "epochs_run": len(throughput.epoch_seconds),
         }
@@ -327,6 +372,11 @@ def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_
         "train_step_seconds": round(result["train_step_seconds"], 2),
         "examples_per_second": round(steps_per_epoch * global_batch * result["epochs_run"]
                                      / max(result["train_step_seconds"], 1e-9), 1),
+        # Share of train-step time spent waiting for the next input batch (measured by
+        # input_pipeline.InputWaitMeter); near 0 means the input pipeline is never the bottleneck.
+        "input_wait_fraction": (None if result.get("input_wait_seconds") is None else
+                                round(result["input_wait_seconds"] / max(result["train_step_seconds"], 1e-9), 4)),
+        "input_wait_fraction_per_epoch": [round(f, 4) for f in result.get("input_wait_fraction_per_epoch") or []],
         # The saved model's accuracy on the validation split, with the pipeline's test-time
         # augmentation (`tta`) and without it.
         "val_accuracy": val["accuracy"],
@@ -350,7 +400,7 @@ def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_
     print(f"run folder: {run_dir}")
     print(f"val_accuracy={metrics['val_accuracy']:.4f} (tta={tta}; {metrics['val_accuracy_no_tta']:.4f} without) "
           f"test_accuracy={metrics['test_accuracy']} train_seconds={metrics['train_seconds']} "
-          f"examples_per_second={metrics['examples_per_second']}")
+          f"examples_per_second={metrics['examples_per_second']} input_wait_fraction={metrics['input_wait_fraction']}")
     return metrics
 
 
