@@ -30,7 +30,7 @@ TRAIN_FLAGS := --strategy=$(STRATEGY) --data=$(TRAIN_DATA) $(if $(RUN_NAME),--na
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate compress bench test test-all clean-runs
+.PHONY: help install train evaluate compress bench bench-input test test-all clean-runs
 
 help: ## list the targets (this text)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,6 +62,9 @@ compress: install ## TFMOT STAGES (e.g. prune,ptq_int8,pqat) on MODEL=runs/.../m
 
 bench: install ## repeat the training RUNS times (seeds 0..RUNS-1) and print the BENCHMARKS.md row
 	$(PY) -m core.benchmark --pipeline=$(PIPELINE) --runs=$(RUNS) -- $(TRAIN_FLAGS)
+
+bench-input: install ## input pipeline throughput: storage bound, naive, tuned, ablation, remote, train step (input_bench.md)
+	$(PY) -m pipelines.$(PIPELINE) bench-input --data=$(TRAIN_DATA) $(ARGS)
 
 test: install ## the fast test suite (under 15 minutes on 2 cores)
 	$(PY) -m pytest -m "not slow" $(ARGS)

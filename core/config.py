@@ -215,10 +215,10 @@ def check_positive(cfg, *names, allow_zero=False):
             raise UserError(f"--{name}={value}: expected a number {bound}")
 
 
-def run_cli(main, evaluate=None, argv=None, compress=None):
-    """Entry point of a pipeline module: `[evaluate|compress] --key=value ...`.
+def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None):
+    """Entry point of a pipeline module: `[evaluate|compress|bench-input] --key=value ...`.
 
-    `evaluate` and `compress` return a dict that is printed as one JSON line. A `UserError` anywhere prints
+    `evaluate`, `compress` and `bench_input` return a dict that is printed as one JSON line. A `UserError` anywhere prints
     `error: <message>` and exits 2; anything else is a bug and keeps its traceback.
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -231,6 +231,10 @@ def run_cli(main, evaluate=None, argv=None, compress=None):
             if compress is None:
                 raise UserError("this pipeline has no compress command")
             print(json.dumps(compress(argv[1:])))
+        elif argv[:1] == ["bench-input"]:
+            if bench_input is None:
+                raise UserError("this pipeline has no bench-input command")
+            print(json.dumps(bench_input(argv[1:])))
         else:
             main(argv)
     except UserError as e:

@@ -189,5 +189,13 @@ def main(argv):
     return run_dir
 
 
+def bench_input_command(argv):
+    """`bench-input [--data=PATH]`: how fast the training input is, against the storage read bound
+    and the train step's own rate (core/input_bench.py); writes input_bench.{json,md,png}."""
+    return image_classification.bench_input_command(
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, class_names=CLASS_NAMES,
+        image_shape=IMAGE_SHAPE, augment_batch=augment_batch, make_model=make_model)
+
+
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command, compress=compress_command)
+    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command)

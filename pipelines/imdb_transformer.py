@@ -36,7 +36,7 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import compress, evaluation, input_pipeline, optim, text_data, training
+from core import compress, evaluation, input_bench, input_pipeline, optim, text_data, training
 from core.errors import UserError
 from models import text_preprocessing, transformer
 
@@ -137,6 +137,16 @@ def tokenized(vectorizer, truncate):
     return parse
 
 
+def tokenized_batch(vectorizer, truncate):
+    """`tokenized` for a batch of records at once (one tokenizer call per batch: input_pipeline's
+    parse_batch_fn); rows are ragged, each exactly the ids `tokenized` gives its review."""
+    def parse(serialized):
+        texts, labels = text_data.parse_examples(serialized)
+        # Id 0 is padding only (1 is out-of-vocabulary), so stripping zeros restores each row.
+        return tf.RaggedTensor.from_tensor(truncate(vectorizer(texts)), padding=0), labels
+    return parse
+
+
 def length_bucketed(cfg):
     """Batches of reviews of similar length, padded to the next multiple of `length_bucket`.
 
@@ -160,14 +170,23 @@ def padded(ds, batch_size, drop_remainder):
     return ds.padded_batch(batch_size, drop_remainder=drop_remainder)
 
 
-def make_datasets(cfg, run, data, strategy, parse_fn):
-    common = dict(global_batch=cfg.batch_size, parse_fn=parse_fn, seed=run.seed)
+def train_input(cfg, run, data, vectorizer, truncate):
+    """`input_pipeline.make_dataset` arguments of the training split: one place, so training and
+    `bench-input` build the very same pipeline."""
+    return dict(training=True, parse_fn=tokenized(vectorizer, truncate),
+                parse_batch_fn=tokenized_batch(vectorizer, truncate), batcher=length_bucketed(cfg),
+                seed=run.seed, num_examples=data.splits["train"].num_examples)
+
+
+def make_datasets(cfg, run, data, strategy, vectorizer, truncate):
     train_ds = input_pipeline.distributed_dataset(
-        strategy, data.splits["train"].files, training=True, batcher=length_bucketed(cfg),
-        num_examples=data.splits["train"].num_examples, **common)
+        strategy, data.splits["train"].files, global_batch=cfg.batch_size,
+        **train_input(cfg, run, data, vectorizer, truncate))
     val_ds, validation_steps = input_pipeline.validation_dataset(
-        strategy, data.splits["val"].files, num_examples=data.splits["val"].num_examples,
-        multi_worker=strategies.resolved_name(strategy) == "multiworker", batcher=padded, **common)
+        strategy, data.splits["val"].files, global_batch=cfg.batch_size, parse_fn=tokenized(vectorizer, truncate),
+        parse_batch_fn=tokenized_batch(vectorizer, truncate), seed=run.seed,
+        num_examples=data.splits["val"].num_examples, batcher=padded,
+        multi_worker=strategies.resolved_name(strategy) == "multiworker")
     return train_ds, val_ds, validation_steps
 
 
@@ -280,6 +299,46 @@ def compress_command(argv):
     return compress.compress_command(argv, pipeline=PIPELINE, make_task=compression_task)
 
 
+def parse_token_ids(serialized):
+    """A record of token ids (the stored-format comparison of `bench-input`) -> (ids, label), as
+    `tokenized` gives them from text."""
+    features = tf.io.parse_single_example(serialized, {"ids": tf.io.VarLenFeature(tf.int64),
+                                                       "label": tf.io.FixedLenFeature([], tf.int64)})
+    return tf.sparse.to_dense(features["ids"]), features["label"]
+
+
+def bench_input_task(cfg, run, scratch_dir):
+    """The `bench-input` command's InputBenchTask: the training split as the cache holds it (review
+    text, tokenized as it is read), training's own pipeline (`train_input`), token ids as the other
+    stored format, and the model for the train step's consumption rate (on 32 real batches)."""
+    data = prepare_data(cfg, run)
+    args = train_input(cfg, run, data, fit_tokenizer(cfg, data), text_preprocessing.HeadTailTruncate(cfg.max_length))
+
+    def build(files, parse, knobs):
+        other_format = {} if parse is None else {"parse_fn": parse, "parse_batch_fn": None}
+        return input_pipeline.make_dataset(files, batch_size=cfg.batch_size, knobs=knobs, **{**args, **other_format})
+
+    def train_consumption(batches, steps):
+        strategy = tf.distribute.get_strategy()
+        training.set_precision(run.precision, strategy)
+        _, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
+        return input_bench.time_train_steps(make_model(cfg, run, strategy, total_steps), batches, steps)
+
+    token_ids = input_bench.StoredFormat("token ids", parse=parse_token_ids,
+                                         encode=lambda ids, label: {"ids": ids, "label": label})
+    return input_bench.InputBenchTask(
+        files=data.splits["train"].files, num_examples=data.splits["train"].num_examples,
+        stored_format="review text (UTF-8)", parse=args["parse_fn"], build=build, train_consumption=train_consumption,
+        other_formats=(token_ids,))
+
+
+def bench_input_command(argv):
+    """`bench-input [--data=PATH]`: how fast the training input is, against the storage read bound
+    and the train step's own rate (core/input_bench.py); writes input_bench.{json,md,png}."""
+    return input_bench.bench_input_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE,
+                                           make_task=bench_input_task)
+
+
 # Main: the stages in order -----------------------------------------------------------------
 
 def main(argv):
@@ -289,7 +348,7 @@ def main(argv):
     vectorizer = fit_tokenizer(cfg, data)
     truncate = text_preprocessing.HeadTailTruncate(cfg.max_length)
     steps_per_epoch, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
-    datasets = make_datasets(cfg, run, data, strategy, tokenized(vectorizer, truncate))
+    datasets = make_datasets(cfg, run, data, strategy, vectorizer, truncate)
     model = make_model(cfg, run, strategy, total_steps)
     result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch)
     model = training.unreplicated(model)  # every worker, together (a collective read)
@@ -303,4 +362,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command, compress=compress_command)
+    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command)
