@@ -108,7 +108,7 @@ def test_token_id_format_equals_tokenizing_the_text(tmp_path):
 def test_simulated_remote_storage_delays_every_open_and_caps_bandwidth(tmp_path):
     files = _write_ids(tmp_path, per_shard=32)  # 3 files
     slept = []
-    remote = input_bench.SimulatedRemoteStorage(open_latency_s=0.02, bytes_per_second=1e3, chunk_bytes=256,
+    remote = input_bench.SimulatedRemoteStorage(open_latency_s=0.02, bytes_per_second=1e3, block_records=4,
                                                 sleep=slept.append)
     knobs = InputKnobs(cache=False, open_records=remote.open_records)
     ds = input_pipeline.make_dataset(files, batch_size=8, training=True, parse_fn=_parse_id, repeat=False,
@@ -119,7 +119,7 @@ def test_simulated_remote_storage_delays_every_open_and_caps_bandwidth(tmp_path)
     total_bytes = sum(tf.io.gfile.stat(f).length for f in files)
     assert remote.bytes_read == 2 * total_bytes
     assert slept.count(0.02) == remote.opens
-    # At 1 kB/s every chunk must wait about its own transfer time (the fake sleep does not pass time).
+    # At 1 kB/s every block must wait about its own transfer time (the fake sleep does not pass time).
     assert remote.delay_seconds >= remote.opens * 0.02 + 0.9 * 2 * total_bytes / 1e3
 
 
@@ -130,8 +130,8 @@ def test_simulated_remote_storage_refuses_a_truncated_file(tmp_path):
     with open(path, "wb") as f:
         f.write(data[:-5])
     remote = input_bench.SimulatedRemoteStorage(sleep=NO_SLEEP)
-    with pytest.raises(Exception, match="ends inside a record"):
-        list(remote.records(path))
+    with pytest.raises(tf.errors.DataLossError):
+        list(remote.open_records(tf.constant(path)))
 
 
 def _slow(seconds):
