@@ -256,15 +256,9 @@ def bench_input_task(cfg, run, scratch_dir, *, class_names, image_shape, augment
     train = data.splits["train"]
     args = train_input(data, train_batch_fn=augment_batch(cfg, run.seed, EpochCounter().epoch), seed=run.seed)
 
-    def build(files, parse, knobs):
-        other_format = {} if parse is None else {"parse_fn": parse, "parse_batch_fn": None}
-        return input_pipeline.make_dataset(files, batch_size=cfg.batch_size, knobs=knobs, **{**args, **other_format})
-
     def train_consumption(batches, steps):
-        strategy = tf.distribute.get_strategy()
-        training.set_precision(run.precision, strategy)
         steps_per_epoch, total_steps = optim.steps_for(train.num_examples, cfg.batch_size, cfg.epochs)
-        model = make_model(cfg, run, first_train_images(data), strategy, steps_per_epoch, total_steps)
+        model = make_model(cfg, run, first_train_images(data), input_bench.one_device(run), steps_per_epoch, total_steps)
         return input_bench.time_train_steps(model, batches[:2], steps)
 
     jpeg = input_bench.StoredFormat(
@@ -272,7 +266,8 @@ def bench_input_task(cfg, run, scratch_dir, *, class_names, image_shape, augment
         encode=lambda image, label: {"image": tf.io.encode_jpeg(image, quality=75), "label": tf.cast(label, tf.int64)})
     return input_bench.InputBenchTask(
         files=train.files, num_examples=train.num_examples, stored_format="raw uint8 pixels",
-        parse=args["parse_fn"], build=build, train_consumption=train_consumption, other_formats=(jpeg,),
+        parse=args["parse_fn"], build=input_bench.build_like_training(cfg.batch_size, args),
+        train_consumption=train_consumption, other_formats=(jpeg,),
         consumption_batches=2)
 
 

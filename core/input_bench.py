@@ -408,6 +408,22 @@ def collect_batches(dataset, count=32):
     return batches
 
 
+def build_like_training(batch_size, train_args):
+    """InputBenchTask.build from a pipeline's make_dataset arguments (its `train_input`): one
+    replica's batches; another stored format brings its own per-record parse."""
+    def build(files, parse, knobs):
+        other_format = {} if parse is None else {"parse_fn": parse, "parse_batch_fn": None}
+        return input_pipeline.make_dataset(files, batch_size=batch_size, knobs=knobs, **{**train_args, **other_format})
+    return build
+
+
+def one_device(run):
+    """The strategy the train step is timed under (one device), with the run's precision set."""
+    strategy = tf.distribute.get_strategy()
+    training.set_precision(run.precision, strategy)
+    return strategy
+
+
 def time_train_steps(model, batches, steps):
     """Examples/s of `model.fit` on batches already in memory: a warm-up pass over every batch
     (one trace per shape), then `steps` timed steps."""

@@ -314,21 +314,16 @@ def bench_input_task(cfg, run, scratch_dir):
     data = prepare_data(cfg, run)
     args = train_input(cfg, run, data, fit_tokenizer(cfg, data), text_preprocessing.HeadTailTruncate(cfg.max_length))
 
-    def build(files, parse, knobs):
-        other_format = {} if parse is None else {"parse_fn": parse, "parse_batch_fn": None}
-        return input_pipeline.make_dataset(files, batch_size=cfg.batch_size, knobs=knobs, **{**args, **other_format})
-
     def train_consumption(batches, steps):
-        strategy = tf.distribute.get_strategy()
-        training.set_precision(run.precision, strategy)
         _, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
-        return input_bench.time_train_steps(make_model(cfg, run, strategy, total_steps), batches, steps)
+        return input_bench.time_train_steps(make_model(cfg, run, input_bench.one_device(run), total_steps), batches, steps)
 
     token_ids = input_bench.StoredFormat("token ids", parse=parse_token_ids,
                                          encode=lambda ids, label: {"ids": ids, "label": label})
     return input_bench.InputBenchTask(
         files=data.splits["train"].files, num_examples=data.splits["train"].num_examples,
-        stored_format="review text (UTF-8)", parse=args["parse_fn"], build=build, train_consumption=train_consumption,
+        stored_format="review text (UTF-8)", parse=args["parse_fn"],
+        build=input_bench.build_like_training(cfg.batch_size, args), train_consumption=train_consumption,
         other_formats=(token_ids,))
 
 

@@ -257,3 +257,22 @@ def test_vectorized_parse_gives_what_parsing_one_record_at_a_time_gives(tmp_path
     for (a, label_a), (b, label_b) in zip(one_by_one, vectorized):
         np.testing.assert_array_equal(a, b)
         assert label_a == label_b
+
+
+def test_input_wait_callback_reports_fractions_and_warns_when_input_bound(capsys):
+    from core import training
+
+    class Meter:
+        waits = iter([0.0, 0.0, 0.0, 0.5])  # begin/end of epoch 1, begin/end of epoch 2
+
+        def read_and_reset(self):
+            return next(self.waits), 1
+
+    callback = training.InputWait(Meter(), warn_above=0.1)
+    for epoch in range(2):
+        callback.on_epoch_begin(epoch)
+        callback._start -= 1.0  # as if the epoch's steps took one second
+        callback.on_epoch_end(epoch)
+    assert callback.fractions()[0] == 0.0 and 0.4 < callback.fractions()[1] <= 0.5
+    out = capsys.readouterr().out
+    assert "epoch 1" not in out and "warning: epoch 2 spent 5" in out and "make bench-input" in out
