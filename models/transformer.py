@@ -149,9 +149,8 @@ class DotProductAttention(layers.Layer, prunable_layer.PrunableLayer):
         scores = tf.cast(scores, tf.float32)
         if mask is not None:
             # Padded keys score MASK_PENALTY below the row's lowest score, so each weighs at most
-            # e^-16 ~ 1e-7 of any real key, whatever the pads' own scores: a fixed penalty
-            # (scores - 16) let a trained model attend to pads that score high, and its
-            # predictions then changed with the padding (IMDB trained to 55% test that way).
+            # e^-16 ~ 1e-7 of any real key, whatever the pads' own scores. A fixed penalty
+            # (scores - 16) bounds nothing once a trained model gives pads high scores.
             # Not -1e9: int8 TFLite quantizes the scores over their whole range, and a range
             # reaching -1e9 rounds every real score to the same value (uniform attention).
             key_mask = tf.reshape(tf.cast(mask, tf.float32), [tf.shape(mask)[0], 1, 1, tf.shape(mask)[1]])
