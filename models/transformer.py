@@ -47,7 +47,7 @@ VARIANTS = {
 }
 
 
-MASK_PENALTY = 16.0  # padded keys score this far below a row's lowest score (see DotProductAttention)
+MASK_PENALTY = 16.0  # subtracted from attention scores of padded keys (see DotProductAttention)
 
 
 def _truncated_normal(stddev=0.02):
@@ -148,14 +148,11 @@ class DotProductAttention(layers.Layer, prunable_layer.PrunableLayer):
         scores = tf.einsum("bhqd,bhkd->bhqk", query * (1.0 / math.sqrt(head_width)), key)
         scores = tf.cast(scores, tf.float32)
         if mask is not None:
-            # Padded keys score MASK_PENALTY below the row's lowest score, so each weighs at most
-            # e^-16 ~ 1e-7 of any real key, whatever the pads' own scores. A fixed penalty
-            # (scores - 16) bounds nothing once a trained model gives pads high scores.
+            # Padded keys get MASK_PENALTY before softmax: a weight of e^-16 ~ 1e-7 each, nothing.
             # Not -1e9: int8 TFLite quantizes the scores over their whole range, and a range
             # reaching -1e9 rounds every real score to the same value (uniform attention).
             key_mask = tf.reshape(tf.cast(mask, tf.float32), [tf.shape(mask)[0], 1, 1, tf.shape(mask)[1]])
-            floor = tf.stop_gradient(tf.reduce_min(scores, axis=-1, keepdims=True) - MASK_PENALTY)
-            scores = floor + (scores - floor) * key_mask
+            scores += (1.0 - key_mask) * -MASK_PENALTY
         weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
         attended = tf.einsum("bhqk,bhkd->bqhd", weights, value)
         return tf.reshape(attended, (batch, length, width))
