@@ -20,6 +20,7 @@ Conversion modes (`convert(model, mode)`):
 """
 
 import gzip
+import functools
 import os
 import statistics
 import time
@@ -98,6 +99,7 @@ def _interpreter(tflite_bytes, threads, resolver=tf.lite.experimental.OpResolver
                                    experimental_op_resolver_type=resolver)
 
 
+@functools.lru_cache(maxsize=8)  # asked once per interpreter built, several per variant
 def delegate(tflite_bytes):
     """"xnnpack" (TFLite's default CPU delegate), or "none" for models with an int8 BATCH_MATMUL.
 
@@ -110,12 +112,18 @@ def delegate(tflite_bytes):
     (`experimental_op_resolver_type=BUILTIN_WITHOUT_DEFAULT_DELEGATES`, or no XNNPack delegate
     on a phone).
     """
-    runner = _interpreter(tflite_bytes, 1, NO_DELEGATE)
-    tensors = {d["index"]: d for d in runner.get_tensor_details()}
-    for op in runner._get_ops_details():  # the public API has no per-op view
+    tensors, ops = _tensors_and_ops(tflite_bytes)
+    for op in ops:
         if op["op_name"] == "BATCH_MATMUL" and any(tensors[i]["dtype"] == np.int8 for i in op["inputs"] if i in tensors):
             return "none"
     return "xnnpack"
+
+
+def _tensors_and_ops(tflite_bytes):
+    """({tensor index: details}, [op details]) of a model, read with TFLite's own kernels."""
+    runner = _interpreter(tflite_bytes, 1, NO_DELEGATE)
+    tensors = {d["index"]: d for d in runner.get_tensor_details()}
+    return tensors, runner._get_ops_details()  # the public API has no per-op view
 
 
 def predict(tflite_bytes, inputs, *, threads=2, batch_size=256):
@@ -178,10 +186,9 @@ def weight_tensor_types(tflite_bytes):
 def float_ops(tflite_bytes):
     """{op name: count} of the ops that compute in float32 (any float32 input or output): what
     stays float in a quantized model. Quantize/Dequantize ops are the boundaries, not counted."""
-    runner = _interpreter(tflite_bytes, 1, NO_DELEGATE)
-    tensors = {d["index"]: d for d in runner.get_tensor_details()}
+    tensors, ops = _tensors_and_ops(tflite_bytes)
     counts = {}
-    for op in runner._get_ops_details():  # the public API has no per-op view
+    for op in ops:
         if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
             continue
         indices = [i for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0]
