@@ -198,12 +198,11 @@ class Throughput(keras.callbacks.Callback):
         self.epoch_seconds.append(getattr(self, "_last", time.perf_counter()) - self._start)
 
 
-class InputWait(keras.callbacks.Callback):
-    """Per epoch, the share of train-step time spent waiting for input (from the training
-    dataset's `input_pipeline.InputWaitMeter`); prints a warning when it is above `warn_above`.
-
-    Step time is timed as `Throughput` times it, from the epoch's start to its last step (the
-    first epoch's includes tracing, and its waits include filling the shuffle buffer).
+class InputWait(Throughput):
+    """`Throughput` that also takes, per epoch, the time the train steps waited for input (from
+    the training dataset's `input_pipeline.InputWaitMeter`) and prints a warning when that share
+    of step time is above `warn_above`. (The first epoch's step time includes tracing, and its
+    waits include filling the shuffle buffer.)
     """
 
     def __init__(self, meter, warn_above=0.1, pipeline_hint="make bench-input"):
@@ -212,27 +211,23 @@ class InputWait(keras.callbacks.Callback):
         self.warn_above = warn_above
         self.pipeline_hint = pipeline_hint
         self.wait_seconds = []
-        self.step_seconds = []
 
     def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
         self.meter.read_and_reset()
-        self._start = self._last = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._last = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
         waited, _ = self.meter.read_and_reset()
         self.wait_seconds.append(waited)
-        self.step_seconds.append(self._last - self._start)
-        fraction = waited / max(self._last - self._start, 1e-9)
+        fraction = self.fractions()[-1]
         if fraction > self.warn_above:
             print(f"warning: epoch {epoch + 1} spent {fraction:.0%} of its train-step time waiting for input "
                   f"(over {self.warn_above:.0%}): training is input-bound; `{self.pipeline_hint}` shows "
                   "which stage of the input pipeline to speed up", flush=True)
 
     def fractions(self):
-        return [w / max(s, 1e-9) for w, s in zip(self.wait_seconds, self.step_seconds)]
+        return [w / max(s, 1e-9) for w, s in zip(self.wait_seconds, self.epoch_seconds)]
 
 
 def _writable_dir(run_dir, sub, is_chief, scratch):
@@ -259,9 +254,8 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
         logs_dir = _writable_dir(run_dir, "logs", is_chief, scratch)
         history_csv = os.path.join(run_dir if is_chief else logs_dir, "history.csv")
         earlier = _read_history(history_csv) or {}
-        nan_guard, throughput = StopOnNaN(), Throughput()
         meter = getattr(train_ds, "input_wait", None)  # input_pipeline.distributed_dataset sets it
-        input_wait = [InputWait(meter)] if meter is not None else []
+        nan_guard, throughput = StopOnNaN(), (Throughput() if meter is None else InputWait(meter))
         all_callbacks = [
             nan_guard,
             # Before the backup: a kill between the two then repeats an epoch's row
@@ -279,7 +273,6 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
                                   nan_guard=nan_guard),
             keras.callbacks.TensorBoard(logs_dir, update_freq="epoch", profile_batch=0),
             throughput,
-            *input_wait,
             *callbacks,
         ]
         start = time.perf_counter()
@@ -290,12 +283,11 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
         if nan_guard.stopped_at is not None:
             epoch, batch = nan_guard.stopped_at
             raise TrainingDiverged(f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints} (lower the learning rate or use --precision=float32)")
-        waits = input_wait[0] if input_wait else None
         return {
             "history": _read_history(history_csv) or {k: list(v) for k, v in history.history.items()},
             "train_seconds": train_seconds,
-            "input_wait_seconds": sum(waits.wait_seconds) if waits else None,
-            "input_wait_fraction_per_epoch": waits.fractions() if waits else None,
+            "input_wait_seconds": sum(throughput.wait_seconds) if meter is not None else None,
+            "input_wait_fraction_per_epoch": throughput.fractions() if meter is not None else None,
             "train_step_seconds": sum(throughput.epoch_seconds),
             "epochs_run": len(throughput.epoch_seconds),
         }
