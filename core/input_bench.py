@@ -158,6 +158,11 @@ class SimulatedRemoteStorage:
         return opened.flat_map(stream)
 
 
+def remote_store(opts):
+    """A fresh SimulatedRemoteStorage with the latency and bandwidth of the bench's flags."""
+    return SimulatedRemoteStorage(opts.remote_open_ms / 1000, opts.remote_mb_per_s * 1e6)
+
+
 # --- measuring ----------------------------------------------------------------------------------
 
 
@@ -198,14 +203,14 @@ def median_rates(make_dataset, num_examples, repeats, epochs=1, before_each=None
     return statistics.median(firsts), (statistics.median(seconds) if seconds else None)
 
 
-def raw_records(files, *, parallel, compression=""):
+def raw_records(files, *, parallel):
     """The files' records, unparsed, in batches: what storage alone can deliver."""
     if parallel:
         ds = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
-            lambda f: tf.data.TFRecordDataset(f, compression_type=compression, buffer_size=8 << 20),
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
             cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     else:
-        ds = tf.data.TFRecordDataset(list(files), compression_type=compression, buffer_size=8 << 20)
+        ds = tf.data.TFRecordDataset(list(files), buffer_size=8 << 20)
     return ds.batch(READ_BATCH).prefetch(2)
 
 
@@ -282,7 +287,7 @@ def measure_all(task, opts, *, scratch_dir, log=print):
     naive, naive_later = median_rates(pipeline(knobs=input_pipeline.NAIVE), n, opts.repeats, epochs=2)
     log(f"naive: {naive:.0f}/s")
 
-    remote = SimulatedRemoteStorage(opts.remote_open_ms / 1000, opts.remote_mb_per_s * 1e6)
+    remote = remote_store(opts)
     remote_rate, _ = median_rates(
         pipeline(knobs=dataclasses.replace(tuned_knobs, open_records=remote.open_records)), n, opts.repeats)
     log(f"remote (simulated): {remote_rate:.0f}/s, {remote.opens} opens")
@@ -375,19 +380,21 @@ def run_ablation(task, opts, scratch_dir, tuned_knobs, pipeline, log):
                               stored=stored)
         measure("stored format", f"{stored.name} ({file_bytes(files) / n:.0f} B/example)",
                 pipeline(files=files, parse=stored.parse))
-    remote = lambda: SimulatedRemoteStorage(opts.remote_open_ms / 1000, opts.remote_mb_per_s * 1e6)  # noqa: E731
+    def one_at_a_time(cycle):
+        return "1 (one file at a time)" if cycle == 1 else str(cycle)
+
     for cycle in (1, 4):
-        measure("remote: interleave_cycle", "1 (one file at a time)" if cycle == 1 else str(cycle), pipeline(knobs=dataclasses.replace(
-            tuned_knobs, interleave_cycle=cycle, parallel_reads=cycle > 1, open_records=remote().open_records)),
+        measure("remote: interleave_cycle", one_at_a_time(cycle), pipeline(knobs=dataclasses.replace(
+            tuned_knobs, interleave_cycle=cycle, parallel_reads=cycle > 1, open_records=remote_store(opts).open_records)),
             later=False)
     # The reads alone (no parsing) show what interleave hides; in the full pipeline on 2 cores
     # the parsing, not the remote store, sets the pace.
     for cycle in (1, 4, tuned_knobs.interleave_cycle):
-        measure("remote, reads only: interleave_cycle", "1 (one file at a time)" if cycle == 1 else str(cycle),
-                lambda: remote_reads(task.files, remote(), cycle), default=cycle == tuned_knobs.interleave_cycle,
-                later=False)
+        measure("remote, reads only: interleave_cycle", one_at_a_time(cycle),
+                lambda: remote_reads(task.files, remote_store(opts), cycle),
+                default=cycle == tuned_knobs.interleave_cycle, later=False)
     measure("remote: naive", "all off", pipeline(knobs=dataclasses.replace(
-        input_pipeline.NAIVE, open_records=remote().open_records)), later=False)
+        input_pipeline.NAIVE, open_records=remote_store(opts).open_records)), later=False)
     return rows
 
 
@@ -513,8 +520,8 @@ def plot(report, path, title):
 
 def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):
     """`bench-input [--smoke] [--data=...] [pipeline flags]`: measures, writes the report files and
-    returns the report (printed as the last line). `make_task(cfg, run, scratch_dir)` builds the
-    pipeline's InputBenchTask."""
+    returns the report (printed as the last line). `make_task(cfg, run)` builds the pipeline's
+    InputBenchTask."""
     run, cfg, opts = config_lib.parse_flags(
         argv, [config_lib.RunOptions, config_class, BenchInputOptions],
         prog=f"python -m pipelines.{pipeline} bench-input", smoke_overrides=smoke, pipeline=pipeline)
@@ -529,7 +536,7 @@ def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):
     # Rewritten caches go beside the cache (the same disk), or to local temp space for a gs:// one.
     scratch = tempfile.mkdtemp(prefix="bench-input-", dir=run.cache_dir if local_cache else None)
     try:
-        task = make_task(cfg, run, scratch)
+        task = make_task(cfg, run)
         report = measure_all(task, opts, scratch_dir=scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -307,7 +307,7 @@ def parse_token_ids(serialized):
     return tf.sparse.to_dense(features["ids"]), features["label"]
 
 
-def bench_input_task(cfg, run, scratch_dir):
+def bench_input_task(cfg, run):
     """The `bench-input` command's InputBenchTask: the training split as the cache holds it (review
     text, tokenized as it is read), training's own pipeline (`train_input`), token ids as the other
     stored format, and the model for the train step's consumption rate (on 32 real batches)."""

@@ -94,7 +94,7 @@ def test_token_id_format_equals_tokenizing_the_text(tmp_path):
                                      if k in {f.name for f in dataclasses.fields(imdb_transformer.Config)}})
     from core import config as config_lib
     run = config_lib.RunOptions(data="synthetic", cache_dir=str(tmp_path / "cache"))
-    task = imdb_transformer.bench_input_task(cfg, run, str(tmp_path))
+    task = imdb_transformer.bench_input_task(cfg, run)
     (token_ids,) = task.other_formats
     files = input_bench.rewrite_cache(task, tmp_path / "ids", examples_per_shard=64, stored=token_ids)
     from_text = list(tf.data.TFRecordDataset(list(task.files)).map(task.parse).as_numpy_iterator())
