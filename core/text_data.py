@@ -184,12 +184,11 @@ def read_texts(split: Split) -> tuple[list[str], np.ndarray]:
     if not split.files:  # an empty split (val_fraction=0) has no shards
         return [], np.zeros(0, dtype=np.int64)
     # Parsing whole batches: one op call per 1024 records instead of one per record.
-    batches = tf.data.TFRecordDataset(list(split.files)).batch(1024).map(
-        lambda serialized: tf.io.parse_example(serialized, _FEATURES))
+    batches = tf.data.TFRecordDataset(list(split.files)).batch(1024).map(parse_examples)
     texts, labels = [], []
-    for batch in batches.as_numpy_iterator():
-        texts.extend(text.decode("utf-8") for text in batch["text"])
-        labels.append(batch["label"])
+    for batch_texts, batch_labels in batches.as_numpy_iterator():
+        texts.extend(text.decode("utf-8") for text in batch_texts)
+        labels.append(batch_labels)
     return texts, np.concatenate(labels)
 
 
