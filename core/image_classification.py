@@ -82,7 +82,8 @@ def flip_and_translate(images, *, flip, translate, seed, epoch=None):
         flipped = tf.random.uniform([batch, 1, 1], seed=seed) < 0.5
     # One gather does both: each output pixel's source index in the reflect-padded batch. Pixels
     # travel packed as one int32 (channels padded to 4 bytes): gathering whole pixels instead of
-    # bytes made flip + translate 3x faster (26 -> 9 ms per 1024 CIFAR images, measured).
+    # bytes made flip + translate 3x faster (26 -> 9 ms per 1024 CIFAR images, one tf.function
+    # call, 2-core Xeon, 2026-11-22).
     pixels = tf.bitcast(tf.pad(images, [[0, 0], [0, 0], [0, 0], [0, 4 - channels]]), tf.int32)
     pad = translate
     if pad:

@@ -15,8 +15,9 @@ Sources (`prepare(source=...)`):
 
 Design:
 - Records hold raw uint8 HWC pixels, not JPEG: reads need no decoding, and 50k CIFAR images are
-  150 MB, which sits in the page cache. Measured (`make bench-input`): the tuned first epoch reads
-  60.6k images/s from raw pixels and 15.9k/s from JPEG (quality 75, 3.2x smaller files).
+  150 MB, which sits in the page cache. Measured (`make bench-input`, 2-core Xeon, 2026-11-22):
+  the tuned first epoch reads 60.6k images/s from raw pixels and 15.9k/s from JPEG (quality 75,
+  3.2x smaller files).
 - Shards hold up to 4096 examples (13 MB of CIFAR pixels), uncompressed: 65 small shards read at
   51.9k/s, a single file at 30.4k/s, GZIP shards at 37.6k/s (8% smaller); see InputKnobs.
 - "val" is always carved from train (seeded, stratified per class); "test", when the source has
