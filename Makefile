@@ -14,6 +14,8 @@ CONFIG   ?=
 RUNS     ?= 3
 NAME     ?=
 STAGES   ?= prune,pqat
+TUNER    ?= hyperband
+TRIALS   ?= 10
 # setup.cfg pins Python 3.11; fall back to python3 (pip then says so if it is another version).
 PYTHON   ?= $(shell command -v python3.11 || echo python3)
 VENV     := .venv
@@ -30,7 +32,7 @@ TRAIN_FLAGS := --strategy=$(STRATEGY) --data=$(TRAIN_DATA) $(if $(RUN_NAME),--na
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate compress bench bench-input test test-all clean-runs
+.PHONY: help install train evaluate compress tune bench bench-input test test-all clean-runs
 
 help: ## list the targets (this text)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +40,7 @@ help: ## list the targets (this text)
 	@echo "  variables: PIPELINE=$(PIPELINE) STRATEGY=$(STRATEGY) (auto|default|mirrored|multiworker|tpu)"
 	@echo "             WORKERS=$(WORKERS) (multiworker on this machine) RUNS=$(RUNS) (bench) NAME=run-name"
 	@echo "             DATA=... MODEL=... CONFIG=config.json STAGES=$(STAGES) ARGS=\"--key=value ...\""
+	@echo "             TUNER=$(TUNER) (hyperband|bayesian|random) TRIALS=$(TRIALS) (tune)"
 
 install: $(VENV)/.installed ## create .venv and install the pinned dependencies from setup.cfg
 
@@ -59,6 +62,9 @@ evaluate: install ## accuracy of MODEL=runs/.../model.keras on DATA (a folder, .
 
 compress: install ## TFMOT STAGES (e.g. prune,ptq_int8,pqat) on MODEL=runs/.../model.keras; report in compress/ beside it
 	$(PY) -m pipelines.$(PIPELINE) compress --model=$(MODEL) --stages=$(STAGES) $(ARGS)
+
+tune: install ## keras-tuner search over the pipeline's SEARCH_SPACE (TUNER=hyperband|bayesian|random TRIALS=N); rerun to resume
+	$(PY) -m pipelines.$(PIPELINE) tune --tuner=$(TUNER) --trials=$(TRIALS) $(TRAIN_FLAGS)
 
 bench: install ## repeat the training RUNS times (seeds 0..RUNS-1) and print the BENCHMARKS.md row
 	$(PY) -m core.benchmark --pipeline=$(PIPELINE) --runs=$(RUNS) -- $(TRAIN_FLAGS)

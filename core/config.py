@@ -43,6 +43,7 @@ class RunOptions:
     seed: int = 0  # seeds the validation carve, shuffling, augmentation and init
     smoke: bool = False  # shrink everything (data, model, schedule) to a run of seconds
     verbose: int = 1  # Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch
+    evaluate_test: bool = True  # score the source's test split at the end, when it has one (search trials: false)
 
     def __post_init__(self):
         check_choice("verbose", self.verbose, (0, 1, 2))
@@ -176,21 +177,22 @@ def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None, pipeline=N
     return [cls(**{k: v for k, v in values.items() if fields[k][0] is cls}) for cls in classes]
 
 
-def load_json_object(path, pipeline=None):
-    """Field values from a JSON object; a "pipeline" key (as in a run's config.json) must match."""
+def load_json_object(path, pipeline=None, *, flag="config", what="config fields"):
+    """`what` from a JSON object file given as `--flag=path`; a "pipeline" key (as in a run's
+    config.json) must match."""
     if not os.path.isfile(path):
-        raise UserError(f"--config={path}: no such file; expected a JSON object of config fields")
+        raise UserError(f"--{flag}={path}: no such file; expected a JSON object of {what}")
     try:
         with open(path) as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--config={path}: not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')}); expected a JSON object of config fields") from None
+        raise UserError(f"--{flag}={path}: not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')}); expected a JSON object of {what}") from None
     if not isinstance(data, dict):
-        raise UserError(f"--config={path}: expected a JSON object of config fields, got {type(data).__name__}")
+        raise UserError(f"--{flag}={path}: expected a JSON object of {what}, got {type(data).__name__}")
     data = dict(data)
     written_for = data.pop("pipeline", None)
     if pipeline and written_for and written_for != pipeline:
-        raise UserError(f"--config={path}: written for pipeline {written_for!r}; expected one for {pipeline!r}")
+        raise UserError(f"--{flag}={path}: written for pipeline {written_for!r}; expected one for {pipeline!r}")
     return data
 
 
@@ -215,26 +217,19 @@ def check_positive(cfg, *names, allow_zero=False):
             raise UserError(f"--{name}={value}: expected a number {bound}")
 
 
-def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None):
-    """Entry point of a pipeline module: `[evaluate|compress|bench-input] --key=value ...`.
+def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tune=None):
+    """Entry point of a pipeline module: `[evaluate|compress|bench-input|tune] --key=value ...`.
 
-    `evaluate`, `compress` and `bench_input` return a dict that is printed as one JSON line. A `UserError` anywhere prints
+    The commands other than training return a dict that is printed as one JSON line. A `UserError` anywhere prints
     `error: <message>` and exits 2; anything else is a bug and keeps its traceback.
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["evaluate"]:
-            if evaluate is None:
-                raise UserError("this pipeline has no evaluate command")
-            print(json.dumps(evaluate(argv[1:])))
-        elif argv[:1] == ["compress"]:
-            if compress is None:
-                raise UserError("this pipeline has no compress command")
-            print(json.dumps(compress(argv[1:])))
-        elif argv[:1] == ["bench-input"]:
-            if bench_input is None:
-                raise UserError("this pipeline has no bench-input command")
-            print(json.dumps(bench_input(argv[1:])))
+        commands = {"evaluate": evaluate, "compress": compress, "bench-input": bench_input, "tune": tune}
+        if argv[:1] and argv[0] in commands:
+            if commands[argv[0]] is None:
+                raise UserError(f"this pipeline has no {argv[0]} command")
+            print(json.dumps(commands[argv[0]](argv[1:])))
         else:
             main(argv)
     except UserError as e:

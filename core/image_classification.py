@@ -31,7 +31,8 @@ from core.errors import UserError
 
 FLIPS = ("alternate", "random", "none")
 COMMANDS = ["evaluate --model=PATH --data=PATH [--tta=N]",  # besides training, for --help
-            "compress --model=PATH --stages=prune,pqat,..."]
+            "compress --model=PATH --stages=prune,pqat,...",
+            "tune --tuner=hyperband|bayesian|random --trials=N"]
 
 
 def start_run(argv, *, pipeline, config_class, smoke):
@@ -164,14 +165,14 @@ def evaluate_split(model, data, split, tta):
     return evaluation.accuracy_report(logits, labels, data.class_names)
 
 
-def save_and_report(model, data, run_dir, *, tta, **report):
+def save_and_report(model, data, run_dir, *, tta, evaluate_test=True, **report):
     """The chief's last stage: model.keras, then accuracy on val (with and without test-time
-    augmentation) and on test when the source has one, into metrics.json (`training.write_report`,
-    which takes the rest of `report`)."""
+    augmentation) and on test when the source has one (and `evaluate_test`), into metrics.json
+    (`training.write_report`, which takes the rest of `report`)."""
     model.save(os.path.join(run_dir, "model.keras"))
     val = evaluate_split(model, data, "val", tta)
     val_no_tta = evaluate_split(model, data, "val", 0)
-    test = evaluate_split(model, data, "test", tta) if "test" in data.splits else None
+    test = evaluate_split(model, data, "test", tta) if evaluate_test and "test" in data.splits else None
     return training.write_report(run_dir, data=data, val=val, val_no_tta=val_no_tta, test=test,
                                  tta=tta, **report)
 

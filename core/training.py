@@ -382,6 +382,7 @@ def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_
             "test_examples": data.splits["test"].num_examples if test else 0,
             "val_split": f"seeded {data.val_fraction:.0%} per class carved from train (seed {data.seed})",
             "test_split": ("the source's test split" if test
+                           else "not scored (--evaluate_test=false)" if "test" in data.splits
                            else "none in this source: measure test accuracy with `make evaluate`"),
         },
         "val_per_class_accuracy": val["per_class_accuracy"],

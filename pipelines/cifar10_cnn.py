@@ -16,7 +16,7 @@ import dataclasses
 
 import strategies
 from core import config as config_lib
-from core import image_classification, optim, training
+from core import image_classification, optim, training, tuning
 from core.errors import UserError
 from models import cnn
 
@@ -64,6 +64,17 @@ class Config:
 
 
 # --smoke: tiny model and data, two short epochs; synthetic data unless --data is given.
+# `make tune` searches these Config fields (core/tuning.py); every other field stays as configured.
+# Centred on airbench94's values (the defaults above), wide enough to move off them.
+SEARCH_SPACE = {
+    "learning_rate": tuning.Float(0.5, 4.0, log=True),
+    "weight_decay": tuning.Float(3e-4, 5e-3, log=True),
+    "label_smoothing": tuning.Float(0.0, 0.3, step=0.05),
+    "batch_size": tuning.Choice(512, 1024, 2048),
+    "translate": tuning.Choice(0, 1, 2, 3),
+    "model": tuning.Choice("small", "large"),  # width: airbench94's or airbench95's channels
+}
+
 SMOKE = dict(model="tiny", epochs=2, max_examples=320, batch_size=64, data="synthetic",
              examples_per_shard=64, verbose=2, tta=1)
 
@@ -155,9 +166,9 @@ def main(argv):
 
     if is_chief:
         image_classification.save_and_report(
-            model, data, run_dir, tta=cfg.tta, pipeline=PIPELINE, strategy=strategy, precision=precision,
-            result=result, model_name=cfg.model, epochs=cfg.epochs, global_batch=cfg.batch_size,
-            total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+            model, data, run_dir, tta=cfg.tta, evaluate_test=run.evaluate_test, pipeline=PIPELINE,
+            strategy=strategy, precision=precision, result=result, model_name=cfg.model, epochs=cfg.epochs,
+            global_batch=cfg.batch_size, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     return run_dir
 
 
@@ -169,5 +180,13 @@ def bench_input_command(argv):
         image_shape=IMAGE_SHAPE, augment_batch=augment_batch, make_model=make_model)
 
 
+def tune_command(argv):
+    """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
+    this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
+    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE,
+                               search_space=SEARCH_SPACE)
+
+
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command)
+    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command,
+                       tune=tune_command)

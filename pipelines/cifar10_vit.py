@@ -28,7 +28,7 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import image_classification, image_data, optim, training
+from core import image_classification, image_data, optim, training, tuning
 from core.errors import UserError
 from models import transformer
 
@@ -90,6 +90,16 @@ class Config:
 
 
 # --smoke: tiny model and data, two short epochs; synthetic data unless --data is given.
+# `make tune` searches these Config fields (core/tuning.py); every other field stays as configured.
+SEARCH_SPACE = {
+    "learning_rate": tuning.Float(5e-4, 4e-3, log=True),
+    "weight_decay": tuning.Float(0.01, 0.2, log=True),
+    "label_smoothing": tuning.Float(0.0, 0.2, step=0.05),
+    "dropout": tuning.Float(0.0, 0.2, step=0.05),
+    "batch_size": tuning.Choice(256, 512, 1024),
+    "model": tuning.Choice("small", "base"),  # width and depth (models/transformer.VARIANTS)
+}
+
 SMOKE = dict(model="tiny", stem=(8,), patch_size=4, epochs=2, max_examples=320, batch_size=64,
              data="synthetic", examples_per_shard=64, verbose=2, tta=1)
 
@@ -183,9 +193,9 @@ def main(argv):
 
     if is_chief:
         image_classification.save_and_report(
-            model, data, run_dir, tta=cfg.tta, pipeline=PIPELINE, strategy=strategy, precision=precision,
-            result=result, model_name=cfg.model, epochs=cfg.epochs, global_batch=cfg.batch_size,
-            total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+            model, data, run_dir, tta=cfg.tta, evaluate_test=run.evaluate_test, pipeline=PIPELINE,
+            strategy=strategy, precision=precision, result=result, model_name=cfg.model, epochs=cfg.epochs,
+            global_batch=cfg.batch_size, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     return run_dir
 
 
@@ -197,5 +207,13 @@ def bench_input_command(argv):
         image_shape=IMAGE_SHAPE, augment_batch=augment_batch, make_model=make_model)
 
 
+def tune_command(argv):
+    """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
+    this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
+    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE,
+                               search_space=SEARCH_SPACE)
+
+
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command)
+    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command,
+                       tune=tune_command)

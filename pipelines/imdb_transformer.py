@@ -36,14 +36,15 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import compress, evaluation, input_bench, input_pipeline, optim, text_data, training
+from core import compress, evaluation, input_bench, input_pipeline, optim, text_data, training, tuning
 from core.errors import UserError
 from models import text_preprocessing, transformer
 
 PIPELINE = "imdb_transformer"
 CLASS_NAMES = text_data.CLASS_NAMES  # ("neg", "pos")
 COMMANDS = ["evaluate --model=PATH --data=PATH",  # besides training, for --help
-            "compress --model=PATH --stages=prune,pqat,..."]
+            "compress --model=PATH --stages=prune,pqat,...",
+            "tune --tuner=hyperband|bayesian|random --trials=N"]
 TOKENIZERS = ("words", "wordpiece")
 
 
@@ -95,6 +96,16 @@ class EvaluateOptions:
     def __post_init__(self):
         config_lib.check_positive(self, "batch_size")
 
+
+# `make tune` searches these Config fields (core/tuning.py); every other field stays as configured.
+SEARCH_SPACE = {
+    "learning_rate": tuning.Float(5e-4, 4e-3, log=True),
+    "weight_decay": tuning.Float(1e-3, 0.1, log=True),
+    "dropout": tuning.Float(0.0, 0.3, step=0.05),
+    "warmup_fraction": tuning.Float(0.05, 0.3, step=0.05),
+    "batch_size": tuning.Choice(32, 64, 128),
+    "model": tuning.Choice("tiny", "small"),  # width and depth (models/transformer.VARIANTS)
+}
 
 SMOKE = dict(data="synthetic", model="tiny", vocab_size=200, max_length=64, bigram_buckets=512,
              batch_size=32, epochs=2, max_examples=512, learning_rate=5e-3, examples_per_shard=64, length_bucket=16,
@@ -229,12 +240,14 @@ def accuracy_on_texts(model, texts, labels, batch_size=500):
     return evaluation.accuracy_report(logits, labels, CLASS_NAMES)
 
 
-def save_and_report(model, data, run_dir, **report):
+def save_and_report(model, data, run_dir, evaluate_test=True, **report):
     """The chief's last stage: model.keras, then its accuracy on val and test (when the source
-    has one) measured on raw strings through the exported model, into metrics.json."""
+    has one, and `evaluate_test`) measured on raw strings through the exported model, into
+    metrics.json."""
     model.save(os.path.join(run_dir, "model.keras"))
+    splits = ("val", "test") if evaluate_test else ("val",)
     scores = {split: accuracy_on_texts(model, *text_data.read_texts(data.splits[split]))
-              for split in ("val", "test") if split in data.splits}
+              for split in splits if split in data.splits}
     return training.write_report(run_dir, data=data, val=scores["val"], val_no_tta=scores["val"],
                                  test=scores.get("test"), **report)
 
@@ -350,11 +363,20 @@ def main(argv):
 
     if is_chief:
         save_and_report(
-            export(vectorizer, truncate, model), data, run_dir, pipeline=PIPELINE, strategy=strategy,
+            export(vectorizer, truncate, model), data, run_dir, evaluate_test=run.evaluate_test,
+            pipeline=PIPELINE, strategy=strategy,
             precision=precision, result=result, model_name=cfg.model, epochs=cfg.epochs,
             global_batch=cfg.batch_size, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     return run_dir
 
 
+def tune_command(argv):
+    """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
+    this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
+    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE,
+                               search_space=SEARCH_SPACE)
+
+
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command)
+    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command,
+                       tune=tune_command)
