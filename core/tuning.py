@@ -135,7 +135,8 @@ def check_space(space, config_class, base_config, *, fixed=(), tuner="random"):
         elif isinstance(spec, (Float, Int)):
             expected = float if isinstance(spec, Float) else int
             if field_type is not expected:
-                raise UserError(f"{where}: {key} is a {getattr(field_type, '__name__', field_type)} field; expected {'Int' if field_type is int else 'Float' if field_type is float else 'Choice'}")
+                wanted = {int: "Int", float: "Float"}.get(field_type, "Choice")
+                raise UserError(f"{where}: {key} holds {getattr(field_type, '__name__', field_type)} values; expected {wanted}")
             if not (_has_type(spec.low, expected) and _has_type(spec.high, expected)) or not spec.low < spec.high:
                 raise UserError(f"{where}: expected low < high, both {expected.__name__}")
             if spec.log and spec.low <= 0:
