@@ -42,6 +42,7 @@ import json
 import math
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -247,16 +248,28 @@ class Search:
     def run_dir(self, name):
         return os.path.join(self.trials_dir, self.pipeline, name)
 
+    def run_names(self, name):
+        """The run folders of trial `name`: one per execution, each with its own seed."""
+        if self.executions == 1:
+            return [(name, self.seed)]
+        return [(f"{name}-seed{self.seed + i}", self.seed + i) for i in range(self.executions)]
+
     def train(self, name, values):
-        """Trains the pipeline with `values` (Config fields) `executions` times; returns the
+        """Trains the pipeline with `values` (Config fields) once per execution; returns the
         metrics keras-tuner records (the objective: their mean validation accuracy)."""
+        return _combine([self._train_once(run_name, values, seed) for run_name, seed in self.run_names(name)])
+
+    def read_finished(self, name, epochs):
+        """The metrics of `name` when all its runs have finished (the chief reads the baseline a
+        worker trained), else None."""
+        paths = [os.path.join(self.run_dir(run_name), "metrics.json") for run_name, _ in self.run_names(name)]
+        if not all(os.path.exists(p) for p in paths):
+            return None
         runs = []
-        for execution in range(self.executions):
-            run_name = name if self.executions == 1 else f"{name}-seed{self.seed + execution}"
-            runs.append(self._train_once(run_name, values, self.seed + execution))
-        return {OBJECTIVE: statistics.fmean(m[OBJECTIVE] for m in runs),
-                "train_seconds": sum(m["train_seconds"] for m in runs),
-                "examples_per_second": statistics.fmean(m["examples_per_second"] for m in runs)}
+        for path in paths:
+            with open(path) as f:
+                runs.append(json.load(f))
+        return {**_combine(runs), "epochs": epochs}
 
     def _train_once(self, run_name, values, seed):
         metrics_path = os.path.join(self.run_dir(run_name), "metrics.json")
@@ -272,6 +285,13 @@ class Search:
                 raise TrialFailed(f"{run_name}: {last_error or 'ended without metrics.json'} (log: {log_path})")
         with open(metrics_path) as f:
             return json.load(f)
+
+
+def _combine(runs):
+    """One trial's figures from its runs' metrics.json: mean accuracy and speed, total time."""
+    return {OBJECTIVE: statistics.fmean(m[OBJECTIVE] for m in runs),
+            "train_seconds": sum(m["train_seconds"] for m in runs),
+            "examples_per_second": statistics.fmean(m["examples_per_second"] for m in runs)}
 
 
 def _run_logged(command, log_path):
@@ -402,8 +422,8 @@ def best_run(rows):
 def write_best_config(best, search, config_class):
     """best_config.json: the best run's Config fields, as its own config.json recorded them,
     plus "pipeline" (checked by --config); `make train CONFIG=` reads it as is."""
-    run_dir = best["run"] if search.executions == 1 else f"{best['run']}-seed{search.seed}"
-    with open(os.path.join(run_dir, "config.json")) as f:
+    first_run, _ = search.run_names(os.path.basename(best["run"]))[0]
+    with open(os.path.join(search.run_dir(first_run), "config.json")) as f:
         run_config = json.load(f)
     fields = [f.name for f in dataclasses.fields(config_class)]
     training.write_json(os.path.join(search.search_dir, "best_config.json"),
@@ -437,6 +457,35 @@ def plot_objective(rows, path, pipeline):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# Distributed search: keras-tuner's chief oracle over gRPC ---------------------------------------
+
+def distributed_role():
+    """None for a search in one process; else "chief" (serves the oracle, trains nothing) or
+    "worker" (asks the chief for trials and trains them), from keras-tuner's own variables:
+    KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID ("chief", "tuner0", ...)."""
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return None
+    for variable in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        if not os.environ.get(variable):
+            raise UserError(f"KERASTUNER_ORACLE_IP is set but {variable} is not: a distributed search needs "
+                            "KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID (chief | tuner0 | tuner1 ...)")
+    port = os.environ["KERASTUNER_ORACLE_PORT"]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"KERASTUNER_ORACLE_PORT={port}: expected a port number from 1 to 65535")
+    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+def _check_chief_port_free():
+    """gRPC does not fail when the chief's port is taken: workers would then talk to whatever holds it."""
+    port = int(os.environ["KERASTUNER_ORACLE_PORT"])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            raise UserError(f"KERASTUNER_ORACLE_PORT={port}: the port is already in use on this machine; "
+                            "stop the process holding it (often an earlier chief) or pick another port") from None
 
 
 # The command --------------------------------------------------------------------------------
@@ -473,11 +522,16 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
 
     search = Search(pipeline=pipeline, search_dir=search_dir, pipeline_flags=pipeline_flags, seed=run.seed,
                     executions=tune_opts.executions_per_trial, base_epochs=cfg.epochs)
+    role = distributed_role()
+    if role == "chief":
+        _check_chief_port_free()
     report = lambda tuner: write_reports(tuner, search, space, config_class)
+    # Workers hold no oracle to report from: the chief writes the report when the search ends.
     tuner = make_tuner(tune_opts, search=search, hp=hyperparameters(space, cfg), max_epochs=max_epochs,
-                       seed=run.seed, on_trial_done=report)
-    if tune_opts.baseline:
-        baseline_values = {"epochs": max_epochs} if tune_opts.tuner == "hyperband" else {}
+                       seed=run.seed, on_trial_done=report if role is None else lambda tuner: None)
+    baseline_values = {"epochs": max_epochs} if tune_opts.tuner == "hyperband" else {}
+    # Distributed: the first worker trains the baseline, the chief reads its metrics.json at the end.
+    if tune_opts.baseline and (role is None or os.environ.get("KERASTUNER_TUNER_ID") == "tuner0"):
         try:
             search.baseline = {**search.train("default", baseline_values),
                                "epochs": baseline_values.get("epochs", cfg.epochs)}
@@ -486,9 +540,15 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
     try:
         tuner.search()
     except RuntimeError as e:  # keras-tuner stops after 3 failed trials in a row
-        report(tuner)
+        if role is None:
+            report(tuner)
         last = next((l for l in reversed(str(e).splitlines()) if l.strip()), "")
         raise UserError(f"search stopped: {str(e).splitlines()[0]} Last: {last} (logs in {search.logs_dir})") from None
+    if role == "worker":
+        return {"pipeline": pipeline, "search": search_dir, "worker": os.environ["KERASTUNER_TUNER_ID"],
+                "report": "written by the chief when every worker is done"}
+    if role == "chief" and tune_opts.baseline:
+        search.baseline = search.read_finished("default", baseline_values.get("epochs", cfg.epochs))
     rows, best = report(tuner)
     print(open(os.path.join(search_dir, "trials.md")).read())
     summary = {"pipeline": pipeline, "search": search_dir, "tuner": tune_opts.tuner,
