@@ -433,14 +433,15 @@ def write_best_config(best, search, config_class):
 def plot_objective(rows, path, pipeline):
     """The objective of each trial in start order, the best so far, and the baseline."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trials = [r for r in rows if r["trial"] != "default"]
+    scored = [r for r in rows if r["trial"] != "default" and r[OBJECTIVE] is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [i + 1 for i, r in enumerate(trials) if r[OBJECTIVE] is not None]
-    ys = [r[OBJECTIVE] for r in trials if r[OBJECTIVE] is not None]
-    epochs = [r["epochs"] for r in trials if r[OBJECTIVE] is not None]
+    xs = [int(r["trial"]) for r in scored]
+    ys = [r[OBJECTIVE] for r in scored]
+    epochs = [r["epochs"] for r in scored]
     if xs:
         points = ax.scatter(xs, ys, c=epochs, cmap="viridis", zorder=3, label="trial")
         if len(set(epochs)) > 1:
@@ -449,11 +450,12 @@ def plot_objective(rows, path, pipeline):
     for r in rows:
         if r["trial"] == "default" and r[OBJECTIVE] is not None:
             ax.axhline(r[OBJECTIVE], ls="--", color="tab:red", label=f"default config ({r['epochs']} epochs)")
-    ax.set_xlabel("trial (start order)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("trial (the table's id, in start order)")
     ax.set_ylabel(f"{OBJECTIVE} (validation split)")
     ax.set_title(f"{pipeline}: search objective per trial")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
