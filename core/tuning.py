@@ -368,7 +368,7 @@ def trial_rows(tuner, search, space):
                      "epochs": search.baseline["epochs"], OBJECTIVE: search.baseline[OBJECTIVE],
                      "train_seconds": search.baseline["train_seconds"], "run": search.run_dir("default")})
     oracle = tuner.oracle
-    for trial_id in sorted(oracle.trials):
+    for trial_id in oracle.start_order:  # ids widen when --trials grows past 10, 100, ...: not sortable
         trial = oracle.trials[trial_id]
         values = trial.hyperparameters.values
         metrics = trial.metrics
@@ -541,6 +541,8 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
             raise UserError(f"the baseline (the configuration as given) failed to train: {e}") from None
     try:
         tuner.search()
+    except KeyboardInterrupt:
+        raise UserError(f"search interrupted: rerun the same command to resume it ({search_dir})") from None
     except RuntimeError as e:  # keras-tuner stops after 3 failed trials in a row
         if role is None:
             report(tuner)
