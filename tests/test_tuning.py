@@ -305,3 +305,11 @@ def test_tune_help_documents_every_option_and_make_tune_passes_them():
                               "ARGS=--initial_points=2"], cwd=REPO, text=True, capture_output=True)
     assert "-m pipelines.imdb_transformer tune --tuner=random --trials=3 --strategy=auto" in dry_run.stdout
     assert dry_run.stdout.rstrip().endswith("--initial_points=2")
+
+
+def test_the_shipped_imdb_search_result_loads_as_a_config():
+    """docs/tune_imdb_transformer/best_config.json (BENCHMARKS.md's search) is a valid --config."""
+    path = os.path.join(REPO, "docs", "tune_imdb_transformer", "best_config.json")
+    _, cfg = config_lib.parse_flags([f"--config={path}"], [config_lib.RunOptions, imdb_transformer.Config],
+                                    pipeline="imdb_transformer")
+    assert (cfg.model, cfg.batch_size) == ("tiny", 32)
