@@ -495,14 +495,19 @@ def _check_chief_port_free():
 SEARCH_FLAGS = {"name", "output_dir", "seed"}  # set per trial by the search, not passed through
 
 
+def _flag_key(arg):
+    """The field name of a `--key=value` (or `--flag`) argument."""
+    return arg[2:].partition("=")[0].replace("-", "_")
+
+
 def tune_command(argv, *, pipeline, config_class, smoke, search_space):
     """`tune [--tuner=...] [--trials=N] [pipeline flags]`: the search; returns its summary."""
     tune_opts, run, cfg = config_lib.parse_flags(
         argv, [TuneOptions, config_lib.RunOptions, config_class], prog=f"python -m pipelines.{pipeline} tune",
         smoke_overrides=smoke, pipeline=pipeline)
-    tune_fields = {f.name for f in dataclasses.fields(TuneOptions)}
-    flag_keys = {arg[2:].partition("=")[0].replace("-", "_") for arg in argv}
-    pipeline_flags = [arg for arg in argv if arg[2:].partition("=")[0].replace("-", "_") not in tune_fields | SEARCH_FLAGS]
+    not_passed = {f.name for f in dataclasses.fields(TuneOptions)} | SEARCH_FLAGS
+    flag_keys = {_flag_key(arg) for arg in argv}
+    pipeline_flags = [arg for arg in argv if _flag_key(arg) not in not_passed]
     if "verbose" not in flag_keys:
         pipeline_flags.append("--verbose=2")  # one line per epoch: readable in the trial logs
     if run.strategy == "multiworker":
