@@ -313,3 +313,16 @@ def test_the_shipped_imdb_search_result_loads_as_a_config():
     _, cfg = config_lib.parse_flags([f"--config={path}"], [config_lib.RunOptions, imdb_transformer.Config],
                                     pipeline="imdb_transformer")
     assert (cfg.model, cfg.batch_size) == ("tiny", 32)
+
+
+def test_executions_per_trial_average_runs_with_consecutive_seeds(tmp_path):
+    result = run_module(*_tune_args(tmp_path, f"--space={_space_file(tmp_path)}", "--baseline=false",
+                                    "--executions_per_trial=2", "--seed=3", trials=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = tmp_path / "runs" / "cifar10_cnn" / "tune-random" / "trials" / "cifar10_cnn"
+    metrics = [json.loads((runs / f"trial_0-seed{seed}" / "metrics.json").read_text()) for seed in (3, 4)]
+    configs = [json.loads((runs / f"trial_0-seed{seed}" / "config.json").read_text()) for seed in (3, 4)]
+    assert [c["seed"] for c in configs] == [3, 4] and configs[0]["learning_rate"] == configs[1]["learning_rate"]
+    (row,) = _rows(runs.parent.parent)
+    assert float(row["val_accuracy"]) == pytest.approx(sum(m["val_accuracy"] for m in metrics) / 2, abs=1e-4)
+    assert json.loads((runs.parent.parent / "best_config.json").read_text())["learning_rate"] == configs[0]["learning_rate"]
