@@ -326,3 +326,12 @@ def test_executions_per_trial_average_runs_with_consecutive_seeds(tmp_path):
     (row,) = _rows(runs.parent.parent)
     assert float(row["val_accuracy"]) == pytest.approx(sum(m["val_accuracy"] for m in metrics) / 2, abs=1e-4)
     assert json.loads((runs.parent.parent / "best_config.json").read_text())["learning_rate"] == configs[0]["learning_rate"]
+
+
+def test_trials_train_under_the_strategy_given(tmp_path):
+    result = run_module(*_tune_args(tmp_path, f"--space={_space_file(tmp_path)}", "--baseline=false",
+                                    "--strategy=mirrored", "--cpu_devices=2", trials=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "cifar10_cnn" / "tune-random" / "trials" / "cifar10_cnn" / "trial_0"
+                          / "metrics.json").read_text())
+    assert (metrics["strategy"], metrics["replicas"]) == ("mirrored", 2)
