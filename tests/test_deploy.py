@@ -1,0 +1,111 @@
+"""The cluster recipe: the per-host launcher runs a real multi-worker job on localhost processes,
+writes valid TF_CONFIGs, refuses bad clusters with one line; the TFJob manifest parses and names
+the image, command, replicas and port the README gives."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from core import config as config_lib
+from pipelines import cifar10_cnn
+from strategies import launch_host, tf_config
+from tests.helpers import REPO, run_module
+
+
+def _launch(workers, index, command, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "strategies.launch_host", f"--workers={','.join(workers)}",
+                             f"--index={index}", "--", *command], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}, **kwargs)
+
+
+def test_two_hosts_on_localhost_train_one_multiworker_run(tmp_path):
+    workers = [f"localhost:{port}" for port in tf_config.free_ports(2)]
+    hosts = [_launch(workers, index, [sys.executable, "-m", "pipelines.cifar10_cnn", "--strategy=multiworker",
+                                      "--smoke", "--name=hosts", f"--output_dir={tmp_path}/runs",
+                                      f"--cache_dir={tmp_path}/cache-host{index}"])  # each host its own cache
+             for index in range(2)]
+    outputs = [host.communicate(timeout=600)[0] for host in hosts]
+    for host, output in zip(hosts, outputs):
+        assert host.returncode == 0, output[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "cifar10_cnn" / "hosts" / "metrics.json").read_text())
+    assert (metrics["strategy"], metrics["workers"]) == ("multiworker", 2)
+
+
+def test_write_gives_every_host_its_tf_config(tmp_path):
+    workers = ["hostA:2222", "hostB:2222", "hostC:2222"]
+    result = run_module("strategies.launch_host", f"--workers={','.join(workers)}", f"--write={tmp_path}/configs")
+    assert result.returncode == 0, result.stderr
+    for index in range(3):
+        config = json.loads((tmp_path / "configs" / f"tf_config_{index}.json").read_text())
+        assert config == {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        assert tf_config.validate(config) == config
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--index=0", "--", "true"], "missing --workers=HOST:PORT"),
+    (["--workers=a:1,b:2", "--", "true"], "expected --index=I and a command"),
+    (["--workers=a:1,b:2", "--index=x", "--", "true"], "--index=x: expected an integer from 0 to 1"),
+    (["--workers=a:1,b:2", "--index=2", "--", "true"], "task index 2 is out of range"),
+    (["--workers=a:1,b", "--index=0", "--", "true"], "expected 'host:port'"),
+    (["--workers=a:1", "--write=d", "--index=0"], "--write writes every host's TF_CONFIG and runs nothing"),
+    (["--hosts=a:1", "--index=0", "--", "true"], "unexpected argument '--hosts=a:1'"),
+])
+def test_bad_clusters_exit_2_with_one_line(argv, message):
+    result = run_module("strategies.launch_host", *argv)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]  # (TensorFlow's start-up logs come before it)
+    assert line.startswith("error: ") and message in line
+
+
+def test_own_port_in_use_is_refused_before_the_command_runs(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("localhost", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        marker = tmp_path / "ran"
+        result = run_module("strategies.launch_host", f"--workers=localhost:{port},localhost:1", "--index=0", "--",
+                            "touch", str(marker))
+    assert result.returncode == 2 and f"port {port}" in result.stderr and "already in use" in result.stderr
+    assert not marker.exists()
+
+
+def _tfjob():
+    with open(os.path.join(REPO, "deploy", "tfjob.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def _readme_cluster_section():
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    return text[text.index("## Run on a cluster"):].split("\n## ", 1)[0]
+
+
+def test_tfjob_manifest_names_the_image_command_replicas_and_port_the_readme_gives():
+    job = _tfjob()
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "TFJob")
+    worker = job["spec"]["tfReplicaSpecs"]["Worker"]
+    (container,) = worker["template"]["spec"]["containers"]
+    assert container["name"] == "tensorflow"  # the Kubeflow operator finds the container by this name
+    (port,) = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("tfjob-port", 2222)
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "pipelines.cifar10_cnn"] and "--strategy=multiworker" in command
+    # The flags are real ones: the pipeline parses them.
+    run, _ = config_lib.parse_flags(command[3:], [config_lib.RunOptions, cifar10_cnn.Config])
+    assert run.name and run.output_dir == worker["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountPath"]
+
+    readme = _readme_cluster_section()
+    assert container["image"] in readme
+    assert " ".join(command) in readme
+    assert f"replicas: {worker['replicas']}" in readme and "2222" in readme
+    with open(os.path.join(REPO, "deploy", "Dockerfile")) as f:
+        dockerfile = f.read()
+    assert re.search(r"^EXPOSE 2222$", dockerfile, flags=re.M)
+    assert container["image"] in dockerfile  # the build comment tags the image the manifest runs
