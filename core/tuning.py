@@ -42,7 +42,6 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import keras_tuner as kt
 from core import config as config_lib
 from core import training
 from core.errors import UserError
+from strategies import tf_config
 
 TUNERS = ("hyperband", "bayesian", "random")
 OBJECTIVE = "val_accuracy"
@@ -482,12 +482,9 @@ def distributed_role():
 def _check_chief_port_free():
     """gRPC does not fail when the chief's port is taken: workers would then talk to whatever holds it."""
     port = int(os.environ["KERASTUNER_ORACLE_PORT"])
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind(("", port))
-        except OSError:
-            raise UserError(f"KERASTUNER_ORACLE_PORT={port}: the port is already in use on this machine; "
-                            "stop the process holding it (often an earlier chief) or pick another port") from None
+    if not tf_config.port_free(port):
+        raise UserError(f"KERASTUNER_ORACLE_PORT={port}: the port is already in use on this machine; "
+                        "stop the process holding it (often an earlier chief) or pick another port")
 
 
 # The command --------------------------------------------------------------------------------

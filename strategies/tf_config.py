@@ -111,7 +111,7 @@ def check_own_port_free(config: dict) -> None:
     host, port = _split_address(address, where="task address")
     if not _is_local(host):
         return
-    if not _port_free(port):
+    if not port_free(port):
         raise UserError(
             f"port {port} of this task's address {address} is already in use on this machine: "
             "stop the process holding it (often a previous run) or pick other ports"
@@ -199,7 +199,8 @@ def _is_local(host):
             return False
 
 
-def _port_free(port):
+def port_free(port):
+    """True if a gRPC server (TF's workers, keras-tuner's chief) can bind `port` on this machine."""
     # TF's gRPC server binds the wildcard address with SO_REUSEADDR, so test the same way: a
     # port in TIME_WAIT after a clean earlier run is fine, a live listener or a bound socket is not.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
