@@ -38,6 +38,7 @@ logs/ (each trial's output) and keras_tuner/ (the oracle's state).
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -391,14 +392,14 @@ def _cell(value):
 
 def write_reports(tuner, search, space, config_class):
     """trials.csv, trials.md, objective.png and best_config.json, rewritten after every trial
-    (a stopped search keeps a current report)."""
+    (a stopped search keeps a current report); returns (rows, best row, trials.md's text)."""
     rows = trial_rows(tuner, search, space)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(os.path.join(search.search_dir, "trials.csv.tmp"), "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(os.path.join(search.search_dir, "trials.csv.tmp"), os.path.join(search.search_dir, "trials.csv"))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    training.write_text(os.path.join(search.search_dir, "trials.csv"), table.getvalue())
     shown = [c for c in columns if c != "run"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]
@@ -407,11 +408,12 @@ def write_reports(tuner, search, space, config_class):
               "the test split is never scored during the search)."]
     if best:
         footer.append(f"Best: {best['trial']} with {OBJECTIVE}={best[OBJECTIVE]:.4f} ({best['run']}).")
-    training.write_text(os.path.join(search.search_dir, "trials.md"), "\n".join(lines + footer) + "\n")
+    markdown = "\n".join(lines + footer) + "\n"
+    training.write_text(os.path.join(search.search_dir, "trials.md"), markdown)
     plot_objective(rows, os.path.join(search.search_dir, "objective.png"), search.pipeline)
     if best:
         write_best_config(best, search, config_class)
-    return rows, best
+    return rows, best, markdown
 
 
 def best_run(rows):
@@ -555,8 +557,8 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
                 "report": "written by the chief when every worker is done"}
     if role == "chief" and tune_opts.baseline:
         search.baseline = search.read_finished("default", baseline_values.get("epochs", cfg.epochs))
-    rows, best = report(tuner)
-    print(open(os.path.join(search_dir, "trials.md")).read())
+    rows, best, markdown = report(tuner)
+    print(markdown)
     summary = {"pipeline": pipeline, "search": search_dir, "tuner": tune_opts.tuner,
                "trials": sum(r["trial"] != "default" for r in rows),
                "completed": sum(r["trial"] != "default" and r["status"] == "COMPLETED" for r in rows),
