@@ -10,11 +10,21 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _module_env(env):
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, **(env or {})}
+
+
 def run_module(*args, timeout=300, env=None):
     """Runs `python -m <args>` from the repo root; returns the CompletedProcess (text)."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, **(env or {})}
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=full_env, text=True,
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_module_env(env), text=True,
                           capture_output=True, timeout=timeout)
+
+
+def start_module(*args, env=None, **popen_kwargs):
+    """Starts `python -m <args>` from the repo root as `run_module` would, without waiting;
+    output is piped (text) unless `popen_kwargs` say otherwise. Returns the Popen."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen_kwargs}
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=_module_env(env), **options)
 
 
 def last_json_line(text):

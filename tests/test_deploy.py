@@ -14,15 +14,13 @@ import yaml
 
 from core import config as config_lib
 from pipelines import cifar10_cnn
-from strategies import launch_host, tf_config
-from tests.helpers import REPO, run_module
+from strategies import tf_config
+from tests.helpers import REPO, run_module, start_module
 
 
-def _launch(workers, index, command, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "strategies.launch_host", f"--workers={','.join(workers)}",
-                             f"--index={index}", "--", *command], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}, **kwargs)
+def _launch(workers, index, command):
+    return start_module("strategies.launch_host", f"--workers={','.join(workers)}", f"--index={index}", "--",
+                        *command, stderr=subprocess.STDOUT)
 
 
 def test_two_hosts_on_localhost_train_one_multiworker_run(tmp_path):

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from core import tuning
 from core.errors import UserError
 from pipelines import cifar10_cnn, imdb_transformer
 from strategies import tf_config
-from tests.helpers import REPO, last_json_line, run_module
+from tests.helpers import REPO, last_json_line, run_module, start_module
 
 SPACE = {"learning_rate": {"float": [0.5, 3.0], "log": True}, "label_smoothing": {"choice": [0.0, 0.1, 0.2]}}
 
@@ -101,9 +100,7 @@ def test_killed_search_resumes_without_repeating_trials(tmp_path):
     args = _tune_args(tmp_path, f"--space={_space_file(tmp_path)}", "--name=killed", "--baseline=false", trials=3)
     search_dir = tmp_path / "runs" / "cifar10_cnn" / "killed"
     trial = lambda i: search_dir / "trials" / "cifar10_cnn" / f"trial_{i}"  # noqa: E731
-    process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO})
+    process = start_module(*args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (trial(1) / "config.json").exists():  # trial 1 has started training
         assert process.poll() is None and time.time() < deadline, "the search ended or stalled before trial 1"
@@ -259,10 +256,8 @@ def test_bad_tune_flags_exit_2_with_one_line(tmp_path, flags, message):
 
 
 def _start(args, tuner_id, port):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, "KERASTUNER_ORACLE_IP": "127.0.0.1",
-           "KERASTUNER_ORACLE_PORT": str(port), "KERASTUNER_TUNER_ID": tuner_id}
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return start_module(*args, env={"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port),
+                                    "KERASTUNER_TUNER_ID": tuner_id})
 
 
 def test_distributed_search_chief_and_two_workers_on_localhost(tmp_path):
