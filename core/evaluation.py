@@ -6,7 +6,9 @@ gives airbench's level 2 (identity, mirror, and both shifted by one pixel) at 6x
 cost; the CNN's gain from it is in BENCHMARKS.md (val_accuracy vs val_accuracy_no_tta).
 """
 
-import os
+
+import platform
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -22,10 +24,14 @@ def load_model(path):
     importing them here means any of our saved models loads, whichever pipeline wrote it.
     """
     import models.text_preprocessing  # noqa: F401  (imports models.transformer too)
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):  # a URL (gs://...) too: load_model reads those
         raise UserError(f"--model={path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)")
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
+    except EOFError if sys.version_info[:2] == (3, 12) else () as e:
+        raise UserError(f"--model={path}: cannot load it on Python {platform.python_version()}, whose zipfile reads "
+                        "uncompressed members wrongly after a seek (CPython gh-127847/gh-128131, fixed in early-2025 "
+                        "3.12 releases); expected Python 3.11 or a current 3.12") from None
     except Exception as e:  # Keras raises many types for a bad file; all mean the same to a user
         raise UserError(f"--model={path}: cannot load a Keras model ({e.__class__.__name__}: {str(e)[:200]}); expected a model.keras written by training") from None
 

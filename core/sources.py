@@ -2,11 +2,14 @@
 split bookkeeping around the records (core/records.py writes them).
 
 A source is "tfds", "synthetic", a folder, or a .tar.gz/.tgz/.tar archive (streamed, never
-extracted; `safe_member_parts` refuses members that could escape or surprise). Its cache folder
+extracted; `safe_member_parts` refuses members that could escape or surprise). An archive may be
+a URL (gs://bucket/cifar10.tar.gz): it is streamed through tf.io.gfile, so a TPU VM or a cluster
+host imports it without a local copy. Its cache folder
 is `<cache_name>-<fingerprint>`: the fingerprint hashes the source's identity (path, sizes,
 mtimes; it stats files but never opens them) with every argument that changes the records.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -65,6 +68,8 @@ def source_kind(source: str, help: str) -> tuple[str, str | None]:
     """("tfds" | "synthetic", None) or ("folder" | "archive", absolute path); `help` ends the error."""
     if source in ("tfds", "synthetic"):
         return source, None
+    if "://" in str(source):
+        return "archive", _url_archive(source, help)
     path = os.path.abspath(os.path.expanduser(source)) if source else ""
     if path and os.path.isdir(path):
         return "folder", path
@@ -96,8 +101,7 @@ def fingerprint(kind, path, tfds_name, params) -> str:
     if kind == "tfds":
         identity["tfds_name"] = tfds_name
     elif kind == "archive":
-        st = os.stat(path)
-        identity["file"] = [st.st_size, st.st_mtime_ns]
+        identity["file"] = _size_and_mtime(path)
     digest.update(json.dumps(identity, sort_keys=True).encode())
     if kind == "folder":
         for dirpath, dirnames, filenames in os.walk(path):
@@ -130,6 +134,29 @@ def safe_member_parts(archive, member) -> tuple[str, ...]:
     return parts
 
 
+def _url_archive(url, help):
+    import tensorflow as tf  # only URL sources need it; the rest of this module stays light
+    if not url.lower().endswith(ARCHIVE_SUFFIXES):
+        raise UserError(f"{url}: a URL source must be a .tar.gz/.tgz/.tar archive; {help}")
+    try:
+        found = tf.io.gfile.exists(url)
+    except tf.errors.OpError as e:
+        raise UserError(f"{url}: cannot read ({e.message.splitlines()[0][:160]}); {help}") from None
+    if not found:
+        raise UserError(f"{url}: no such object; {help}")
+    return url
+
+
+def _size_and_mtime(path):
+    if "://" in path:
+        import tensorflow as tf
+        st = tf.io.gfile.stat(path)
+        return [st.length, st.mtime_nsec]
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+@contextlib.contextmanager
 def open_archive(archive):
     """Opens a .tar.gz/.tgz/.tar for one forward pass over its members.
 
@@ -138,4 +165,14 @@ def open_archive(archive):
     truncated at a member boundary would import as a smaller dataset. GzipFile (used by "r:*")
     raises EOFError when the compressed stream ends before its end marker.
     """
-    return tarfile.open(archive, "r:*")
+    if "://" not in archive:
+        with tarfile.open(archive, "r:*") as tar:
+            yield tar
+        return
+    import tensorflow as tf
+    # GFile is seekable, which "r:*" needs; tarfile leaves a passed-in file open, hence two withs.
+    try:
+        with tf.io.gfile.GFile(archive, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+            yield tar
+    except tf.errors.OpError as e:
+        raise OSError(f"reading {archive}: {e.message.splitlines()[0][:160]}") from None

@@ -12,10 +12,14 @@ A run writes `runs/<pipeline>/<name>/`:
 
 On a multi-worker cluster only the chief writes reports and the model; the other workers write
 their checkpoints to throw-away folders, as tf.distribute requires every worker to save.
+
+`--output_dir` may be a URL (gs://bucket/runs: TPU pods and clusters whose hosts share no disk):
+every file here goes through tf.io.gfile, which reads local paths too.
 """
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -30,6 +34,7 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
+from core import records
 from core.config import PRECISIONS
 from core.errors import UserError
 
@@ -49,12 +54,13 @@ def run_directory(output_dir, pipeline, name, multi_worker=False):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"--name={name}: expected letters, digits, '.', '_' or '-' (it names a folder)")
     run_dir = os.path.join(output_dir, pipeline, name)
-    if os.path.exists(os.path.join(run_dir, "metrics.json")):
-        raise UserError(f"{run_dir}: a finished run is already there (metrics.json); pick another --name or move it away")
     try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror}); expected a writable --output_dir") from None
+        if tf.io.gfile.exists(os.path.join(run_dir, "metrics.json")):
+            raise UserError(f"{run_dir}: a finished run is already there (metrics.json); pick another --name or move it away")
+        tf.io.gfile.makedirs(run_dir)
+    except (OSError, tf.errors.OpError) as e:
+        reason = e.strerror if isinstance(e, OSError) else e.message.splitlines()[0][:160]
+        raise UserError(f"{run_dir}: cannot create the run folder ({reason}); expected a writable --output_dir") from None
     return run_dir
 
 
@@ -65,10 +71,9 @@ def check_resume(run_dir, config):
     schedule would silently mix two recipes in one run.
     """
     stored_path = os.path.join(run_dir, "config.json")
-    if not (os.path.isdir(os.path.join(run_dir, "backup")) and os.path.exists(stored_path)):
+    if not (tf.io.gfile.isdir(os.path.join(run_dir, "backup")) and tf.io.gfile.exists(stored_path)):
         return
-    with open(stored_path) as f:
-        stored = json.load(f)
+    stored = json.loads(read_text(stored_path))
     changed = sorted(k for k in set(stored) | set(config)
                      if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k))
     if changed:
@@ -84,6 +89,18 @@ def set_precision(precision, strategy):
         precision = strategies.default_precision(strategy)
     keras.mixed_precision.set_global_policy(precision)
     return precision
+
+
+def steps_per_execution(run, strategy):
+    """`--steps_per_execution`, or with 0 (auto) 32 on TPU and 1 elsewhere.
+
+    A TPU runs a step in well under a millisecond, so one host round trip per step would leave
+    it idle most of the time; on CPU and GPU the step dominates and 1 keeps per-step callbacks
+    exact. 32 is what Keras's TPU guides use; it changes no result, only how often fit returns.
+    """
+    if run.steps_per_execution:
+        return run.steps_per_execution
+    return 32 if strategies.resolved_name(strategy) == "tpu" else 1
 
 
 def unreplicated(model):
@@ -115,13 +132,27 @@ def _float32_config(config):
 
 
 def write_text(path, text):
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path, data):
     # Write-then-rename: a crash mid-write never leaves a truncated file behind, and concurrent
     # writers of the same content (multi-worker) each replace it whole. The temporary name is
-    # per process so two writers never share one.
+    # per process so two writers never share one. On object storage (a URL) an object appears
+    # whole when its upload completes, so there it is written directly.
+    if records.is_url(path):
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(data)
+        return
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
+
+
+def read_text(path):
+    with tf.io.gfile.GFile(path, "r") as f:
+        return f.read()
 
 
 def write_json(path, data):
@@ -233,7 +264,7 @@ class InputWait(Throughput):
 def _writable_dir(run_dir, sub, is_chief, scratch):
     """The chief writes into the run folder; other workers into `scratch`, deleted after fit."""
     path = os.path.join(run_dir if is_chief else scratch, sub)
-    os.makedirs(path, exist_ok=True)
+    tf.io.gfile.makedirs(path)
     return path
 
 
@@ -299,11 +330,10 @@ class TrainingDiverged(UserError):
 
 def _read_history(path):
     """Reads history.csv back, so a resumed run reports every epoch, not just the last few."""
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return None
-    with open(path) as f:
-        # Keyed by epoch, last row wins: an epoch repeated after a resume counts once.
-        rows = {int(row["epoch"]): row for row in csv.DictReader(f)}
+    # Keyed by epoch, last row wins: an epoch repeated after a resume counts once.
+    rows = {int(row["epoch"]): row for row in csv.DictReader(io.StringIO(read_text(path)))}
     history = {}
     for _, row in sorted(rows.items()):
         for key, value in row.items():
@@ -343,8 +373,18 @@ def plot_curves(history, path, title):
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """Saves and closes a matplotlib figure as PNG; `path` may be a URL (matplotlib writes only
+    local files, so the bytes go through write_bytes)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    write_bytes(path, buffer.getvalue())
 
 
 def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_name, epochs,

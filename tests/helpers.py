@@ -20,6 +20,12 @@ def run_module(*args, timeout=300, env=None):
                           capture_output=True, timeout=timeout)
 
 
+def run_python(code, *args, timeout=300, env=None):
+    """Runs `python -c code args...` from the repo root, as `run_module` runs a module."""
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=_module_env(env), text=True,
+                          capture_output=True, timeout=timeout)
+
+
 def start_module(*args, env=None, **popen_kwargs):
     """Starts `python -m <args>` from the repo root as `run_module` would, without waiting;
     output is piped (text) unless `popen_kwargs` say otherwise. Returns the Popen."""
