@@ -37,7 +37,7 @@ class RunOptions:
     cache_dir: str = ".cache/datasets"  # where offline sources are converted to sharded TFRecords, once
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bfloat16 on TPU and bf16-capable CPUs/GPUs)
     jit_compile: bool = False  # XLA-compile the train step (faster on GPU/TPU; slower on CPU, measured)
-    steps_per_execution: int = 1  # train steps per host call (raise on TPU to hide host overhead)
+    steps_per_execution: int = 0  # train steps per host call; 0 = auto: 32 on TPU (hides the host round trip), 1 elsewhere
     tpu: str = "local"  # TPU to use with --strategy=tpu: local (Colab/TPU VM), a name, or grpc://host:port
     cpu_devices: int = 0  # split the CPU into N logical devices (try --strategy=mirrored without GPUs)
     seed: int = 0  # seeds the validation carve, shuffling, augmentation and init
@@ -48,8 +48,7 @@ class RunOptions:
     def __post_init__(self):
         check_choice("verbose", self.verbose, (0, 1, 2))
         check_choice("precision", self.precision, PRECISIONS)
-        check_positive(self, "steps_per_execution")
-        check_positive(self, "seed", "cpu_devices", allow_zero=True)
+        check_positive(self, "seed", "cpu_devices", "steps_per_execution", allow_zero=True)
 
 
 def field_help(cls) -> dict:

@@ -117,7 +117,7 @@ def make_model(cfg, run, stem_images, strategy, steps_per_epoch, total_steps):
         cnn.init_whitening(model, stem_images)
         model.compile(optimizer=make_optimizer(cfg, steps_per_epoch, total_steps),
                       loss=optim.label_smoothing_loss(cfg.label_smoothing), metrics=["accuracy"],
-                      jit_compile=run.jit_compile, steps_per_execution=run.steps_per_execution)
+                      jit_compile=run.jit_compile, steps_per_execution=training.steps_per_execution(run, strategy))
     return model
 
 

@@ -147,7 +147,7 @@ def make_model(cfg, run, train_images, strategy, steps_per_epoch, total_steps):
             pixel_mean=[float(m) for m in pixels.mean(0)], pixel_std=[float(s) for s in pixels.std(0) + 1e-3])
         model.compile(optimizer=make_optimizer(cfg, total_steps),
                       loss=optim.label_smoothing_loss(cfg.label_smoothing), metrics=["accuracy"],
-                      jit_compile=run.jit_compile, steps_per_execution=run.steps_per_execution)
+                      jit_compile=run.jit_compile, steps_per_execution=training.steps_per_execution(run, strategy))
     return model
 
 

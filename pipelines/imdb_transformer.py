@@ -181,22 +181,36 @@ def padded(ds, batch_size, drop_remainder):
     return ds.padded_batch(batch_size, drop_remainder=drop_remainder)
 
 
-def train_input(cfg, run, data, vectorizer, truncate):
+def fixed_length(max_length):
+    """TPU batches: every review padded to `max_length`, one fully static shape.
+
+    XLA compiles one TPU program per input shape, and a shape unknown when the step is traced
+    makes TPUStrategy pad or recompile at run time; the padding costs compute a TPU has to spare.
+    """
+    def batcher(ds, batch_size, drop_remainder):
+        return ds.padded_batch(batch_size, padded_shapes=([max_length], []), drop_remainder=drop_remainder)
+    return batcher
+
+
+def train_input(cfg, run, data, vectorizer, truncate, static_shapes=False):
     """`input_pipeline.make_dataset` arguments of the training split: one place, so training and
     `bench-input` build the very same pipeline."""
     return dict(training=True, parse_fn=tokenized(vectorizer, truncate),
-                parse_batch_fn=tokenized_batch(vectorizer, truncate), batcher=length_bucketed(cfg),
+                parse_batch_fn=tokenized_batch(vectorizer, truncate),
+                batcher=fixed_length(cfg.max_length) if static_shapes else length_bucketed(cfg),
                 seed=run.seed, num_examples=data.splits["train"].num_examples)
 
 
 def make_datasets(cfg, run, data, strategy, vectorizer, truncate):
+    static_shapes = strategies.resolved_name(strategy) == "tpu"
     train_ds = input_pipeline.distributed_dataset(
         strategy, data.splits["train"].files, global_batch=cfg.batch_size,
-        **train_input(cfg, run, data, vectorizer, truncate))
+        **train_input(cfg, run, data, vectorizer, truncate, static_shapes))
     val_ds, validation_steps = input_pipeline.validation_dataset(
         strategy, data.splits["val"].files, global_batch=cfg.batch_size, parse_fn=tokenized(vectorizer, truncate),
         parse_batch_fn=tokenized_batch(vectorizer, truncate), seed=run.seed,
-        num_examples=data.splits["val"].num_examples, batcher=padded,
+        num_examples=data.splits["val"].num_examples,
+        batcher=fixed_length(cfg.max_length) if static_shapes else padded,
         multi_worker=strategies.resolved_name(strategy) == "multiworker")
     return train_ds, val_ds, validation_steps
 
@@ -213,7 +227,7 @@ def make_model(cfg, run, strategy, total_steps):
             optimizer=optim.adamw_warmup_cosine(cfg.learning_rate, total_steps, warmup_fraction=cfg.warmup_fraction,
                                                 weight_decay=cfg.weight_decay),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"], jit_compile=run.jit_compile, steps_per_execution=run.steps_per_execution)
+            metrics=["accuracy"], jit_compile=run.jit_compile, steps_per_execution=training.steps_per_execution(run, strategy))
     return model
 
 

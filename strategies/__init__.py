@@ -30,6 +30,8 @@ from core.errors import UserError
 from strategies import tf_config
 
 STRATEGY_NAMES = ("auto", "default", "mirrored", "multiworker", "tpu")
+# Where Google publishes the tensorflow-tpu and libtpu wheels (pip --find-links).
+LIBTPU_INDEX = "https://storage.googleapis.com/libtpu-tf-releases/index.html"
 
 
 def make_strategy(name: str, *, tpu: str = "local", cpu_devices: int = 0) -> tf.distribute.Strategy:
@@ -198,6 +200,14 @@ def _tpu(tpu):
     # connect_to_cluster, which reconfigures this process's runtime even when it then fails.
     if tpu == "local" and not _tpu_detectable():
         raise no_tpu("no /dev/accel*, /dev/vfio, TPU_NAME or COLAB_TPU_ADDR on this machine")
+    if tpu == "local" and _local_tpu_devices():
+        missing = _tpu_runtime_missing()
+        if missing:
+            raise UserError(
+                f"TPU devices found ({_local_tpu_devices()[0]}) but {missing}: the CPU/GPU tensorflow "
+                f"wheel cannot drive a TPU VM; run `make install TPU=1` (pip install "
+                f"tensorflow-tpu=={tf.__version__} -f {LIBTPU_INDEX})"
+            )
     # Connecting to a grpc:// address where nothing listens blocks for minutes (measured:
     # still waiting after 120 s), so knock on the port first.
     if tpu.startswith("grpc://"):
@@ -219,8 +229,12 @@ def _tpu(tpu):
 
 
 def _auto(tpu):
-    # Only unambiguous signs of a TPU: /dev/vfio alone also appears on GPU-passthrough hosts.
-    if os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR") or glob.glob("/dev/accel*"):
+    # Only unambiguous signs of a TPU: /dev/vfio devices alone also appear on GPU-passthrough
+    # hosts, so with them (v5e and later) it takes the libtpu runtime being installed too.
+    import importlib.util
+
+    vfio_tpu = _local_tpu_devices() and importlib.util.find_spec("libtpu") is not None
+    if os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR") or glob.glob("/dev/accel*") or vfio_tpu:
         return _tpu(tpu)
     if len(tf.config.list_physical_devices("GPU")) >= 2:
         return _mirrored(tpu)
@@ -270,6 +284,29 @@ def _tpu_detectable():
         or glob.glob("/dev/accel*")
         or os.path.exists("/dev/vfio")
     )
+
+
+def _local_tpu_devices():
+    """A TPU VM's chips: /dev/accel* (v2-v4) or /dev/vfio/* (v5e and later)."""
+    return sorted(glob.glob("/dev/accel*")) or sorted(p for p in glob.glob("/dev/vfio/*") if p != "/dev/vfio/vfio")
+
+
+def _tpu_runtime_missing():
+    """What this Python lacks to run a local TPU, or None.
+
+    A TPU VM needs TensorFlow's TPU build (the tensorflow-tpu distribution, which installs over
+    the `tensorflow` package) and the libtpu runtime it loads; Colab's TPU runtime ships neither.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        importlib.metadata.version("tensorflow-tpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "tensorflow-tpu is not installed"
+    if importlib.util.find_spec("libtpu") is None:
+        return "the libtpu runtime is not installed"
+    return None
 
 
 def _default_device():

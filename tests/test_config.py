@@ -84,7 +84,7 @@ def test_missing_config_file_is_named():
     (["--momentum=1.2"], "--momentum=1.2: expected a number between 0 and 1"),
     (["--translate=16"], "--translate=16: expected fewer than 16 pixels"),
     (["--seed=-1"], "--seed=-1: expected a number >= 0"),
-    (["--steps_per_execution=0"], "--steps_per_execution=0: expected a number > 0"),
+    (["--steps_per_execution=-1"], "--steps_per_execution=-1: expected a number >= 0"),
     (["--verbose=5"], "--verbose=5: expected one of 0, 1, 2"),
     (["--precision=fp8"], "--precision=fp8: expected one of auto, float32"),
 ])

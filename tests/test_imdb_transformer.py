@@ -113,3 +113,20 @@ def test_bad_data_ends_in_one_line_error(reviews, expected, tmp_path, capsys):
 ])
 def test_bad_flag_ends_in_one_line_error(argv, expected, tmp_path, capsys):
     assert expected in _run_cli(argv, tmp_path, capsys)
+
+
+def test_tpu_batches_have_one_fully_static_shape():
+    # Under TPUStrategy both training and validation batches are padded to max_length, so the
+    # compiled TPU program has one input shape; elsewhere widths follow the reviews' lengths.
+    import tensorflow as tf
+    lengths = [3, 17, 40, 9, 64, 1, 30, 12]
+    reviews = tf.data.Dataset.from_generator(
+        lambda: ((np.arange(1, n + 1, dtype=np.int64), np.int64(n % 2)) for n in lengths),
+        output_signature=(tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64)))
+    static = imdb_transformer.fixed_length(64)(reviews, 4, True)
+    assert static.element_spec[0].shape.as_list() == [4, 64]
+    batches = list(static.as_numpy_iterator())
+    assert [ids.shape for ids, _ in batches] == [(4, 64), (4, 64)]
+    assert (batches[0][0][1][:17] == np.arange(1, 18)).all() and (batches[0][0][1][17:] == 0).all()
+    dynamic = imdb_transformer.padded(reviews, 4, True)
+    assert dynamic.element_spec[0].shape.as_list() == [4, None]

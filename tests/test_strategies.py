@@ -79,6 +79,34 @@ def test_tpu_without_tpu_fails_fast_with_user_error(monkeypatch):
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("installed, expected", [
+    ({}, "tensorflow-tpu is not installed"),
+    ({"tensorflow-tpu": "2.21.0"}, "the libtpu runtime is not installed"),
+])
+def test_tpu_vm_without_the_tpu_runtime_says_what_to_install(monkeypatch, installed, expected):
+    # A TPU VM (chips under /dev/vfio) with the plain tensorflow wheel, as on Colab's TPU
+    # runtime before the install step.
+    import importlib.metadata
+    import importlib.util
+
+    def version(name):
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(strategies, "_tpu_detectable", lambda: True)
+    monkeypatch.setattr(strategies, "_local_tpu_devices", lambda: ["/dev/vfio/0"])
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
+    with pytest.raises(UserError) as e:
+        strategies.make_strategy("tpu")
+    message = str(e.value)
+    assert message.startswith(f"TPU devices found (/dev/vfio/0) but {expected}")
+    assert f"pip install tensorflow-tpu=={tf.__version__} -f {strategies.LIBTPU_INDEX}" in message
+    assert "make install TPU=1" in message and "\n" not in message
+
+
 def test_tpu_at_unreachable_grpc_address_fails_fast():
     port = tf_config.free_ports(1)[0]  # nothing listens there
     start = time.monotonic()
