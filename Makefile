@@ -16,10 +16,25 @@ NAME     ?=
 STAGES   ?= prune,pqat
 TUNER    ?= hyperband
 TRIALS   ?= 10
-# setup.cfg pins Python 3.11; fall back to python3 (pip then says so if it is another version).
+# Python 3.11 where there is one (the version tested most); else python3 (setup.cfg says which work).
 PYTHON   ?= $(shell command -v python3.11 || echo python3)
-VENV     := .venv
+# VENV=none installs into PYTHON's own environment instead of .venv (Colab: its Python has no
+# working venv, and a notebook's kernel should see the packages). TPU=1 adds TensorFlow's TPU
+# build (TPU VMs, Colab's TPU runtime): the plain tensorflow wheel cannot drive one. GPU=1 adds
+# the CUDA libraries TensorFlow was built against (tensorflow[and-cuda]).
+VENV     ?= .venv
+TPU      ?=
+GPU      ?=
+TF_VERSION     := $(shell sed -n 's/^ *tensorflow==//p' setup.cfg)
+TF_TPU_VERSION ?= $(TF_VERSION)
+LIBTPU_INDEX   := https://storage.googleapis.com/libtpu-tf-releases/index.html
+ifeq ($(VENV),none)
+PY       := $(PYTHON)
+INSTALLED := .installed-$(notdir $(PYTHON))
+else
 PY       := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+endif
 # Offline default: the shared copy of the pipeline's dataset when it is beside this checkout, else TFDS.
 OFFLINE_cifar10 := ../shared/data/cifar10/cifar10-jpeg-train.tar.gz
 OFFLINE_imdb    := ../shared/data/imdb/aclImdb_v1_labeled.tar.gz
@@ -41,13 +56,25 @@ help: ## list the targets (this text)
 	@echo "             WORKERS=$(WORKERS) (multiworker on this machine) RUNS=$(RUNS) (bench) NAME=run-name"
 	@echo "             DATA=... MODEL=... CONFIG=config.json STAGES=$(STAGES) ARGS=\"--key=value ...\""
 	@echo "             TUNER=$(TUNER) (hyperband|bayesian|random) TRIALS=$(TRIALS) (tune)"
+	@echo "             VENV=$(VENV) (none: install into PYTHON=$(PYTHON)) TPU=1 GPU=1 (install tensorflow-tpu==$(TF_TPU_VERSION), tensorflow[and-cuda])"
 
-install: $(VENV)/.installed ## create .venv and install the pinned dependencies from setup.cfg
+install: $(INSTALLED) $(if $(TPU),$(INSTALLED)-tpu) $(if $(GPU),$(INSTALLED)-gpu) ## create .venv and install setup.cfg's pins (VENV=none: into PYTHON; TPU=1, GPU=1: accelerator builds)
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(INSTALLED): setup.cfg pyproject.toml
+ifneq ($(VENV),none)
 	$(PYTHON) -m venv $(VENV)
+endif
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# tensorflow-tpu installs over the tensorflow package (Cloud TPU's documented way); libtpu comes with it.
+$(INSTALLED)-tpu: $(INSTALLED)
+	$(PY) -m pip install --quiet tensorflow-tpu==$(TF_TPU_VERSION) -f $(LIBTPU_INDEX)
+	touch $@
+
+$(INSTALLED)-gpu: $(INSTALLED)
+	$(PY) -m pip install --quiet 'tensorflow[and-cuda]==$(TF_VERSION)'
 	touch $@
 
 train: install ## train PIPELINE under STRATEGY (multiworker: WORKERS local processes)
