@@ -29,11 +29,15 @@ TF_VERSION     := $(shell sed -n 's/^ *tensorflow==//p' setup.cfg)
 TF_TPU_VERSION ?= $(TF_VERSION)
 LIBTPU_INDEX   := https://storage.googleapis.com/libtpu-tf-releases/index.html
 ifeq ($(VENV),none)
+# Runtime packages only: the test extras (pytest, ipykernel, ...) would replace the notebook
+# server's own kernel packages under a running Colab session.
 PY       := $(PYTHON)
 INSTALLED := .installed-$(notdir $(PYTHON))
+EXTRAS   :=
 else
 PY       := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+EXTRAS   := [test]
 endif
 # Offline default: the shared copy of the pipeline's dataset when it is beside this checkout, else TFDS.
 OFFLINE_cifar10 := ../shared/data/cifar10/cifar10-jpeg-train.tar.gz
@@ -65,7 +69,7 @@ ifneq ($(VENV),none)
 	$(PYTHON) -m venv $(VENV)
 endif
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.$(EXTRAS)'
 	touch $@
 
 # tensorflow-tpu installs over the tensorflow package (Cloud TPU's documented way); libtpu comes with it.

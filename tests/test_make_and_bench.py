@@ -33,3 +33,22 @@ def test_bench_stops_at_a_failing_run_and_keeps_earlier_ones(tmp_path):
     result = run_module("core.benchmark", "--runs=2", f"--output_dir={tmp_path}", "--", "--smoke", "--epochs=0")
     assert result.returncode == 2
     assert "failed with exit status 2" in result.stderr.strip().splitlines()[-1]
+
+
+def test_make_install_for_colab_uses_the_kernels_python_and_adds_the_accelerator_build(tmp_path):
+    # What the notebooks run on Colab: no venv, no test extras, then the TPU or GPU build.
+    def dry_run(*variables):
+        result = subprocess.run(["make", "-n", "-B", "install", "VENV=none", "PYTHON=/opt/py/bin/python3", *variables],
+                                cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    tf_version = re.search(r"^\s*tensorflow==(\S+)$", open(f"{REPO}/setup.cfg").read(), re.M).group(1)
+    tpu = dry_run("TPU=1")
+    assert not any(" -m venv" in line for line in tpu)
+    assert "/opt/py/bin/python3 -m pip install --quiet -e '.'" in tpu
+    assert (f"/opt/py/bin/python3 -m pip install --quiet tensorflow-tpu=={tf_version} "
+            "-f https://storage.googleapis.com/libtpu-tf-releases/index.html") in tpu
+    gpu = dry_run("GPU=1")
+    assert f"/opt/py/bin/python3 -m pip install --quiet 'tensorflow[and-cuda]=={tf_version}'" in gpu
+    assert not any("tensorflow-tpu" in line for line in gpu)
