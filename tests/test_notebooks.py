@@ -29,13 +29,15 @@ def ci_parameters(tmp_path, stages):
             "STAGES": stages, "COMPRESS_ARGS": "--latency_runs=2", "INSTALL": "", "SHOW_TENSORBOARD": False}
 
 
-def execute(name, parameters, tmp_path):
+def execute(name, parameters, tmp_path, monkeypatch):
     book = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
     index = next(i for i, cell in enumerate(book.cells) if "parameters" in cell.metadata.get("tags", []))
     injected = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
     book.cells.insert(index + 1, nbformat.v4.new_code_cell(injected, metadata={"tags": ["injected-parameters"]}))
     # The kernel runs this interpreter (ipykernel's own spec) with the repository as its folder.
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # Jupyter's and IPython's state go under tmp_path: CI's home may be read-only.
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter"))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "IPYTHONDIR": str(tmp_path / "ipython")}
     client = NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}},
                             env=env)
     try:
@@ -50,8 +52,8 @@ def outputs_text(book):
 
 
 @pytest.mark.parametrize("name, stages", [("colab_tpu.ipynb", "prune,pqat"), ("colab_gpu.ipynb", "ptq_int8")])
-def test_notebook_runs_on_cpu_with_the_make_targets(name, stages, tmp_path):
-    book = execute(name, ci_parameters(tmp_path, stages), tmp_path)
+def test_notebook_runs_on_cpu_with_the_make_targets(name, stages, tmp_path, monkeypatch):
+    book = execute(name, ci_parameters(tmp_path, stages), tmp_path, monkeypatch)
     run_dir = tmp_path / "runs" / "cifar10_cnn" / "ci"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["strategy"] == "default"  # auto on a CPU-only machine
@@ -68,11 +70,11 @@ def test_notebook_runs_on_cpu_with_the_make_targets(name, stages, tmp_path):
     assert {"image/png", "text/markdown"} <= kinds
 
 
-def test_a_failing_make_target_stops_the_notebook(tmp_path):
+def test_a_failing_make_target_stops_the_notebook(tmp_path, monkeypatch):
     parameters = {**ci_parameters(tmp_path, "ptq_int8"), "STRATEGY": "no-such-strategy"}
     from nbclient.exceptions import CellExecutionError
     with pytest.raises(CellExecutionError) as e:
-        execute("colab_gpu.ipynb", parameters, tmp_path)
+        execute("colab_gpu.ipynb", parameters, tmp_path, monkeypatch)
     assert "failed with exit status 2" in str(e.value)
     executed = nbformat.read(str(tmp_path / "colab_gpu.ipynb"), as_version=4)
     assert "unknown strategy 'no-such-strategy'" in outputs_text(executed)
