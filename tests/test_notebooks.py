@@ -16,8 +16,8 @@ import sys
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
+from notebooks import run_notebook
 from tests.helpers import REPO
 
 NOTEBOOKS = ("colab_tpu.ipynb", "colab_gpu.ipynb")
@@ -30,21 +30,11 @@ def ci_parameters(tmp_path, stages):
 
 
 def execute(name, parameters, tmp_path, monkeypatch):
-    book = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
-    index = next(i for i, cell in enumerate(book.cells) if "parameters" in cell.metadata.get("tags", []))
-    injected = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
-    book.cells.insert(index + 1, nbformat.v4.new_code_cell(injected, metadata={"tags": ["injected-parameters"]}))
-    # The kernel runs this interpreter (ipykernel's own spec) with the repository as its folder.
     # Jupyter's and IPython's state go under tmp_path: CI's home may be read-only.
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter"))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "IPYTHONDIR": str(tmp_path / "ipython")}
-    client = NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}},
-                            env=env)
-    try:
-        client.execute()
-    finally:
-        nbformat.write(book, str(tmp_path / name))
-    return book
+    return run_notebook.execute(os.path.join(REPO, "notebooks", name), parameters, str(tmp_path / name),
+                                timeout=600, env=env)
 
 
 def outputs_text(book):
@@ -71,14 +61,35 @@ def test_notebook_runs_on_cpu_with_the_make_targets(name, stages, tmp_path, monk
 
 
 def test_a_failing_make_target_stops_the_notebook(tmp_path, monkeypatch):
+    # Through the command line, as a user runs it: exit 1, the executed copy kept with the error.
     parameters = {**ci_parameters(tmp_path, "ptq_int8"), "STRATEGY": "no-such-strategy"}
-    from nbclient.exceptions import CellExecutionError
-    with pytest.raises(CellExecutionError) as e:
-        execute("colab_gpu.ipynb", parameters, tmp_path, monkeypatch)
-    assert "failed with exit status 2" in str(e.value)
-    executed = nbformat.read(str(tmp_path / "colab_gpu.ipynb"), as_version=4)
+    output = tmp_path / "executed.ipynb"
+    result = subprocess.run([sys.executable, "notebooks/run_notebook.py", "notebooks/colab_gpu.ipynb",
+                             f"--output={output}", *(f"{k}={v}" for k, v in parameters.items())],
+                            cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter"),
+                                 "IPYTHONDIR": str(tmp_path / "ipython")})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "a cell failed" in result.stderr and "failed with exit status 2" in result.stderr
+    executed = nbformat.read(str(output), as_version=4)
     assert "unknown strategy 'no-such-strategy'" in outputs_text(executed)
     assert not (tmp_path / "runs" / "cifar10_cnn" / "ci" / "compress").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["notebooks/none.ipynb", "--output=x.ipynb"], "notebooks/none.ipynb: no such file"),
+    (["notebooks/colab_gpu.ipynb", "--output=x.ipynb", "not a pair"], "'not a pair': expected KEY=VALUE"),
+])
+def test_run_notebook_bad_arguments_exit_2_with_one_line(argv, message):
+    result = subprocess.run([sys.executable, "notebooks/run_notebook.py", *argv], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_parameters_are_python_literals_or_strings():
+    assert run_notebook.parse_parameters(["A=False", "B=3", "C=--smoke --verbose=2", "D='x'", "E="]) == \
+        {"A": False, "B": 3, "C": "--smoke --verbose=2", "D": "x", "E": ""}
 
 
 def test_committed_notebooks_match_their_generator():
