@@ -381,6 +381,7 @@ def main(argv):
             pipeline=PIPELINE, strategy=strategy,
             precision=precision, result=result, model_name=cfg.model, epochs=cfg.epochs,
             global_batch=cfg.batch_size, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    strategies.barrier(strategy)  # workers leave together, after the chief's report
     return run_dir
 
 

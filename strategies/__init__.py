@@ -100,6 +100,25 @@ def describe(strategy) -> dict:
     }
 
 
+def barrier(strategy) -> None:
+    """Returns once every worker of a multiworker cluster has reached it; at once otherwise.
+
+    Pipelines call it after the chief's report. Without it, the other workers exit as soon as
+    training ends, while the chief still evaluates, and TF's coordination service on the chief
+    logs "The tasks have crashed" about them (measured: 2 localhost workers, real data), though
+    nothing failed. A one-number all-reduce makes every worker wait for the chief.
+    """
+    if resolved_name(strategy) != "multiworker":
+        return
+    # Inside a tf.function: run eagerly, MultiWorkerMirroredStrategy warns of its overhead.
+    @tf.function(autograph=False)
+    def all_reduce_one():
+        one_per_replica = strategy.run(tf.constant, args=(1.0,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, one_per_replica, axis=None)
+
+    all_reduce_one()
+
+
 def default_precision(strategy) -> str:
     """The Keras mixed-precision policy that is fastest and safe on this strategy's hardware.
 
@@ -334,6 +353,7 @@ __all__ = [
     "describe",
     "resolved_name",
     "is_chief",
+    "barrier",
     "default_precision",
     "scale_learning_rate",
     "per_replica_batch",

@@ -301,6 +301,34 @@ def test_launch_local_gives_each_worker_its_own_index_and_port():
     assert len({line[5] for line in lines}) == 2
 
 
+_BARRIER = """
+import json, os, time
+import strategies
+strategy = strategies.make_strategy("multiworker")
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+strategies.barrier(strategy)  # both workers are up
+if index == 0:
+    time.sleep(3)  # the chief writing its report
+start = time.monotonic()
+strategies.barrier(strategy)
+print("waited", index, round(time.monotonic() - start, 2))
+"""
+
+
+def test_barrier_holds_every_worker_until_the_chief_reaches_it():
+    result = run_python(["-m", "strategies.launch_local", "--workers=2", "--", sys.executable, "-c", _BARRIER])
+    assert result.returncode == 0, result.stderr[-2000:]
+    waited = {line.split()[3]: float(line.split()[4]) for line in result.stdout.splitlines() if " waited " in line}
+    assert set(waited) == {"0", "1"}
+    assert waited["1"] >= 2.5 and waited["0"] < 2.5
+
+
+def test_barrier_is_a_no_op_on_a_single_host():
+    start = time.monotonic()
+    strategies.barrier(strategies.make_strategy("default"))
+    assert time.monotonic() - start < 1
+
+
 def test_launch_local_exits_with_failing_workers_status_and_stops_the_rest():
     # Worker 1 fails at once; worker 0 would sleep for a minute if not stopped.
     code = (
