@@ -234,3 +234,14 @@ def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tun
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        # TF reports a damaged TFRecord as DataLossError wherever it is read, without the file's
+        # name; the shard sizes checked at start (core/records.read_meta) catch truncation by name.
+        tf = sys.modules.get("tensorflow")
+        if tf is None or not isinstance(e, tf.errors.DataLossError):
+            raise
+        detail = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message.splitlines()[0]).strip()
+        print(f"error: corrupt record in the converted data ({detail}); delete the dataset's folder under "
+              "--cache_dir to rebuild it from the source, then rerun the same command (a training run "
+              "resumes from its backup/)", file=sys.stderr)
+        sys.exit(2)

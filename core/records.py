@@ -135,9 +135,15 @@ def read_meta(cache_dir: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as e:
         raise UserError(f"{path}: unreadable cache metadata ({e}); delete {cache_dir} to rebuild it")
     for split in splits.values():
-        for file in split["files"]:
-            if not tf.io.gfile.exists(file):
-                raise UserError(f"{file}: shard missing from cache; delete {cache_dir} to rebuild it")
+        for index, file in enumerate(split["files"]):
+            try:
+                size = tf.io.gfile.stat(file).length
+            except tf.errors.NotFoundError:
+                raise UserError(f"{file}: shard missing from cache; delete {cache_dir} to rebuild it") from None
+            expected = split.get("bytes", [None] * len(split["files"]))[index]  # caches before sizes were kept have none
+            if expected is not None and size != expected:
+                raise UserError(f"{file}: shard is {size} bytes, expected {expected} (truncated or overwritten); "
+                                f"delete {cache_dir} to rebuild it")
     return meta
 
 
@@ -174,6 +180,8 @@ def build_cache(cache_dir: str, build: Callable[[str], dict]) -> dict:
             name: {
                 "files": [os.path.relpath(f, tmp_dir) for f in split["files"]],
                 "num_examples": int(split["num_examples"]),
+                # Checked on every read: a truncated shard is found before training, by name.
+                "bytes": [os.path.getsize(f) for f in split["files"]],
             }
             for name, split in meta["splits"].items()
         }

@@ -210,6 +210,20 @@ def test_changed_source_gets_a_new_cache(tmp_path):
     assert second.splits["train"].num_examples + second.splits["val"].num_examples == 21
 
 
+def test_truncated_cache_shard_is_named_before_any_training(tmp_path):
+    _make_folder(tmp_path / "pets")
+    kwargs = dict(cache_root=str(tmp_path / "cache"), image_shape=SHAPE)
+    data = image_data.prepare(str(tmp_path / "pets"), **kwargs)
+    shard = data.splits["train"].files[0]
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(UserError) as e:
+        image_data.prepare(str(tmp_path / "pets"), **kwargs)
+    assert str(e.value) == (f"{shard}: shard is {size // 2} bytes, expected {size} (truncated or overwritten); "
+                            f"delete {data.cache_dir} to rebuild it")
+
+
 def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
     _make_folder(tmp_path / "pets")
 

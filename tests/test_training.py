@@ -1,12 +1,16 @@
 """The training stage: a loss that turns NaN stops training with a clear error and never
 overwrites the last finite checkpoint."""
 
+import glob
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 
 from core import training
+from tests.helpers import run_module
 
 
 def _model():
@@ -39,3 +43,23 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(
         restored.load_weights(str(tmp_path / "checkpoints" / name)).expect_partial()
         assert np.all(np.isfinite(restored.layers[0].kernel.numpy())), name
     assert (tmp_path / "backup").exists()  # kept for inspection after a NaN stop
+
+
+def test_a_corrupt_cached_record_is_one_line_and_keeps_the_run(tmp_path):
+    # A flipped byte (size unchanged, so the shard-size check passes): TF finds it only when
+    # reading, as a DataLossError without the file's name.
+    flags = ["--smoke", "--strategy=default", f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache"]
+    assert run_module("pipelines.cifar10_cnn", *flags, "--name=first").returncode == 0
+    shard = sorted(glob.glob(f"{tmp_path}/cache/*/train-*.tfrecord"))[0]
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    result = run_module("pipelines.cifar10_cnn", *flags, "--name=second")
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: corrupt record in the converted data (corrupted record at ")
+    assert "delete the dataset's folder under --cache_dir" in last
+    assert (tmp_path / "runs" / "cifar10_cnn" / "first" / "metrics.json").exists()
+    assert (tmp_path / "runs" / "cifar10_cnn" / "second" / "config.json").exists()
