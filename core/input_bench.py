@@ -514,8 +514,7 @@ def plot(report, path, title):
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    training.save_figure(fig, path)
 
 
 def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):

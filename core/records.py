@@ -135,12 +135,12 @@ def read_meta(cache_dir: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as e:
         raise UserError(f"{path}: unreadable cache metadata ({e}); delete {cache_dir} to rebuild it")
     for split in splits.values():
-        for index, file in enumerate(split["files"]):
+        sizes = split.get("bytes") or [None] * len(split["files"])  # caches before sizes were kept have none
+        for file, expected in zip(split["files"], sizes):
             try:
                 size = tf.io.gfile.stat(file).length
             except tf.errors.NotFoundError:
                 raise UserError(f"{file}: shard missing from cache; delete {cache_dir} to rebuild it") from None
-            expected = split.get("bytes", [None] * len(split["files"]))[index]  # caches before sizes were kept have none
             if expected is not None and size != expected:
                 raise UserError(f"{file}: shard is {size} bytes, expected {expected} (truncated or overwritten); "
                                 f"delete {cache_dir} to rebuild it")

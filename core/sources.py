@@ -18,8 +18,10 @@ import posixpath
 import tarfile
 
 import numpy as np
+import tensorflow as tf
 
 from core.errors import UserError
+from core.records import is_url
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -68,7 +70,7 @@ def source_kind(source: str, help: str) -> tuple[str, str | None]:
     """("tfds" | "synthetic", None) or ("folder" | "archive", absolute path); `help` ends the error."""
     if source in ("tfds", "synthetic"):
         return source, None
-    if "://" in str(source):
+    if is_url(source):
         return "archive", _url_archive(source, help)
     path = os.path.abspath(os.path.expanduser(source)) if source else ""
     if path and os.path.isdir(path):
@@ -135,7 +137,6 @@ def safe_member_parts(archive, member) -> tuple[str, ...]:
 
 
 def _url_archive(url, help):
-    import tensorflow as tf  # only URL sources need it; the rest of this module stays light
     if not url.lower().endswith(ARCHIVE_SUFFIXES):
         raise UserError(f"{url}: a URL source must be a .tar.gz/.tgz/.tar archive; {help}")
     try:
@@ -148,8 +149,7 @@ def _url_archive(url, help):
 
 
 def _size_and_mtime(path):
-    if "://" in path:
-        import tensorflow as tf
+    if is_url(path):
         st = tf.io.gfile.stat(path)
         return [st.length, st.mtime_nsec]
     st = os.stat(path)
@@ -165,11 +165,10 @@ def open_archive(archive):
     truncated at a member boundary would import as a smaller dataset. GzipFile (used by "r:*")
     raises EOFError when the compressed stream ends before its end marker.
     """
-    if "://" not in archive:
+    if not is_url(archive):
         with tarfile.open(archive, "r:*") as tar:
             yield tar
         return
-    import tensorflow as tf
     # GFile is seekable, which "r:*" needs; tarfile leaves a passed-in file open, hence two withs.
     try:
         with tf.io.gfile.GFile(archive, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:

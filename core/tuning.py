@@ -459,8 +459,7 @@ def plot_objective(rows, path, pipeline):
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    training.save_figure(fig, path)
 
 
 # Distributed search: keras-tuner's chief oracle over gRPC ---------------------------------------
