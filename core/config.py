@@ -22,7 +22,7 @@ import re
 import sys
 import typing
 
-from core.errors import UserError
+from core.errors import UserError, environment_failure
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
@@ -220,7 +220,8 @@ def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tun
     """Entry point of a pipeline module: `[evaluate|compress|bench-input|tune] --key=value ...`.
 
     The commands other than training return a dict that is printed as one JSON line. A `UserError` anywhere prints
-    `error: <message>` and exits 2; anything else is a bug and keeps its traceback.
+    `error: <message>` and exits 2, as does a machine fault `errors.environment_failure` knows (full
+    disk, damaged data, a lost worker); anything else is a bug and keeps its traceback.
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -235,13 +236,8 @@ def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tun
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        # TF reports a damaged TFRecord as DataLossError wherever it is read, without the file's
-        # name; the shard sizes checked at start (core/records.read_meta) catch truncation by name.
-        tf = sys.modules.get("tensorflow")
-        if tf is None or not isinstance(e, tf.errors.DataLossError):
-            raise
-        detail = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message.splitlines()[0]).strip()
-        print(f"error: corrupt record in the converted data ({detail}); delete the dataset's folder under "
-              "--cache_dir to rebuild it from the source, then rerun the same command (a training run "
-              "resumes from its backup/)", file=sys.stderr)
+        line = environment_failure(e, sys.modules.get("tensorflow"))
+        if line is None:
+            raise  # a bug: keep its traceback
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
