@@ -35,6 +35,7 @@ class RunOptions:
     name: str = ""  # run name: outputs go to <output_dir>/<pipeline>/<name>/ (default: a timestamp)
     output_dir: str = "runs"  # root folder of run outputs
     cache_dir: str = ".cache/datasets"  # where offline sources are converted to sharded TFRecords, once
+    skip_corrupt: bool = False  # when converting the data, skip records that cannot be decoded (corrupt images, non-UTF-8 texts) and report how many; default: stop at the first, naming it
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bfloat16 on TPU and bf16-capable CPUs/GPUs)
     jit_compile: bool = False  # XLA-compile the train step (faster on GPU/TPU; slower on CPU, measured)
     steps_per_execution: int = 0  # train steps per host call; 0 = auto: 32 on TPU (hides the host round trip), 1 elsewhere

@@ -46,7 +46,8 @@ def prepare_data(cfg, run, *, class_names, image_shape, tfds_name):
     return image_data.prepare(
         run.data, cache_root=run.cache_dir, image_shape=image_shape, class_names=class_names,
         val_fraction=cfg.val_fraction, seed=run.seed, tfds_name=tfds_name,
-        max_examples=cfg.max_examples or None, examples_per_shard=cfg.examples_per_shard)
+        max_examples=cfg.max_examples or None, examples_per_shard=cfg.examples_per_shard,
+        skip_corrupt=run.skip_corrupt)
 
 
 def model_inputs(num_classes):
@@ -218,7 +219,8 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
     data = image_data.prepare(
         run_config["data"], cache_root=run_config["cache_dir"], image_shape=image_shape, class_names=class_names,
         val_fraction=run_config["val_fraction"], seed=run_config["seed"], tfds_name=tfds_name,
-        max_examples=run_config["max_examples"] or None, examples_per_shard=run_config["examples_per_shard"])
+        max_examples=run_config["max_examples"] or None, examples_per_shard=run_config["examples_per_shard"],
+        skip_corrupt=run_config.get("skip_corrupt", False))  # runs from before the flag: off
     # Fine-tuning sees what training saw: its flip and translation (the random flip: the
     # alternating one needs training's epoch counter) and its label smoothing. Measured on the
     # 80%-pruned CNN, prune-preserving QAT for one epoch: 88.42% val this way, 87.64% with plain

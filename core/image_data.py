@@ -27,6 +27,9 @@ Design:
 - The cache folder name carries a fingerprint of the source (path, sizes, mtimes) and of every
   argument that changes the records, so a second `prepare` reuses it without opening the source;
   see core/records.py for why an interrupted conversion never leaves a half cache.
+- An image that cannot be decoded stops the conversion, named; with skip_corrupt=True
+  (--skip_corrupt) such images are left out instead, counted in meta.json's "skipped_corrupt" and
+  in ImageData.skipped_corrupt. A wrong size or mode, or a bad layout, always stops it.
 - Conversion holds all decoded pixels in memory (150 MB for CIFAR-10's train split): fine for
   CIFAR-sized data, not meant for ImageNet.
 
@@ -85,6 +88,7 @@ class ImageData:
     val_carved_from_train: bool
     val_fraction: float
     seed: int
+    skipped_corrupt: int = 0  # source images left out as undecodable (skip_corrupt=True)
 
 
 def prepare(
@@ -98,11 +102,14 @@ def prepare(
     tfds_name="cifar10",
     max_examples=None,
     examples_per_shard=4096,
+    skip_corrupt=False,
 ) -> ImageData:
     """Imports `source` into `cache_root/<name>-<fingerprint>/` unless already there.
 
     class_names, if given, must be the source's set of classes; labels then follow its order.
     max_examples caps each source split (a seeded random subset) before the val carve.
+    skip_corrupt leaves out images that cannot be decoded, counted in meta.json, instead of
+    stopping at the first.
     """
     image_shape = _check_shape(image_shape)
     class_names = _check_class_names(class_names)
@@ -121,6 +128,7 @@ def prepare(
         seed=seed,
         max_examples=max_examples,
         examples_per_shard=examples_per_shard,
+        skip_corrupt=skip_corrupt,
     )
     # Absolute, so shard paths stay valid for workers started from another directory.
     cache_dir = os.path.join(
@@ -128,7 +136,9 @@ def prepare(
     )
 
     def build(tmp_dir):
-        loaded, names, description = _load(kind, path, image_shape, class_names, tfds_name)
+        skipped = sources.SkipLog(skip_corrupt)
+        loaded, names, description = _load(kind, path, image_shape, class_names, tfds_name, skipped)
+        skipped.warn(description)
         rng = np.random.default_rng(seed)
         if max_examples is not None:
             loaded = {
@@ -158,6 +168,7 @@ def prepare(
             "val_fraction": val_fraction,
             "seed": seed,
             "max_examples": max_examples,
+            "skipped_corrupt": skipped.meta(),
             "splits": splits,
         }
 
@@ -171,6 +182,7 @@ def prepare(
         val_carved_from_train=meta["val_carved_from_train"],
         val_fraction=meta["val_fraction"],
         seed=meta["seed"],
+        skipped_corrupt=sources.skipped_from_meta(meta),
     )
 
 
@@ -207,7 +219,9 @@ def read_images(
     image_shape = _check_shape(image_shape)
     class_names = _check_class_names(class_names)
     kind, path = sources.source_kind(source, _SOURCE_HELP)
-    loaded, names, description = _load(kind, path, image_shape, class_names, tfds_name)
+    # No --skip_corrupt here: a score must cover the whole source, so a corrupt image stops it.
+    skipped = sources.SkipLog(False, flag=None)
+    loaded, names, description = _load(kind, path, image_shape, class_names, tfds_name, skipped)
     if split is not None:
         if split not in loaded:
             raise UserError(f"split {split!r}: {description} has only {sorted(loaded)}")
@@ -238,17 +252,19 @@ def _check_class_names(class_names):
 # --- sources ------------------------------------------------------------------------------------
 
 
-def _load(kind, path, image_shape, class_names, tfds_name):
-    """-> ({split: (images, labels)} in source order, class_names, description)."""
+def _load(kind, path, image_shape, class_names, tfds_name, skipped):
+    """-> ({split: (images, labels)} in source order, class_names, description).
+
+    Images that cannot be decoded go through `skipped` (a sources.SkipLog)."""
     if kind == "synthetic":
         return _load_synthetic(image_shape, class_names)
     if kind == "tfds":
         return _load_tfds(tfds_name, image_shape, class_names)
     if kind == "folder":
-        found, splits = _load_folder(path, image_shape)
+        found, splits = _load_folder(path, image_shape, skipped)
         description = f"folder {path}"
     else:
-        found, splits, description = _load_archive(path, image_shape)
+        found, splits, description = _load_archive(path, image_shape, skipped)
     return (*_order_classes(description, found, splits, class_names), description)
 
 
@@ -323,7 +339,7 @@ def _load_tfds(tfds_name, image_shape, class_names):
     return (*_order_classes(description, found, splits, class_names), description)
 
 
-def _load_folder(root, image_shape):
+def _load_folder(root, image_shape, skipped):
     """Checks the whole layout first (cheap listings), then decodes every image."""
     subdirs = _visible_dirs(root)
     if "train" in subdirs:
@@ -365,10 +381,11 @@ def _load_folder(root, image_shape):
         images, labels = [], []
         for label, cls in enumerate(found):
             for file in classes[cls]:
-                with open(file, "rb") as f:
+                with open(file, "rb") as f, skipped.guard(os.path.dirname(file)):
                     images.append(_decode(f.read(), file, image_shape))
-                labels.append(label)
+                    labels.append(label)
         splits[split] = (_stack(images, image_shape), np.array(labels, dtype=np.int64))
+    skipped.check_groups()
     return found, splits
 
 
@@ -389,7 +406,7 @@ def _check_same_classes(where, train_classes, test_classes):
         )
 
 
-def _load_archive(archive, image_shape):
+def _load_archive(archive, image_shape, skipped):
     """Streams the archive once: images by folder layout, or the CIFAR-10 binary batches."""
     images = {s: [] for s in SPLIT_DIRS}
     classes = {s: [] for s in SPLIT_DIRS}
@@ -420,10 +437,12 @@ def _load_archive(archive, image_shape):
                 split = parts[-3] if len(parts) >= 3 and parts[-3] in SPLIT_DIRS else None
                 roots.add((parts[:-3], True) if split else (parts[:-2], False))
                 class_dirs.add(parts[:-1])
-                images[split or "train"].append(_decode(tar.extractfile(member).read(), name, image_shape))
-                classes[split or "train"].append(parts[-2])
+                with skipped.guard(f"{archive}:{'/'.join(parts[:-1])}"):
+                    images[split or "train"].append(_decode(tar.extractfile(member).read(), name, image_shape))
+                    classes[split or "train"].append(parts[-2])
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise UserError(f"{archive}: truncated or corrupt archive ({e}); expected a readable .tar.gz/.tgz/.tar") from None
+    skipped.check_groups()  # here: `found` below comes from decoded images, so an all-skipped class would vanish
 
     if binary:
         if roots:
@@ -512,9 +531,10 @@ def _decode(data: bytes, name: str, image_shape) -> bytes:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # PIL's "cannot identify image file <BytesIO ...>" says nothing the user can act on.
         reason = "unknown format" if isinstance(e, Image.UnidentifiedImageError) else str(e)
-        raise UserError(
+        raise sources.CorruptRecord(
             f"{name}: not a JPEG/PNG/BMP/GIF image (cannot decode: {reason}); "
-            f"expected a {_hwc(image_shape)} image file"
+            f"expected a {_hwc(image_shape)} image file",
+            name=name, reason=f"cannot decode: {reason}",
         ) from None
 
 

@@ -7,8 +7,10 @@ a URL (gs://bucket/cifar10.tar.gz): it is streamed through tf.io.gfile, so a TPU
 host imports it without a local copy. Its cache folder
 is `<cache_name>-<fingerprint>`: the fingerprint hashes the source's identity (path, sizes,
 mtimes; it stats files but never opens them) with every argument that changes the records.
+A `SkipLog` carries the --skip_corrupt policy through one conversion.
 """
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -30,6 +32,75 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 class Split:
     files: tuple[str, ...]  # TFRecord shard paths, sorted
     num_examples: int
+
+
+class CorruptRecord(UserError):
+    """A record whose bytes cannot be decoded (a corrupt image, a non-UTF-8 review): the one
+    error a `SkipLog` may skip. Every other UserError (a layout, a size, a mode) stops the import."""
+
+    def __init__(self, message, *, name, reason):
+        super().__init__(message)
+        self.name, self.reason = name, reason
+
+
+class SkipLog:
+    """The --skip_corrupt policy during one conversion.
+
+    Off (the default), the first corrupt record stops the conversion and its error names it.
+    On, corrupt records are left out and counted, and the first few named in meta.json, so a
+    cache that holds fewer examples than its source says why.
+
+        with skipped.guard(class_folder):
+            images.append(decode(data, name))  # raises CorruptRecord
+            labels.append(label)
+    """
+
+    NAMED = 10  # names kept in meta.json: enough to spot a pattern, never a list of 50,000
+
+    def __init__(self, skip_corrupt, *, flag="--skip_corrupt"):
+        self.skip_corrupt = skip_corrupt
+        self.flag = flag  # None where no flag can change the policy (evaluate reads the source)
+        self.count = 0
+        self.first = []
+        self._groups = collections.defaultdict(lambda: [0, 0])  # group -> [records, skipped]
+
+    @contextlib.contextmanager
+    def guard(self, group):
+        """Runs one record's decoding; a CorruptRecord inside is skipped (policy on) or re-raised."""
+        self._groups[group][0] += 1
+        try:
+            yield
+        except CorruptRecord as e:
+            if not self.skip_corrupt:
+                hint = f"; or pass {self.flag} to skip such records" if self.flag else ""
+                raise UserError(f"{e}{hint}") from None
+            self.count += 1
+            self._groups[group][1] += 1
+            if len(self.first) < self.NAMED:
+                self.first.append(f"{e.name} ({e.reason})")
+
+    def check_groups(self):
+        """UserError for a group (a class folder) left empty: its label would silently vanish."""
+        for group, (total, skipped) in self._groups.items():
+            if skipped == total:
+                raise UserError(
+                    f"{group}: all {total} records are corrupt and were skipped ({self.flag}); "
+                    "expected at least one readable record per class folder"
+                )
+
+    def meta(self) -> dict:
+        return {"count": self.count, "first": list(self.first)}
+
+    def warn(self, description):
+        if self.count:
+            more = ", ..." if self.count > len(self.first) else ""
+            print(f"warning: skipped {self.count} corrupt records while converting {description} "
+                  f"({self.flag}): {', '.join(self.first)}{more}")
+
+
+def skipped_from_meta(meta) -> int:
+    """Corrupt records a cache's conversion skipped; caches older than --skip_corrupt have none."""
+    return meta.get("skipped_corrupt", {}).get("count", 0)
 
 
 def splits_from_meta(meta):

@@ -23,6 +23,9 @@ Design:
   name carries a fingerprint of the source and of every argument that changes the records.
 - Test examples are shuffled (seeded) before sharding as train ones are: aclImdb lists every neg
   review before every pos one, so in source order each shard would hold a single class.
+- A review that is not UTF-8 stops the conversion, named; with skip_corrupt=True (--skip_corrupt)
+  such reviews are left out instead, counted in meta.json's "skipped_corrupt" and in
+  TextData.skipped_corrupt.
 - Conversion holds every review in memory (65 MB for the 50,000 labeled IMDB reviews).
 
 Measured: the 50,000-review aclImdb_v1_labeled.tar.gz (28 MB) converts in 4-6 s on 2 shared CPU
@@ -88,6 +91,7 @@ class TextData:
     val_carved_from_train: bool
     val_fraction: float
     seed: int
+    skipped_corrupt: int = 0  # source reviews left out as not UTF-8 (skip_corrupt=True)
 
 
 def prepare(
@@ -99,10 +103,13 @@ def prepare(
     tfds_name="imdb_reviews",
     max_examples=None,
     examples_per_shard=4096,
+    skip_corrupt=False,
 ) -> TextData:
     """Imports `source` into `cache_root/<name>-<fingerprint>/` unless already there.
 
     max_examples caps each source split (a seeded random subset) before the val carve.
+    skip_corrupt leaves out reviews that are not UTF-8, counted in meta.json, instead of
+    stopping at the first.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction}: expected a number in [0, 1)")
@@ -120,6 +127,7 @@ def prepare(
         seed=seed,
         max_examples=max_examples,
         examples_per_shard=examples_per_shard,
+        skip_corrupt=skip_corrupt,
     )
     name = "synthetic_text" if kind == "synthetic" else sources.cache_name(kind, path, tfds_name)
     # Absolute, so shard paths stay valid for workers started from another directory.
@@ -128,7 +136,9 @@ def prepare(
     )
 
     def build(tmp_dir):
-        loaded, description = _load(kind, path, tfds_name)
+        skipped = sources.SkipLog(skip_corrupt)
+        loaded, description = _load(kind, path, tfds_name, skipped)
+        skipped.warn(description)
         rng = np.random.default_rng(seed)
         if max_examples is not None:
             loaded = {split: sources.subsample(texts, labels, max_examples, rng)
@@ -152,6 +162,7 @@ def prepare(
             "val_fraction": val_fraction,
             "seed": seed,
             "max_examples": max_examples,
+            "skipped_corrupt": skipped.meta(),
             "splits": splits,
         }
 
@@ -164,6 +175,7 @@ def prepare(
         val_carved_from_train=meta["val_carved_from_train"],
         val_fraction=meta["val_fraction"],
         seed=meta["seed"],
+        skipped_corrupt=sources.skipped_from_meta(meta),
     )
 
 
@@ -198,7 +210,9 @@ def read_source_texts(source: str, *, tfds_name="imdb_reviews", split=None) -> d
     For `evaluate --data=PATH`: a folder of pos/ and neg/ comes back as one split, "train",
     to be taken whole. `split` picks one of the source's splits.
     """
-    loaded, description = _load(*sources.source_kind(source, _SOURCE_HELP), tfds_name)
+    # No --skip_corrupt here: a score must cover the whole source, so a corrupt review stops it.
+    skipped = sources.SkipLog(False, flag=None)
+    loaded, description = _load(*sources.source_kind(source, _SOURCE_HELP), tfds_name, skipped)
     if split is not None:
         if split not in loaded:
             raise UserError(f"split {split!r}: {description} has only {sorted(loaded)}")
@@ -209,15 +223,17 @@ def read_source_texts(source: str, *, tfds_name="imdb_reviews", split=None) -> d
 # --- sources ------------------------------------------------------------------------------------
 
 
-def _load(kind, path, tfds_name):
-    """-> ({split: (UTF-8 texts as an object array of bytes, int64 labels)}, description)."""
+def _load(kind, path, tfds_name, skipped):
+    """-> ({split: (UTF-8 texts as an object array of bytes, int64 labels)}, description).
+
+    Reviews that are not UTF-8 go through `skipped` (a sources.SkipLog)."""
     if kind == "synthetic":
         return _load_synthetic(), "synthetic"
     if kind == "tfds":
         return _load_tfds(tfds_name), f"tfds:{tfds_name}"
     if kind == "folder":
-        return _load_folder(path), f"folder {path}"
-    return _load_archive(path), f"{'tar' if path.lower().endswith('.tar') else 'tar.gz'} {path}"
+        return _load_folder(path, skipped), f"folder {path}"
+    return _load_archive(path, skipped), f"{'tar' if path.lower().endswith('.tar') else 'tar.gz'} {path}"
 
 
 def _texts_array(texts) -> np.ndarray:
@@ -281,7 +297,7 @@ def _load_tfds(tfds_name):
     return splits
 
 
-def _load_folder(root):
+def _load_folder(root, skipped):
     """Lists the folder, checks the layout, then reads only the reviews the layout names."""
     dirs, files = [], []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -303,10 +319,10 @@ def _load_folder(root):
         except OSError as e:  # a broken link or a file without read permission
             raise UserError(f"{where(parts)}: cannot read ({e.strerror}); expected a readable .txt review") from None
 
-    return _read_reviews(_review_files(_Listing(dirs, files), where), read, where)
+    return _read_reviews(_review_files(_Listing(dirs, files), where), read, where, skipped)
 
 
-def _load_archive(archive):
+def _load_archive(archive, skipped):
     """Streams the archive once, keeping .txt files in memory until the layout is known."""
     dirs, files, contents = [], [], {}
     try:
@@ -327,25 +343,33 @@ def _load_archive(archive):
     def where(parts):
         return f"{archive}:{'/'.join(parts)}" if parts else archive
 
-    return _read_reviews(_review_files(_Listing(dirs, files), where), contents.__getitem__, where)
+    return _read_reviews(_review_files(_Listing(dirs, files), where), contents.__getitem__, where, skipped)
 
 
-def _read_reviews(review_files, read, where):
+def _read_reviews(review_files, read, where, skipped):
     """{split: [(path parts, label)]} -> {split: (texts, labels)}, checking every text is UTF-8."""
     splits = {}
     for split, reviews in review_files.items():
-        texts = []
-        for parts, _ in reviews:
+        texts, labels = [], []
+        for parts, label in reviews:
             data = read(parts)
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(
-                    f"{where(parts)}: not UTF-8 text ({e.reason} at byte {e.start}); expected UTF-8 .txt reviews"
-                ) from None
-            texts.append(data)
-        splits[split] = (_texts_array(texts), np.array([label for _, label in reviews], dtype=np.int64))
+            with skipped.guard(f"{where(parts[:-1])}/"):
+                _check_utf8(data, where(parts))
+                texts.append(data)
+                labels.append(label)
+        splits[split] = (_texts_array(texts), np.array(labels, dtype=np.int64))
+    skipped.check_groups()
     return splits
+
+
+def _check_utf8(data, name):
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise sources.CorruptRecord(
+            f"{name}: not UTF-8 text ({e.reason} at byte {e.start}); expected UTF-8 .txt reviews",
+            name=name, reason=f"not UTF-8: {e.reason} at byte {e.start}",
+        ) from None
 
 
 # --- layout: the same checks for a folder and for an archive ------------------------------------

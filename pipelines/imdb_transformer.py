@@ -118,7 +118,7 @@ def prepare_data(cfg, run):
     """Converts the source (--data) once into the sharded cache; later runs reuse it."""
     return text_data.prepare(run.data, cache_root=run.cache_dir, val_fraction=cfg.val_fraction,
                              seed=run.seed, max_examples=cfg.max_examples or None,
-                             examples_per_shard=cfg.examples_per_shard)
+                             examples_per_shard=cfg.examples_per_shard, skip_corrupt=run.skip_corrupt)
 
 
 def fit_tokenizer(cfg, data):
@@ -297,7 +297,8 @@ def compression_task(model, run_config, opts):
     cfg = Config(**{k: v for k, v in run_config.items() if k in fields})
     data = text_data.prepare(run_config["data"], cache_root=run_config["cache_dir"], val_fraction=cfg.val_fraction,
                              seed=run_config["seed"], max_examples=cfg.max_examples or None,
-                             examples_per_shard=cfg.examples_per_shard)
+                             examples_per_shard=cfg.examples_per_shard,
+                             skip_corrupt=run_config.get("skip_corrupt", False))  # runs from before the flag: off
     _, vectorizer, truncate, classifier = model.layers  # end_to_end: text input, tokenizer, truncation, classifier
 
     def padded_ids(texts):

@@ -22,6 +22,13 @@ def test_every_field_documents_itself_in_help(capsys):
             assert f"--{field.name}=" in text
 
 
+def test_skip_corrupt_is_off_unless_asked_for():
+    (run,) = config_lib.parse_flags([], [config_lib.RunOptions])
+    assert run.skip_corrupt is False
+    (run,) = config_lib.parse_flags(["--skip_corrupt"], [config_lib.RunOptions])
+    assert run.skip_corrupt is True
+
+
 def test_flags_parse_to_field_types():
     run, cfg = config_lib.parse_flags(["--strategy=mirrored", "--epochs=3", "--learning_rate=0.5",
                                        "--flip=random", "--smoke"], CLASSES)

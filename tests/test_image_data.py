@@ -4,7 +4,9 @@ Run: .venv/bin/python -m pytest tests/test_image_data.py -q   (about 15 s on 2 C
 """
 
 import io
+import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -210,6 +212,7 @@ def test_changed_source_gets_a_new_cache(tmp_path):
     assert second.splits["train"].num_examples + second.splits["val"].num_examples == 21
 
 
+@pytest.mark.faults
 def test_truncated_cache_shard_is_named_before_any_training(tmp_path):
     _make_folder(tmp_path / "pets")
     kwargs = dict(cache_root=str(tmp_path / "cache"), image_shape=SHAPE)
@@ -252,6 +255,77 @@ def test_write_shards_names_shards_and_keeps_every_example(tmp_path):
     first = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(paths[0]))).numpy())
     assert first.features.feature["ids"].int64_list.value == [0, 1]
     assert records.write_shards(str(tmp_path), "val", [], 4) == ()
+
+
+# --- --skip_corrupt: undecodable images left out and counted, every other error kept -----------
+
+
+def _add_corrupt_images(root):
+    """Two images that cannot be decoded beside the good ones: junk bytes and a cut-off PNG."""
+    (root / "cat" / "junk.png").write_bytes(b"\x89PNG not really")
+    good = (root / "dog" / "0000.png").read_bytes()
+    (root / "dog" / "cut.png").write_bytes(good[: len(good) // 2])
+
+
+def _meta(data):
+    with open(os.path.join(data.cache_dir, records.META_FILE)) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("archived", [False, True], ids=["folder", "tar.gz"])
+def test_skip_corrupt_leaves_out_undecodable_images_and_counts_them(tmp_path, capsys, archived):
+    written = _make_folder(tmp_path / "pets")
+    _add_corrupt_images(tmp_path / "pets")
+    source = _tar(tmp_path / "pets", str(tmp_path / "pets.tar.gz"), "pets") if archived else str(tmp_path / "pets")
+    data = image_data.prepare(source, cache_root=str(tmp_path / "cache"), image_shape=SHAPE, skip_corrupt=True)
+    assert data.skipped_corrupt == 2
+    _assert_round_trip(data, written)  # exactly the 20 good images, across train and val
+    skipped = _meta(data)["skipped_corrupt"]
+    assert skipped["count"] == 2 and len(skipped["first"]) == 2
+    assert "junk.png (cannot decode: unknown format)" in skipped["first"][0] and "cut.png" in skipped["first"][1]
+    out = capsys.readouterr().out
+    assert "warning: skipped 2 corrupt records while converting" in out and "(--skip_corrupt): " in out
+
+
+def test_corrupt_image_without_skip_corrupt_names_it_and_the_flag(tmp_path):
+    _make_folder(tmp_path / "pets")
+    _add_corrupt_images(tmp_path / "pets")
+    with pytest.raises(UserError, match=r"cat/junk.png: not a JPEG/PNG/BMP/GIF image .*; or pass --skip_corrupt"):
+        image_data.prepare(str(tmp_path / "pets"), cache_root=str(tmp_path / "cache"), image_shape=SHAPE)
+    # evaluate reads the source whole and has no such flag: its error must not offer it.
+    with pytest.raises(UserError) as error:
+        image_data.read_images(str(tmp_path / "pets"), image_shape=SHAPE)
+    assert "junk.png" in str(error.value) and "--skip_corrupt" not in str(error.value)
+
+
+def test_skip_corrupt_policies_never_share_a_cache(tmp_path):
+    _make_folder(tmp_path / "pets")
+    kwargs = dict(cache_root=str(tmp_path / "cache"), image_shape=SHAPE)
+    stop = image_data.prepare(str(tmp_path / "pets"), **kwargs)
+    skip = image_data.prepare(str(tmp_path / "pets"), skip_corrupt=True, **kwargs)
+    assert stop.cache_dir != skip.cache_dir
+    assert stop.skipped_corrupt == skip.skipped_corrupt == _meta(skip)["skipped_corrupt"]["count"] == 0
+
+
+@pytest.mark.parametrize("archived", [False, True], ids=["folder", "tar.gz"])
+def test_skip_corrupt_class_of_only_corrupt_images_is_a_one_line_error(tmp_path, archived):
+    _make_folder(tmp_path / "pets", classes=("cat",), split="train")
+    os.makedirs(tmp_path / "pets" / "train" / "dog")
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "pets" / "train" / "dog" / name).write_bytes(b"not an image")
+    source = _tar(tmp_path / "pets", str(tmp_path / "pets.tar.gz"), "pets") if archived else str(tmp_path / "pets")
+    with pytest.raises(UserError) as error:
+        image_data.prepare(source, cache_root=str(tmp_path / "cache"), image_shape=SHAPE, skip_corrupt=True)
+    message = str(error.value)
+    assert "train/dog: all 2 records are corrupt and were skipped (--skip_corrupt)" in message and "\n" not in message
+
+
+def test_skip_corrupt_still_stops_at_wrong_size_transparency_and_layout(tmp_path):
+    for make_bad in (_bad_wrong_size, _bad_transparent_image, _bad_non_image_file, _bad_empty_class_folder):
+        shutil.rmtree(tmp_path / "pets", ignore_errors=True)
+        source, _, name = make_bad(tmp_path)
+        with pytest.raises(UserError, match=name):
+            image_data.prepare(source, cache_root=str(tmp_path / "cache"), image_shape=SHAPE, skip_corrupt=True)
 
 
 # --- bad inputs: each one a UserError whose single line names the offending thing ----------------

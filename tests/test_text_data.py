@@ -3,6 +3,7 @@
 Run: .venv/bin/python -m pytest tests/test_text_data.py -q   (25 tests, about 6 s on 2 CPU cores)
 """
 
+import json
 import os
 import shutil
 import tarfile
@@ -175,6 +176,45 @@ def test_parse_example_gives_string_text_and_int64_label_eagerly():
     text, label = text_data.parse_example(serialized)
     assert text.dtype == tf.string and text.shape == () and text.numpy().decode("utf-8") == "café"
     assert label.dtype == tf.int64 and int(label) == 1
+
+
+# --- --skip_corrupt: reviews that are not UTF-8 left out and counted ----------------------------
+
+
+@pytest.mark.parametrize("archived", [False, True], ids=["folder", "tar.gz"])
+def test_skip_corrupt_leaves_out_non_utf8_reviews_and_counts_them(tmp_path, capsys, archived):
+    written = _write_acl_imdb(tmp_path / "aclImdb")
+    (tmp_path / "aclImdb" / "train" / "neg" / "7_1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    source = _tar(tmp_path / "aclImdb", str(tmp_path / "imdb.tar.gz"), "aclImdb") if archived else str(tmp_path / "aclImdb")
+    data = text_data.prepare(source, cache_root=str(tmp_path / "cache"), skip_corrupt=True)
+    assert data.skipped_corrupt == 1
+    _assert_round_trip(data, written["train"])  # the 8 UTF-8 reviews, across train and val
+    _assert_round_trip(data, written["test"], splits=("test",))
+    with open(os.path.join(data.cache_dir, "meta.json")) as f:
+        skipped = json.load(f)["skipped_corrupt"]
+    assert skipped["count"] == 1 and "train/neg/7_1.txt (not UTF-8: unexpected end of data at byte 3)" in skipped["first"][0]
+    assert "warning: skipped 1 corrupt records while converting" in capsys.readouterr().out
+
+
+def test_non_utf8_review_without_skip_corrupt_names_it_and_the_flag(tmp_path):
+    _write_reviews(tmp_path / "reviews", split=None)
+    (tmp_path / "reviews" / "pos" / "9_9.txt").write_bytes(b"\xff")
+    with pytest.raises(UserError, match=r"pos/9_9.txt: not UTF-8 text .*; or pass --skip_corrupt"):
+        text_data.prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"))
+    # evaluate reads the source whole and has no such flag: its error must not offer it.
+    with pytest.raises(UserError) as error:
+        text_data.read_source_texts(str(tmp_path / "reviews"))
+    assert "9_9.txt" in str(error.value) and "--skip_corrupt" not in str(error.value)
+
+
+def test_skip_corrupt_class_of_only_non_utf8_reviews_is_a_one_line_error(tmp_path):
+    _write_reviews(tmp_path / "reviews", per_class=2, split=None)
+    for name in os.listdir(tmp_path / "reviews" / "pos"):
+        (tmp_path / "reviews" / "pos" / name).write_bytes(b"\xff\xfe")
+    with pytest.raises(UserError) as error:
+        text_data.prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), skip_corrupt=True)
+    message = str(error.value)
+    assert "reviews/pos/: all 2 records are corrupt and were skipped (--skip_corrupt)" in message and "\n" not in message
 
 
 # --- bad inputs: each one a UserError whose single line names the offending thing ----------------
