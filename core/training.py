@@ -3,7 +3,7 @@
 A run writes `runs/<pipeline>/<name>/`:
     config.json       every config field, as run (feed it back with --config=...)
     history.csv       per-epoch metrics (Keras CSVLogger)
-    checkpoints/      latest and best weights (best by val_accuracy)
+    checkpoints/      latest/ and best/ weights (best by val_accuracy), each the newest only
     backup/           BackupAndRestore state while training; rerun the same command to resume
     logs/             TensorBoard
     model.keras       the trained model (Keras format; loads in safe mode, no custom objects)
@@ -203,6 +203,41 @@ class FiniteModelCheckpoint(_SavesOnlyWhileFinite, keras.callbacks.ModelCheckpoi
     """ModelCheckpoint that never overwrites a good checkpoint with NaN/inf weights."""
 
 
+class RotatingCheckpoint(FiniteModelCheckpoint):
+    """Weights as `<directory>/epoch-NNN` plus TF's `checkpoint` pointer file; only the newest
+    is kept. Load with `model.load_weights(tf.train.latest_checkpoint(directory))`.
+
+    Why not one fixed name: TF renames a checkpoint's new data file over the old one and then
+    writes the index, so a kill or a full disk in between leaves neither loadable. Here every
+    save goes to a new name, the pointer moves only once the save is whole, and the older
+    checkpoint is deleted after that (test_faults kills the process inside a save).
+    """
+
+    def __init__(self, directory, **kwargs):
+        super().__init__(os.path.join(directory, "epoch-{epoch:03d}"), save_weights_only=True, **kwargs)
+        self.directory = directory
+
+    def _get_file_path(self, epoch, batch, logs):
+        path = super()._get_file_path(epoch, batch, logs)
+        # A resumed run redoes the epoch it was killed in, whose checkpoint may exist already
+        # (and be the one the pointer names): write the redo beside it, never over it.
+        unique, redo = path, 1
+        while tf.io.gfile.exists(unique + ".index"):
+            unique, redo = f"{path}-redo{redo}", redo + 1
+        return unique
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        newest = tf.train.latest_checkpoint(self.directory)
+        if newest is None:
+            return
+        for index in tf.io.gfile.glob(os.path.join(self.directory, "epoch-*.index")):
+            prefix = index[: -len(".index")]
+            if os.path.basename(prefix) != os.path.basename(newest):
+                for file in tf.io.gfile.glob(prefix + ".*"):
+                    tf.io.gfile.remove(file)
+
+
 class FiniteBackupAndRestore(_SavesOnlyWhileFinite, keras.callbacks.BackupAndRestore):
     """BackupAndRestore that keeps the last finite state when the loss turns NaN."""
 
@@ -275,7 +310,8 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
     Returns a dict: history (per-epoch metrics, all epochs of a resumed run included),
     train_seconds (wall time of fit, validation included), train_step_seconds (time in train
     steps only; its first epoch includes tracing and filling the input cache), epochs_run
-    (epochs trained by this process, fewer than `epochs` after a resume), and, when the training
+    (epochs trained by this process, fewer than `epochs` after a resume), final_step (the
+    optimizer's step count at the end, resumes included), and, when the training
     input is an `input_pipeline.distributed_dataset`, input_wait_seconds (steps idle waiting for
     input) and input_wait_fraction_per_epoch.
     Raises `TrainingDiverged` when the loss turned NaN; the last finite checkpoint stays.
@@ -284,7 +320,10 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
         checkpoints = _writable_dir(run_dir, "checkpoints", is_chief, scratch)
         logs_dir = _writable_dir(run_dir, "logs", is_chief, scratch)
         history_csv = os.path.join(run_dir if is_chief else logs_dir, "history.csv")
-        earlier = _read_history(history_csv) or {}
+        # Every worker reads the chief's history: "best" below saves only on improvement, and a
+        # save is a collective (reading BatchNorm statistics), so a worker with another threshold
+        # would save alone after a resume and deadlock the job (found by test_faults).
+        earlier = _read_history(os.path.join(run_dir, "history.csv")) or {}
         meter = getattr(train_ds, "input_wait", None)  # input_pipeline.distributed_dataset sets it
         nan_guard, throughput = StopOnNaN(), (Throughput() if meter is None else InputWait(meter))
         all_callbacks = [
@@ -295,13 +334,11 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
             # Preemption: state saved every epoch; rerunning the same command resumes from it.
             FiniteBackupAndRestore(backup_dir=os.path.join(run_dir, "backup"), delete_checkpoint=True,
                                    nan_guard=nan_guard),
-            FiniteModelCheckpoint(os.path.join(checkpoints, "latest"), save_weights_only=True,
-                                  nan_guard=nan_guard),
+            RotatingCheckpoint(os.path.join(checkpoints, "latest"), nan_guard=nan_guard),
             # After a resume, "best" must beat the epochs before the preemption too.
-            FiniteModelCheckpoint(os.path.join(checkpoints, "best"), save_weights_only=True,
-                                  monitor="val_accuracy", mode="max", save_best_only=True,
-                                  initial_value_threshold=max(earlier.get("val_accuracy", []), default=None),
-                                  nan_guard=nan_guard),
+            RotatingCheckpoint(os.path.join(checkpoints, "best"), monitor="val_accuracy", mode="max",
+                               save_best_only=True, nan_guard=nan_guard,
+                               initial_value_threshold=max(earlier.get("val_accuracy", []), default=None)),
             keras.callbacks.TensorBoard(logs_dir, update_freq="epoch", profile_batch=0),
             throughput,
             *callbacks,
@@ -313,7 +350,7 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
         train_seconds = time.perf_counter() - start
         if nan_guard.stopped_at is not None:
             epoch, batch = nan_guard.stopped_at
-            raise TrainingDiverged(f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints} (lower the learning rate or use --precision=float32)")
+            raise TrainingDiverged(f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints}/latest (lower the learning rate or use --precision=float32)")
         return {
             "history": _read_history(history_csv) or {k: list(v) for k, v in history.history.items()},
             "train_seconds": train_seconds,
@@ -321,6 +358,9 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
             "input_wait_fraction_per_epoch": throughput.fractions() if meter is not None else None,
             "train_step_seconds": sum(throughput.epoch_seconds),
             "epochs_run": len(throughput.epoch_seconds),
+            # The optimizer's step count, restored with backup/: a resumed run must end on the
+            # same step as an uninterrupted one (test_faults checks it).
+            "final_step": int(model.optimizer.iterations.numpy()),
         }
 
 
@@ -398,6 +438,9 @@ def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_
         "strategy": described["strategy"], "replicas": described["replicas"],
         "workers": described["workers"], "precision": precision, "model": model_name,
         "epochs": epochs, "steps": total_steps, "global_batch": global_batch,
+        # Where training ended and, after a preemption, the epoch this process resumed at
+        # (0: trained start to finish in one go).
+        "final_step": result["final_step"], "resumed_at_epoch": epochs - result["epochs_run"],
         "train_seconds": round(result["train_seconds"], 2),
         # Time inside train steps only (no per-epoch validation); like speed records, it includes
         # the first epoch's tracing and input-cache filling.
@@ -420,6 +463,8 @@ def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_
             "train_examples": data.splits["train"].num_examples,
             "val_examples": data.splits["val"].num_examples,
             "test_examples": data.splits["test"].num_examples if test else 0,
+            # Records the conversion skipped as undecodable (--skip_corrupt); 0 without it.
+            "skipped_corrupt": getattr(data, "skipped_corrupt", 0),
             "val_split": f"seeded {data.val_fraction:.0%} per class carved from train (seed {data.seed})",
             "test_split": ("the source's test split" if test
                            else "not scored (--evaluate_test=false)" if "test" in data.splits
