@@ -7,8 +7,10 @@ cost; the CNN's gain from it is in BENCHMARKS.md (val_accuracy vs val_accuracy_n
 """
 
 
+import json
 import platform
 import sys
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -17,23 +19,91 @@ import tf_keras as keras
 from core.errors import UserError
 
 
+# Modules a model.keras may name for its classes and functions: Keras itself and this repo's
+# registered layers. tf_keras 2.21 imports whatever module a config names, even in safe mode
+# (the hole Keras 3 closed after CVE-2025-1550), so the check is ours.
+_ALLOWED_MODULES = ("keras", "tf_keras", "models")
+
+
 def load_model(path):
     """Loads a `.keras` model in safe mode (no arbitrary code from the file is run).
 
     The repo's custom layers (Transformer blocks, text preprocessing) are registered on import;
     importing them here means any of our saved models loads, whichever pipeline wrote it.
+    Only the native zip format is accepted: tf_keras loads anything else (HDF5, even renamed to
+    .keras, and SavedModel folders) with its legacy loader, which ignores safe_mode and runs a
+    Lambda layer's stored bytecode.
     """
     import models.text_preprocessing  # noqa: F401  (imports models.transformer too)
     if not tf.io.gfile.exists(path):  # a URL (gs://...) too: load_model reads those
         raise UserError(f"--model={path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)")
+    _check_native_format(path)
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except EOFError if sys.version_info[:2] == (3, 12) else () as e:
         raise UserError(f"--model={path}: cannot load it on Python {platform.python_version()}, whose zipfile reads "
                         "uncompressed members wrongly after a seek (CPython gh-127847/gh-128131, fixed in early-2025 "
                         "3.12 releases); expected Python 3.11 or a current 3.12") from None
+    except ValueError as e:
+        if "lambda" in str(e) and "safe_mode" in str(e):  # safe mode's refusal, before the lambda runs
+            raise UserError(_lambda_refused(path)) from None
+        raise UserError(f"--model={path}: cannot load a Keras model (ValueError: {str(e)[:200]}); expected a model.keras written by training") from None
     except Exception as e:  # Keras raises many types for a bad file; all mean the same to a user
         raise UserError(f"--model={path}: cannot load a Keras model ({e.__class__.__name__}: {str(e)[:200]}); expected a model.keras written by training") from None
+
+
+def _check_native_format(path):
+    """UserError unless `path` is a native .keras zip whose config names only allowed modules."""
+    expected = "expected a model.keras written by training (the native Keras zip format)"
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError, tf.errors.OpError, IsADirectoryError):
+        raise UserError(f"--model={path}: not a native .keras file (HDF5 and SavedModel formats are refused: Keras "
+                        f"loads them without safe mode, running any code stored in them); {expected}") from None
+    if not str(path).endswith(".keras"):  # else tf_keras would take its legacy loader after all
+        raise UserError(f"--model={path}: the name does not end in .keras; {expected}")
+    lambdas, modules = _code_in_config(config)
+    if lambdas:
+        raise UserError(_lambda_refused(path))
+    for module in sorted(modules):
+        if module.split(".")[0] not in _ALLOWED_MODULES:
+            raise UserError(f"--model={path}: refused: its config names module {module!r}, which loading would "
+                            f"import; expected only {', '.join(_ALLOWED_MODULES)} modules ({expected})")
+
+
+# Layers that call a function named in the file: Lambda (stored bytecode, or any function Keras can
+# name, e.g. keras.models.load_model with safe_mode=False: CVE-2025-8747) and TFOpLambda (any tf.*
+# function, tf.io.write_file included). The repo's models use neither (TFMOT refuses them too).
+_LAMBDA_CLASSES = ("Lambda", "TFOpLambda", "__lambda__")
+
+
+def _lambda_refused(path):
+    return (f"--model={path}: refused: it holds a Lambda layer, whose code would run on load; "
+            "expected a model.keras written by training (ours have no Lambda layers)")
+
+
+def _code_in_config(config):
+    """(whether any Lambda layer is stored, every `module` named) in a nested Keras config.
+
+    A `builtins` module naming a function registered with Keras is left out: that is how a
+    registered function (the text standardizer) is saved, and Keras looks it up, not imports it.
+    """
+    lambdas, modules = False, set()
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            lambdas |= item.get("class_name") in _LAMBDA_CLASSES or item.get("function_type") == "lambda"
+            module = item.get("module")
+            registered = item.get("class_name") == "function" and keras.saving.get_registered_object(
+                str(item.get("config"))) is not None
+            if isinstance(module, str) and not (module == "builtins" and registered):
+                modules.add(module)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return lambdas, modules
 
 
 def mirror_views(images):

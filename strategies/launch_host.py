@@ -10,6 +10,14 @@ The cluster is validated once, here (addresses, index, this host's port free), s
 with one line before TensorFlow starts instead of as a hang in the first collective. The command
 then replaces this process (exec): signals and the exit status are the worker's own. On
 Kubernetes, the Kubeflow training operator writes TF_CONFIG itself (deploy/tfjob.yaml).
+
+Firewall the port: TensorFlow's gRPC server listens on 0.0.0.0:PORT, every interface, whatever
+host TF_CONFIG names (grpc_server_lib.cc hardcodes it; there is no bind-address option), and it
+has no authentication: it "executes the graphs it is sent without performing any checks"
+(TensorFlow's SECURITY.md). Across hosts the workers must reach each other, so this launcher
+cannot isolate them the way launch_local's private network namespace does: allow each worker's
+port only from the other workers' addresses (a host firewall or a cloud security group; on
+Kubernetes, deploy/tfjob.yaml's NetworkPolicy).
 """
 
 import json

@@ -8,44 +8,82 @@ same collectives over gRPC, only the hosts are all `localhost`. Worker 0 is the 
 child's output is streamed line by line with a `[worker i] ` prefix. If a worker fails, the
 others would wait forever in their next collective, so the launcher stops them and exits with
 the failing worker's status. Ctrl-C and SIGTERM are passed on to every worker.
+
+Network (`--network=private`, the default): TensorFlow's gRPC server listens on 0.0.0.0 whatever
+host TF_CONFIG names (grpc_server_lib.cc hardcodes it; there is no bind-address option), so a
+worker told `localhost:PORT` would still accept connections from the whole network, and it runs
+any graph it is sent, unauthenticated (TensorFlow's SECURITY.md). The launcher therefore runs
+every worker inside one private network namespace (`unshare --user --map-root-user --net`, no root
+needed where unprivileged user namespaces are allowed), whose only interface is loopback: the
+workers reach each other, nothing outside reaches them, and they reach nothing outside either. So
+`--data=tfds` when the dataset still has to be downloaded, and gs:// or other URL paths, need
+`--network=host` (or fill the data cache first with a `--strategy=default` run of the same
+pipeline and data flags: the workers then read the cache, not the network). Where `unshare` is
+missing or not permitted (e.g. Ubuntu 24.04's AppArmor default), the launcher says so in one
+warning line and runs on the host network, as `--network=host` does.
 """
 
+import fcntl
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 
 from strategies import tf_config
 
-USAGE = "usage: python -m strategies.launch_local --workers=N -- COMMAND [ARGS...]"
+USAGE = "usage: python -m strategies.launch_local --workers=N [--network=private|host] -- COMMAND [ARGS...]"
+NETWORKS = ("private", "host")
+# Set by the launcher for the copy of itself it re-executes inside the namespace.
+_INSIDE = "LAUNCH_LOCAL_IN_PRIVATE_NETWORK"
+# A new user namespace grants the capability to configure the new network namespace without root.
+_UNSHARE = ["unshare", "--user", "--map-root-user", "--net"]
 
 
 def parse_args(argv):
-    """Returns (workers, command) from `--workers=N -- COMMAND...`; exits 2 with one line if bad."""
+    """Returns (workers, network, command) from `--workers=N [--network=...] -- COMMAND...`.
+
+    Exits 2 with one line when malformed.
+    """
     if "--" not in argv:
         _fail("missing command after '--'")
     split = argv.index("--")
     options, command = argv[:split], argv[split + 1 :]
     if not command:
         _fail("missing command after '--'")
-    if len(options) == 2 and options[0] == "--workers":
-        options = [f"--workers={options[1]}"]
-    if len(options) != 1 or not options[0].startswith("--workers="):
+    values, rest = {}, list(options)
+    while rest:
+        key, has_value, value = rest.pop(0).partition("=")
+        if key in ("--workers", "--network") and not has_value and rest:  # `--workers 2`
+            has_value, value = True, rest.pop(0)
+        if key not in ("--workers", "--network") or not has_value or key[2:] in values:
+            _fail(f"expected --workers=N [--network=private|host] before '--', got {' '.join(options)}")
+        values[key[2:]] = value
+    if "workers" not in values:
         _fail(f"expected --workers=N before '--', got {' '.join(options) or 'nothing'}")
-    workers = options[0].split("=", 1)[1]
+    workers, network = values["workers"], values.get("network", "private")
     if not workers.isdigit() or int(workers) < 1:
         _fail(f"--workers is {workers!r}: expected an integer >= 1")
-    return int(workers), command
+    if network not in NETWORKS:
+        _fail(f"--network is {network!r}: expected private (workers reachable from this machine only) or host")
+    return int(workers), network, command
 
 
-def launch(workers, command):
-    """Runs `command` as `workers` local workers; returns the exit status for the launcher."""
+def launch(workers, command, network="host"):
+    """Runs `command` as `workers` local workers; returns the exit status for the launcher.
+
+    `network` only words the hint printed when a worker fails; the namespace itself is entered
+    by `main` before this runs.
+    """
     addresses = [f"localhost:{port}" for port in tf_config.free_ports(workers)]
     children = []
+    forwarded = []
 
     def forward(signum, frame):
+        forwarded.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
@@ -71,7 +109,35 @@ def launch(workers, command):
     status = _wait_first_failure(children)
     for pump in pumps:
         pump.join()
+    if status and network == "private" and not forwarded:
+        # The likeliest surprise: a download or a gs:// read failing with a DNS error deep in a
+        # traceback, because the namespace has no way out.
+        print("note: the workers ran in a private network namespace, with no network beyond this machine; "
+              "if they needed to download data or read gs:// paths, run with --network=host", file=sys.stderr)
     return status
+
+
+def private_network_unavailable():
+    """None when `unshare` can make a private network namespace here, else why not (one line)."""
+    try:
+        probe = subprocess.run([*_UNSHARE, "--", "true"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "the unshare command (util-linux) is not installed"
+    if probe.returncode != 0:
+        lines = probe.stderr.strip().splitlines()
+        return (lines[-1] if lines else f"unshare exited with status {probe.returncode}") + (
+            "; unprivileged user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone, "
+            "or AppArmor's kernel.apparmor_restrict_unprivileged_userns)")
+    return None
+
+
+def bring_up_loopback():
+    """Sets `lo` up in this (new, hence all-down) network namespace; no `ip` binary needed."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1  # <linux/sockios.h>, <net/if.h>
+    ifreq = "16sH22x"  # struct ifreq: interface name, then the flags in a 24-byte union
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        _, flags = struct.unpack(ifreq, fcntl.ioctl(s, siocgifflags, struct.pack(ifreq, b"lo", 0)))
+        fcntl.ioctl(s, siocsifflags, struct.pack(ifreq, b"lo", flags | iff_up))
 
 
 def _start(command, addresses, children):
@@ -133,9 +199,27 @@ def _fail(message):
 
 
 def main(argv=None):
-    workers, command = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    workers, network, command = parse_args(argv)
+    inside = os.environ.pop(_INSIDE, None) == "1"  # popped: the workers must not inherit it
+    if network == "private" and not inside:
+        reason = private_network_unavailable()
+        if reason is None:
+            # exec, not a child: the pid, the signals and the exit status stay the launcher's.
+            os.environ[_INSIDE] = "1"
+            os.execvp(_UNSHARE[0], [*_UNSHARE, "--", sys.executable, "-m", "strategies.launch_local", *argv])
+        print(f"warning: the workers' ports listen on all interfaces (TensorFlow binds 0.0.0.0, not the "
+              f"TF_CONFIG host): no private network namespace ({reason})", file=sys.stderr)
+        network = "host"
+    if inside:
+        try:
+            bring_up_loopback()
+        except OSError as e:
+            print(f"error: cannot bring up loopback in the private network namespace ({e.strerror}); "
+                  "expected it to work after unshare, else use --network=host", file=sys.stderr)
+            sys.exit(2)
     try:
-        sys.exit(launch(workers, command))
+        sys.exit(launch(workers, command, network))
     except FileNotFoundError:
         _fail(f"command not found: {command[0]!r}")
 

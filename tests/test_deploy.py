@@ -86,9 +86,16 @@ def test_own_port_in_use_is_refused_before_the_command_runs(tmp_path):
     assert not marker.exists()
 
 
-def _tfjob():
+def _manifests():
+    """deploy/tfjob.yaml's documents by kind (the TFJob, then its NetworkPolicy)."""
     with open(os.path.join(REPO, "deploy", "tfjob.yaml")) as f:
-        return yaml.safe_load(f)
+        documents = list(yaml.safe_load_all(f))
+    assert [d["kind"] for d in documents] == ["TFJob", "NetworkPolicy"]
+    return {d["kind"]: d for d in documents}
+
+
+def _tfjob():
+    return _manifests()["TFJob"]
 
 
 def _readme_cluster_section():
@@ -119,3 +126,20 @@ def test_tfjob_manifest_names_the_image_command_replicas_and_port_the_readme_giv
         dockerfile = f.read()
     assert re.search(r"^EXPOSE 2222$", dockerfile, flags=re.M)
     assert container["image"] in dockerfile  # the build comment tags the image the manifest runs
+
+
+def test_network_policy_admits_the_worker_port_only_from_the_same_tfjob():
+    # TensorFlow's gRPC server binds 0.0.0.0 and runs any graph it is sent: the policy is what
+    # keeps the rest of the cluster out.
+    manifests = _manifests()
+    job, policy = manifests["TFJob"], manifests["NetworkPolicy"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    # The label the Kubeflow training operator puts on every pod of a job.
+    same_job = {"training.kubeflow.org/job-name": job["metadata"]["name"]}
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": same_job}
+    assert spec["policyTypes"] == ["Ingress"]  # every ingress not listed below is refused
+    (rule,) = spec["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": same_job}}]  # no namespaceSelector: this namespace
+    (container,) = job["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": container["ports"][0]["containerPort"]}]

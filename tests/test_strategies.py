@@ -1,6 +1,6 @@
 """Tests for strategies/: the factory, TF_CONFIG validation and the local launcher.
 
-Run:    .venv/bin/python -m pytest tests/test_strategies.py -q   (about 30 s on 2 CPU cores)
+Run:    .venv/bin/python -m pytest tests/test_strategies.py -q   (about 110 s on 2 CPU cores)
 
 Anything that must configure TF's runtime before it starts (splitting the CPU, starting a
 multiworker gRPC server) runs in a fresh subprocess: once a process has done it, it cannot be
@@ -351,6 +351,8 @@ def test_launch_local_exits_with_failing_workers_status_and_stops_the_rest():
         (["--workers=2"], "missing command"),
         (["--workers=2", "--"], "missing command"),
         (["--", "true"], "expected --workers=N"),
+        (["--workers=2", "--network=public", "--", "true"], "--network is 'public': expected private"),
+        (["--workers=2", "--network=host", "--network=host", "--", "true"], "expected --workers=N"),
     ],
 )
 def test_launch_local_bad_arguments_exit_2_with_one_line(argv, message, capsys):
@@ -388,6 +390,99 @@ def test_launch_local_forwards_sigint_to_workers():
     finally:
         launcher.kill()
         launcher.wait()
+
+
+# Each worker starts its gRPC server, proves the collective works (a barrier), says its port,
+# waits until the test has looked at the host's sockets, then meets the other worker again.
+_SERVE_UNTIL_CHECKED = """
+import json, os, sys, time
+import strategies
+strategy = strategies.make_strategy("multiworker")
+config = json.loads(os.environ["TF_CONFIG"])
+strategies.barrier(strategy)
+print("port", config["cluster"]["worker"][config["task"]["index"]].rsplit(":", 1)[1], flush=True)
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+    time.sleep(0.1)
+strategies.barrier(strategy)
+print("done", flush=True)
+"""
+
+
+def _listening_addresses(port):
+    """Local addresses with a TCP socket in LISTEN state on `port`, in this test's network namespace."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                local, state = row.split()[1], row.split()[3]
+                address, local_port = local.rsplit(":", 1)
+                if state == "0A" and int(local_port, 16) == port:  # 0A: TCP_LISTEN
+                    found.append(f"{table.rsplit('/', 1)[1]}:{address}")
+    return found
+
+
+def _ports_seen_from_outside_while_serving(tmp_path, network):
+    """Runs a 2-worker job; returns {port: listening addresses seen from here} and the result."""
+    checked = tmp_path / "checked"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "strategies.launch_local", "--workers=2", f"--network={network}", "--",
+         sys.executable, "-c", _SERVE_UNTIL_CHECKED, str(checked)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, ports = [], []
+        while len(ports) < 2:
+            line = launcher.stdout.readline()
+            assert line, "launcher exited before its workers served:\n" + "".join(output)[-3000:]
+            output.append(line)
+            if "] port " in line:
+                ports.append(int(line.split()[-1]))
+        seen = {port: _listening_addresses(port) for port in ports}
+        checked.touch()
+        output.append(launcher.stdout.read())
+        assert launcher.wait(timeout=60) == 0, "".join(output)[-3000:]
+        return seen, "".join(output)
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def test_launch_local_worker_ports_are_not_reachable_from_outside_its_network_namespace(tmp_path):
+    reason = launch_local.private_network_unavailable()
+    if reason:
+        pytest.skip(f"this machine cannot make a private network namespace: {reason}")
+    seen, output = _ports_seen_from_outside_while_serving(tmp_path, "private")
+    assert seen == {port: [] for port in seen}, seen
+    assert output.count("] done") == 2 and "warning:" not in output  # the collective ran over loopback
+
+
+def test_launch_local_host_network_leaves_worker_ports_open_on_every_interface(tmp_path):
+    # What the private namespace is for: TensorFlow binds 0.0.0.0 though TF_CONFIG says localhost.
+    seen, output = _ports_seen_from_outside_while_serving(tmp_path, "host")
+    assert all(addresses and set(addresses) <= {"tcp:00000000", "tcp6:" + "0" * 32}
+               for addresses in seen.values()), seen
+    assert output.count("] done") == 2
+
+
+@pytest.mark.parametrize("unshare, reason", [
+    (None, "the unshare command (util-linux) is not installed"),
+    # What util-linux prints where unprivileged user namespaces are disabled.
+    ("echo 'unshare: unshare failed: Operation not permitted' >&2; exit 1",
+     "unshare: unshare failed: Operation not permitted; unprivileged user namespaces may be disabled"),
+], ids=["missing", "not-permitted"])
+def test_launch_local_without_user_namespaces_warns_once_and_uses_the_host_network(tmp_path, unshare, reason):
+    if unshare:
+        (tmp_path / "unshare").write_text(f"#!/bin/sh\n{unshare}\n")
+        (tmp_path / "unshare").chmod(0o755)
+    result = run_python(["-m", "strategies.launch_local", "--workers=2", "--",
+                         sys.executable, "-c", _PRINT_TASK], env={"PATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "listen on all interfaces (TensorFlow binds 0.0.0.0" in warnings[0]
+    assert f"no private network namespace ({reason}" in warnings[0]
+    assert result.stdout.count(" index ") == 2
 
 
 def test_empty_tpu_name_is_user_error():
