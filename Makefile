@@ -47,17 +47,29 @@ TRAIN_DATA := $(or $(DATA),$(OFFLINE_DATA),tfds)
 # Multi-worker: every worker must open the same run folder, so the name is fixed here, once.
 RUN_NAME := $(or $(NAME),$(if $(filter multiworker,$(STRATEGY)),$(shell date +%Y%m%d-%H%M%S)))
 TRAIN_FLAGS := --strategy=$(STRATEGY) --data=$(TRAIN_DATA) $(if $(RUN_NAME),--name=$(RUN_NAME)) $(if $(CONFIG),--config=$(CONFIG)) $(ARGS)
+# Local multi-worker runs put the workers in a private network namespace (TF's gRPC ports listen
+# on every interface otherwise; strategies/launch_local.py), which has no way out: data that must
+# be downloaded (tfds) or read from a URL needs the host network.
+NETWORK ?= $(if $(filter tfds,$(TRAIN_DATA))$(findstring ://,$(TRAIN_DATA) $(ARGS)),host,private)
 # Quieter TensorFlow start-up logs; errors still show.
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
+# A mistyped PIPELINE stops here with one line, not in Python's "No module named" traceback.
+PIPELINES := $(sort $(basename $(notdir $(filter-out %/__init__.py,$(wildcard pipelines/*.py)))))
+ifneq ($(filter train evaluate compress tune bench bench-input,$(MAKECMDGOALS)),)
+ifeq ($(filter $(PIPELINE),$(PIPELINES)),)
+$(error PIPELINE=$(PIPELINE): no such pipeline; expected one of $(PIPELINES))
+endif
+endif
+
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate compress tune bench bench-input test test-all clean-runs
+.PHONY: help install train evaluate compress tune bench bench-input test test-faults test-all clean-runs
 
 help: ## list the targets (this text)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo ""
 	@echo "  variables: PIPELINE=$(PIPELINE) STRATEGY=$(STRATEGY) (auto|default|mirrored|multiworker|tpu)"
-	@echo "             WORKERS=$(WORKERS) (multiworker on this machine) RUNS=$(RUNS) (bench) NAME=run-name"
+	@echo "             WORKERS=$(WORKERS) NETWORK=$(NETWORK) (multiworker on this machine: private|host) RUNS=$(RUNS) (bench) NAME=run-name"
 	@echo "             DATA=... MODEL=... CONFIG=config.json STAGES=$(STAGES) ARGS=\"--key=value ...\""
 	@echo "             TUNER=$(TUNER) (hyperband|bayesian|random) TRIALS=$(TRIALS) (tune)"
 	@echo "             VENV=$(VENV) (none: install into PYTHON=$(PYTHON)) TPU=1 GPU=1 (install tensorflow-tpu==$(TF_TPU_VERSION), tensorflow[and-cuda])"
@@ -83,7 +95,7 @@ $(INSTALLED)-gpu: $(INSTALLED)
 
 train: install ## train PIPELINE under STRATEGY (multiworker: WORKERS local processes)
 ifeq ($(STRATEGY),multiworker)
-	$(PY) -m strategies.launch_local --workers=$(WORKERS) -- $(PY) -m pipelines.$(PIPELINE) $(TRAIN_FLAGS)
+	$(PY) -m strategies.launch_local --workers=$(WORKERS) --network=$(NETWORK) -- $(PY) -m pipelines.$(PIPELINE) $(TRAIN_FLAGS)
 else
 	$(PY) -m pipelines.$(PIPELINE) $(TRAIN_FLAGS)
 endif
@@ -106,7 +118,10 @@ bench-input: install ## input pipeline throughput: storage bound, naive, tuned, 
 test: install ## the fast test suite (under 15 minutes on 2 cores)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-test-all: install ## every test, slow ones included
+test-faults: install ## fault injection: killed workers, kills inside checkpoint saves, full disk, NaN, damaged data (RELIABILITY.md)
+	$(PY) -m pytest -m faults $(ARGS)
+
+test-all: install ## every test, slow and fault-injection ones included
 	$(PY) -m pytest $(ARGS)
 
 clean-runs: ## delete runs/ and the converted-data cache .cache/ (asks first)

@@ -3,6 +3,8 @@
 import json
 import re
 import subprocess
+
+import pytest
 import sys
 
 from tests.helpers import REPO, run_module
@@ -52,3 +54,21 @@ def test_make_install_for_colab_uses_the_kernels_python_and_adds_the_accelerator
     gpu = dry_run("GPU=1")
     assert f"/opt/py/bin/python3 -m pip install --quiet 'tensorflow[and-cuda]=={tf_version}'" in gpu
     assert not any("tensorflow-tpu" in line for line in gpu)
+
+
+@pytest.mark.parametrize("target", ["train", "evaluate", "tune"])
+def test_an_unknown_pipeline_is_one_line_before_anything_runs(target):
+    result = subprocess.run(["make", "--no-print-directory", target, "PIPELINE=cifar_10"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "PIPELINE=cifar_10: no such pipeline; expected one of cifar10_cnn cifar10_vit imdb_transformer" in line
+
+
+def test_every_test_reliability_md_names_exists():
+    table = open(f"{REPO}/RELIABILITY.md").read()
+    named = set(re.findall(r"(tests/test_\w+\.py)::(test_\w+)", table))
+    assert len(named) >= 40
+    missing = [f"{path}::{name}" for path, name in sorted(named)
+               if not re.search(rf"^def {name}\(", open(f"{REPO}/{path}").read(), flags=re.M)]
+    assert not missing, missing
