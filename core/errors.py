@@ -6,6 +6,8 @@ stack trace, and nothing written earlier (checkpoints, caches, reports) is touch
 `environment_failure` does the same for the machine's faults: a full disk, damaged data, a lost worker.
 """
 
+import json
+import os
 import re
 
 
@@ -39,18 +41,31 @@ def environment_failure(error, tf=None):
     first_line = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", message.splitlines()[0] if message else "").strip()
     full = next((t for t in _DISK_FULL_TEXTS if t in message), None)
     if full or (isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS):
-        where = getattr(error, "filename", None) or first_line.split(";")[0]
-        return (f"disk full ({full or error.strerror}) writing {where}; nothing earlier is lost (the cache is only published whole, "
-                "and the last complete checkpoint and backup/ stay): free space or point --output_dir/--cache_dir "
-                "at a bigger disk, then rerun the same command (a training run resumes from its backup/)")
+        # An OSError names its file when it has one; TF's message starts with the path.
+        where = getattr(error, "filename", None) if isinstance(error, OSError) else first_line.split(";")[0]
+        return (f"disk full ({full or error.strerror}){f' writing {where}' if where else ''}; nothing earlier is lost "
+                "(the cache is only published whole, and the last complete checkpoints stay): free space or point "
+                "--output_dir/--cache_dir at a bigger disk, then rerun the same command (a run stopped while "
+                "training resumes from its backup/)")
     if tf is None:
         return None
     if isinstance(error, tf.errors.DataLossError):
         return (f"corrupt record in the converted data ({first_line}); delete the dataset's folder under "
                 "--cache_dir to rebuild it from the source, then rerun the same command (a training run "
                 "resumes from its backup/)")
+    # Only in a multi-worker job: a one-process run reading gs:// can see "Connection reset" too.
     lost = [line.strip() for line in message.splitlines() if any(t in line for t in _PEER_LOST_TEXTS)]
-    if lost and isinstance(error, (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError)):
+    if lost and _multi_worker() and isinstance(error, (tf.errors.UnavailableError, tf.errors.AbortedError,
+                                                       tf.errors.CancelledError)):
         return (f"another worker of this multi-worker job stopped ({type(error).__name__}: {lost[0][:160]}); "
                 "restart every worker with the same command: training resumes from backup/ at the last finished epoch")
     return None
+
+
+def _multi_worker():
+    """Whether TF_CONFIG puts this process in a cluster of more than one task."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+        return sum(len(tasks) for tasks in cluster.values()) > 1
+    except (ValueError, AttributeError, TypeError):
+        return False
