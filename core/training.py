@@ -64,16 +64,17 @@ def run_directory(output_dir, pipeline, name, multi_worker=False):
     return run_dir
 
 
-def check_resume(run_dir, config):
+def check_resume(run_dir, config, defaults=None):
     """Before resuming from `backup/`, checks the run is started with the same config.
 
     A changed model would fail inside the checkpoint restore with a traceback, and a changed
-    schedule would silently mix two recipes in one run.
+    schedule would silently mix two recipes in one run. A field the stored config.json lacks
+    (added to the code since) counts as its default in `defaults`.
     """
     stored_path = os.path.join(run_dir, "config.json")
     if not (tf.io.gfile.isdir(os.path.join(run_dir, "backup")) and tf.io.gfile.exists(stored_path)):
         return
-    stored = json.loads(read_text(stored_path))
+    stored = {**(defaults or {}), **json.loads(read_text(stored_path))}
     changed = sorted(k for k in set(stored) | set(config)
                      if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k))
     if changed:
@@ -219,8 +220,8 @@ class RotatingCheckpoint(FiniteModelCheckpoint):
 
     def _get_file_path(self, epoch, batch, logs):
         path = super()._get_file_path(epoch, batch, logs)
-        # A resumed run redoes the epoch it was killed in, whose checkpoint may exist already
-        # (and be the one the pointer names): write the redo beside it, never over it.
+        # Never over an existing checkpoint, which the pointer may name: a run that crashed after
+        # fit deleted its backup/, say writing the report, trains again from epoch 1 when rerun.
         unique, redo = path, 1
         while tf.io.gfile.exists(unique + ".index"):
             unique, redo = f"{path}-redo{redo}", redo + 1
@@ -231,11 +232,12 @@ class RotatingCheckpoint(FiniteModelCheckpoint):
         newest = tf.train.latest_checkpoint(self.directory)
         if newest is None:
             return
-        for index in tf.io.gfile.glob(os.path.join(self.directory, "epoch-*.index")):
-            prefix = index[: -len(".index")]
-            if os.path.basename(prefix) != os.path.basename(newest):
-                for file in tf.io.gfile.glob(prefix + ".*"):
-                    tf.io.gfile.remove(file)
+        # Everything else goes, leftovers of killed saves included (a `_temp` folder, a data
+        # file without its index).
+        for path in tf.io.gfile.glob(os.path.join(self.directory, "epoch-*")):
+            name = os.path.basename(path)
+            if name.split(".")[0].removesuffix("_temp") != os.path.basename(newest):
+                (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
 
 
 class FiniteBackupAndRestore(_SavesOnlyWhileFinite, keras.callbacks.BackupAndRestore):
@@ -501,7 +503,7 @@ def start_run(argv, *, pipeline, config_class, smoke, commands=()):
                                      multi_worker=strategies.resolved_name(strategy) == "multiworker")
     is_chief = strategies.is_chief(strategy)
     config = {"pipeline": pipeline, **config_lib.to_dict(run, cfg)}
-    check_resume(run_dir, config)
+    check_resume(run_dir, config, defaults=config_lib.to_dict(config_lib.RunOptions(), config_class()))
     if is_chief:
         write_json(os.path.join(run_dir, "config.json"), config)
     return run, cfg, strategy, precision, run_dir, is_chief

@@ -204,6 +204,12 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     training.check_resume(str(run_dir), {"model": "small", "epochs": 10, "verbose": 2})  # fine
     with pytest.raises(UserError, match=r"resuming with a different config \(model: 'small' -> 'large'\)"):
         training.check_resume(str(run_dir), {"model": "large", "epochs": 10, "verbose": 1})
+    # A field added to the code since the run started counts as its default, not as a change.
+    training.check_resume(str(run_dir), {"model": "small", "epochs": 10, "verbose": 1, "skip_corrupt": False},
+                          defaults={"skip_corrupt": False})
+    with pytest.raises(UserError, match=r"skip_corrupt: False -> True"):
+        training.check_resume(str(run_dir), {"model": "small", "epochs": 10, "verbose": 1, "skip_corrupt": True},
+                              defaults={"skip_corrupt": False})
 
 
 def test_multiworker_needs_a_run_name(tmp_path):
