@@ -73,14 +73,17 @@ def _check_native_format(path):
 
 
 # Layers that call a function named in the file: Lambda (stored bytecode, or any function Keras can
-# name, e.g. keras.models.load_model with safe_mode=False: CVE-2025-8747) and TFOpLambda (any tf.*
-# function, tf.io.write_file included). The repo's models use neither (TFMOT refuses them too).
-_LAMBDA_CLASSES = ("Lambda", "TFOpLambda", "__lambda__")
+# name, e.g. keras.models.load_model with safe_mode=False: CVE-2025-8747), and the TF-op layers
+# tf_keras makes of raw tf.* calls and slices in a functional graph (TFOpLambda, SlicingOpLambda,
+# ClassMethod, InstanceMethod, InstanceProperty), which look up any tf.* function or attribute by
+# name, tf.io.write_file included. The repo's models use none of them (TFMOT refuses them too).
+_LAMBDA_CLASSES = ("Lambda", "__lambda__", "TFOpLambda", "SlicingOpLambda", "ClassMethod", "InstanceMethod",
+                   "InstanceProperty")
 
 
 def _lambda_refused(path):
-    return (f"--model={path}: refused: it holds a Lambda layer, whose code would run on load; "
-            "expected a model.keras written by training (ours have no Lambda layers)")
+    return (f"--model={path}: refused: it holds a Lambda or TF-op layer, whose code would run on load; "
+            "expected a model.keras written by training (ours have no such layers)")
 
 
 def _code_in_config(config):

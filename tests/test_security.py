@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tensorflow as tf
 import tf_keras as keras
 
 from core import evaluation, image_data, sources, text_data
@@ -157,7 +158,7 @@ def test_a_lambda_layer_is_refused_with_one_line_and_never_runs(tmp_path, monkey
     with pytest.raises(UserError) as error:
         evaluation.load_model(path)
     message = str(error.value)
-    assert message.startswith(f"--model={path}: refused: it holds a Lambda layer") and "\n" not in message
+    assert message.startswith(f"--model={path}: refused: it holds a Lambda or TF-op layer") and "\n" not in message
     assert not os.path.exists(marker)
     # Behind our config check, Keras's safe mode refuses it too, and says so in the same line.
     monkeypatch.setattr(evaluation, "_code_in_config", lambda config: (False, set()))
@@ -165,6 +166,20 @@ def test_a_lambda_layer_is_refused_with_one_line_and_never_runs(tmp_path, monkey
         evaluation.load_model(path)
     assert str(error.value) == message
     assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("tf_op, layer_class", [
+    (lambda x: x[:, :1], "SlicingOpLambda"),  # a slice in a functional graph
+    (lambda x: tf.math.sin(x), "TFOpLambda"),  # a raw tf.* call
+], ids=["slice", "tf.math.sin"])
+def test_tf_op_layers_are_refused_because_they_name_any_tf_function(tmp_path, tf_op, layer_class):
+    # Their config names a tf.* function that loading looks up by name (tf.io.write_file would do).
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(tf_op(inputs)))
+    assert layer_class in {type(layer).__name__ for layer in model.layers}
+    model.save(tmp_path / "model.keras")
+    with pytest.raises(UserError, match=r"refused: it holds a Lambda or TF-op layer"):
+        evaluation.load_model(str(tmp_path / "model.keras"))
 
 
 @pytest.mark.parametrize("saved_as", ["model.h5", "renamed-h5/model.keras", "savedmodel"])
