@@ -72,11 +72,11 @@ def parse_args(argv):
     return int(workers), network, command
 
 
-def launch(workers, command, network="host"):
+def launch(workers, command, in_private_network=False):
     """Runs `command` as `workers` local workers; returns the exit status for the launcher.
 
-    `network` only words the hint printed when a worker fails; the namespace itself is entered
-    by `main` before this runs.
+    `in_private_network` only decides the hint printed when a worker fails for want of a
+    network; `main` enters the namespace before this runs.
     """
     addresses = [f"localhost:{port}" for port in tf_config.free_ports(workers)]
     children = []
@@ -99,8 +99,9 @@ def launch(workers, command, network="host"):
         for child in children:
             child.kill()
         raise
+    unreachable = []  # output lines that say a host could not be reached
     pumps = [
-        threading.Thread(target=_pump, args=(child.stdout, f"[worker {i}] "), daemon=True)
+        threading.Thread(target=_pump, args=(child.stdout, f"[worker {i}] ", unreachable), daemon=True)
         for i, child in enumerate(children)
     ]
     for pump in pumps:
@@ -109,7 +110,7 @@ def launch(workers, command, network="host"):
     status = _wait_first_failure(children)
     for pump in pumps:
         pump.join()
-    if status and network == "private" and not forwarded:
+    if status and in_private_network and unreachable and not forwarded:
         # The likeliest surprise: a download or a gs:// read failing with a DNS error deep in a
         # traceback, because the namespace has no way out.
         print("note: the workers ran in a private network namespace, with no network beyond this machine; "
@@ -184,11 +185,20 @@ def _wait_first_failure(children):
 _print_lock = threading.Lock()
 
 
-def _pump(stream, prefix):
+# How a failed name lookup or connection outside the namespace shows in a worker's output
+# (requests/urllib3 for TFDS downloads, curl and gRPC for gs://).
+_UNREACHABLE = ("NameResolutionError", "Temporary failure in name resolution", "Name or service not known",
+                "Could not resolve host", "Network is unreachable", "nodename nor servname")
+
+
+def _pump(stream, prefix, unreachable):
     for line in iter(stream.readline, b""):
+        text = line.decode(errors="replace")
+        if any(marker in text for marker in _UNREACHABLE):
+            unreachable.append(text)
         # One lock so that lines from different workers never interleave mid-line.
         with _print_lock:
-            sys.stdout.write(prefix + line.decode(errors="replace"))
+            sys.stdout.write(prefix + text)
             sys.stdout.flush()
     stream.close()
 
@@ -219,7 +229,7 @@ def main(argv=None):
                   "expected it to work after unshare, else use --network=host", file=sys.stderr)
             sys.exit(2)
     try:
-        sys.exit(launch(workers, command, network))
+        sys.exit(launch(workers, command, in_private_network=network == "private"))
     except FileNotFoundError:
         _fail(f"command not found: {command[0]!r}")
 

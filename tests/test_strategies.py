@@ -458,6 +458,22 @@ def test_launch_local_worker_ports_are_not_reachable_from_outside_its_network_na
     assert output.count("] done") == 2 and "warning:" not in output  # the collective ran over loopback
 
 
+@pytest.mark.parametrize("worker_output, hinted", [
+    ("urllib3.exceptions.NameResolutionError: Failed to resolve 'storage.googleapis.com'", True),
+    ("error: --epochs=0: expected a number > 0", False),
+], ids=["name-lookup-failed", "other-failure"])
+def test_launch_local_suggests_the_host_network_only_when_a_worker_could_not_reach_a_host(worker_output, hinted):
+    reason = launch_local.private_network_unavailable()
+    if reason:
+        pytest.skip(f"this machine cannot make a private network namespace: {reason}")
+    result = subprocess.run(
+        [sys.executable, "-m", "strategies.launch_local", "--workers=2", "--", sys.executable, "-c",
+         f"import sys; print({worker_output!r}); sys.exit(1)"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert ("run with --network=host" in result.stderr) == hinted, result.stderr
+
+
 def test_launch_local_host_network_leaves_worker_ports_open_on_every_interface(tmp_path):
     # What the private namespace is for: TensorFlow binds 0.0.0.0 though TF_CONFIG says localhost.
     seen, output = _ports_seen_from_outside_while_serving(tmp_path, "host")
