@@ -12,6 +12,10 @@ is the one to fail:
                                        (counting every save: backup, latest, best). WHERE is
                                        "after_data": the new data is written under a temporary
                                        name, not yet merged into the checkpoint's files;
+                                       "inside_merge": inside TF's merge, as it leaves it after
+                                       moving the new data file to its final name and before it
+                                       writes the index (one C++ op, so its first half is done
+                                       here, as MergeV2Checkpoints does it);
                                        "before_pointer": the new checkpoint's files are whole but
                                        the `checkpoint` pointer file still names the old one.
 
@@ -60,18 +64,33 @@ def _kill_at_step(step, seed):
     keras.callbacks.CallbackList.on_train_batch_end = on_train_batch_end
 
 
+def _text(tensor_or_text):
+    """A path given to a TF op, as a str (eager ops get string tensors)."""
+    value = tensor_or_text.numpy() if hasattr(tensor_or_text, "numpy") else tensor_or_text
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def first_half_of_merge(checkpoint_prefixes, destination_prefix):
+    """What TF's MergeV2Checkpoints does before it writes the merged index: renames every
+    shard's data file to its final name (over an older checkpoint's, under the same name)."""
+    shards, destination = [_text(prefix) for prefix in checkpoint_prefixes], _text(destination_prefix)
+    for i, shard in enumerate(shards):
+        os.replace(f"{shard}.data-00000-of-00001", f"{destination}.data-{i:05d}-of-{len(shards):05d}")
+
+
 def _kill_in_save(where, call):
     import tensorflow as tf
     from tensorflow.python.checkpoint import checkpoint_management, functional_saver
 
     saves = []
 
-    def tick(save):
+    def tick(save, before_kill=lambda: None):
         # CheckpointManager moves its pointer twice per save (same path): count saves, not calls.
         if saves and saves[-1] == save and where == "before_pointer":
             return
         saves.append(save)
         if len(saves) == call:
+            before_kill()
             print(f"fault_injection: killing inside save {call} ({where}: {save})", flush=True)
             _kill_now()
 
@@ -80,11 +99,19 @@ def _kill_in_save(where, call):
 
         def after_data(file_prefix, *args, **kwargs):
             result = write_shard(file_prefix, *args, **kwargs)
-            prefix = file_prefix.numpy() if hasattr(file_prefix, "numpy") else file_prefix
-            tick(prefix.decode() if isinstance(prefix, bytes) else str(prefix))
+            tick(_text(file_prefix))
             return result
 
         functional_saver._single_shard_save = after_data
+    elif where == "inside_merge":
+        from tensorflow.python.ops import gen_io_ops
+        merge = gen_io_ops.merge_v2_checkpoints
+
+        def inside_merge(checkpoint_prefixes, destination_prefix, *args, **kwargs):
+            tick(_text(destination_prefix), before_kill=lambda: first_half_of_merge(checkpoint_prefixes, destination_prefix))
+            return merge(checkpoint_prefixes, destination_prefix, *args, **kwargs)
+
+        gen_io_ops.merge_v2_checkpoints = inside_merge
     elif where == "before_pointer":
         move_pointer = checkpoint_management.update_checkpoint_state_internal
 

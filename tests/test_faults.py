@@ -39,10 +39,11 @@ VAL_LOSS_TOLERANCE = 0.07
 VAL_ACCURACY_TOLERANCE = 0.12  # 6 of the 50 validation images
 
 def _kill_steps(count=3):
-    """Random global steps strictly inside an epoch (not its first or last step), seeded by
-    FAULT_SEED so a failure reproduces."""
+    """Random global steps inside an epoch, seeded by FAULT_SEED so a failure reproduces. The
+    kill lands in the step after the one chosen, so that step is never the epoch's last: the
+    epoch must still be running when the kill comes, whatever the step time."""
     rng = random.Random(int(os.environ.get("FAULT_SEED", "0")))
-    inside = [s for s in range(STEPS_PER_EPOCH, TOTAL_STEPS - STEPS_PER_EPOCH) if 0 < s % STEPS_PER_EPOCH < STEPS_PER_EPOCH - 1]
+    inside = [s for s in range(STEPS_PER_EPOCH, TOTAL_STEPS - STEPS_PER_EPOCH) if 0 < s % STEPS_PER_EPOCH < STEPS_PER_EPOCH - 2]
     return sorted(rng.sample(inside, count))
 
 
@@ -80,6 +81,8 @@ def test_a_worker_killed_mid_epoch_resumes_to_the_same_final_step(tmp_path, unin
     assert killed.returncode == 128 + 9, output[-3000:]  # the launcher reports the SIGKILL
     assert f"fault_injection: killing worker {worker} after step {step}" in output
     assert "Traceback" not in output, output[-3000:]  # the surviving worker: one line or nothing
+    errors = [line for line in output.splitlines() if "error: " in line]
+    assert all("] error: another worker of this multi-worker job stopped (" in line for line in errors), errors
     run_dir = tmp_path / "runs/cifar10_cnn/preempted"
     assert not (run_dir / "metrics.json").exists()
 
@@ -119,12 +122,39 @@ def _check_loads(directory):
     return path
 
 
+def test_why_checkpoints_rotate_a_fixed_name_killed_inside_the_merge_does_not_load(tmp_path, monkeypatch):
+    """What RotatingCheckpoint (core/training.py) avoids. TF's merge renames the new data file
+    over the old one, then writes the index: stopped in between, a checkpoint saved again under
+    its old name holds new data beside an old index, and no longer loads."""
+    import tensorflow as tf
+    import tf_keras as keras
+    from tensorflow.python.ops import gen_io_ops
+
+    from tests.fault_injection import first_half_of_merge
+
+    def half_merge(checkpoint_prefixes, destination_prefix, *args, **kwargs):
+        first_half_of_merge(checkpoint_prefixes, destination_prefix)
+        raise KeyboardInterrupt("stopped inside the merge")
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(300), keras.layers.Dense(3)])
+    prefix = str(tmp_path / "latest")
+    model.save_weights(prefix)
+    for weight in model.weights:
+        weight.assign(weight + 1.0)
+    monkeypatch.setattr(gen_io_ops, "merge_v2_checkpoints", half_merge)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_weights(prefix)
+    monkeypatch.undo()
+    with pytest.raises(tf.errors.DataLossError, match="Checksum does not match"):
+        model.load_weights(prefix)
+
+
 # Saves per epoch, in callback order: backup/ (1), checkpoints/latest (2), checkpoints/best (3,
 # when val_accuracy improved). Call 4 is epoch 2's backup, call 5 epoch 2's latest (epoch 1's
 # best is always saved: it is the first).
 @pytest.mark.slow
-@pytest.mark.parametrize("where, call", [("after_data", 4), ("after_data", 5),
-                                         ("before_pointer", 4), ("before_pointer", 5)])
+@pytest.mark.parametrize("where, call", [("after_data", 4), ("after_data", 5), ("inside_merge", 4),
+                                         ("inside_merge", 5), ("before_pointer", 4), ("before_pointer", 5)])
 def test_a_kill_inside_a_checkpoint_save_keeps_the_previous_one(tmp_path, where, call):
     killed = _run_single(tmp_path, "killed", {"kill_in_save": where, "call": call})
     assert killed.returncode == -9, killed.stderr[-3000:]

@@ -1,11 +1,12 @@
-"""The Makefile documents itself, and `make bench` summarises repeated runs."""
+"""The Makefile documents itself, refuses an unknown PIPELINE, `make bench` summarises repeated
+runs, and RELIABILITY.md names only tests that exist."""
 
 import json
 import re
 import subprocess
+import sys
 
 import pytest
-import sys
 
 from tests.helpers import REPO, run_module
 
