@@ -166,6 +166,7 @@ def test_make_train_multiworker_runs_two_local_workers(tmp_path):
     assert metrics["strategy"] == "multiworker" and metrics["workers"] == 2
 
 
+@pytest.mark.slow  # in make test-faults and test-all
 @pytest.mark.faults
 def test_killed_run_resumes_from_its_backup(tmp_path):
     import csv

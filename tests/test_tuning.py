@@ -96,6 +96,7 @@ def test_rerunning_a_finished_search_trains_nothing_and_a_changed_one_is_refused
     assert changed.stderr.strip().splitlines()[-1].startswith("error: ") and "a different search is there (factor: 3 -> 4)" in changed.stderr
 
 
+@pytest.mark.slow  # in make test-faults and test-all
 @pytest.mark.faults
 def test_killed_search_resumes_without_repeating_trials(tmp_path):
     args = _tune_args(tmp_path, f"--space={_space_file(tmp_path)}", "--name=killed", "--baseline=false", trials=3)
