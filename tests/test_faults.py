@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_a_worker_killed_mid_epoch_resumes_to_the_same_final_step(tmp_path, unin
     assert killed.returncode == 128 + 9, output[-3000:]  # the launcher reports the SIGKILL
     assert f"fault_injection: killing worker {worker} after step {step}" in output
     assert "Traceback" not in output, output[-3000:]  # the surviving worker: one line or nothing
-    errors = [line for line in output.splitlines() if "error: " in line]
+    errors = [line for line in output.splitlines() if re.match(r"\[worker \d\] error: ", line)]  # not TF's logs
     assert all("] error: another worker of this multi-worker job stopped (" in line for line in errors), errors
     run_dir = tmp_path / "runs/cifar10_cnn/preempted"
     assert not (run_dir / "metrics.json").exists()
