@@ -6,6 +6,7 @@ stack trace, and nothing written earlier (checkpoints, caches, reports) is touch
 `environment_failure` does the same for the machine's faults: a full disk, damaged data, a lost worker.
 """
 
+import errno
 import json
 import os
 import re
@@ -20,7 +21,7 @@ class UserError(Exception):
 
 
 # errno values that mean the disk (or the user's quota, or a file size limit) is full.
-_DISK_FULL_ERRNOS = {28, 122, 27}  # ENOSPC, EDQUOT, EFBIG
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
 # How a collective reports that a peer worker died (UnavailableError/AbortedError text).
 _PEER_LOST_TEXTS = ("Collective ops is aborted", "tasks have crashed", "Socket closed",

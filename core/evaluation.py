@@ -44,11 +44,9 @@ def load_model(path):
         raise UserError(f"--model={path}: cannot load it on Python {platform.python_version()}, whose zipfile reads "
                         "uncompressed members wrongly after a seek (CPython gh-127847/gh-128131, fixed in early-2025 "
                         "3.12 releases); expected Python 3.11 or a current 3.12") from None
-    except ValueError as e:
-        if "lambda" in str(e) and "safe_mode" in str(e):  # safe mode's refusal, before the lambda runs
-            raise UserError(_lambda_refused(path)) from None
-        raise UserError(f"--model={path}: cannot load a Keras model (ValueError: {str(e)[:200]}); expected a model.keras written by training") from None
     except Exception as e:  # Keras raises many types for a bad file; all mean the same to a user
+        if isinstance(e, ValueError) and "lambda" in str(e) and "safe_mode" in str(e):
+            raise UserError(_lambda_refused(path)) from None  # safe mode's refusal, before the lambda runs
         raise UserError(f"--model={path}: cannot load a Keras model ({e.__class__.__name__}: {str(e)[:200]}); expected a model.keras written by training") from None
 
 
