@@ -41,8 +41,14 @@ def _mean_std(values):
 
 def summarise(runs_metrics):
     summary = {"runs": len(runs_metrics)}
-    for key in ("val_accuracy", "val_accuracy_no_tta", "test_accuracy", "train_seconds",
-                "train_step_seconds", "examples_per_second"):
+    for key in (
+        "val_accuracy",
+        "val_accuracy_no_tta",
+        "test_accuracy",
+        "train_seconds",
+        "train_step_seconds",
+        "examples_per_second",
+    ):
         mean, std = _mean_std([m.get(key) for m in runs_metrics])
         summary[key] = {"mean": mean, "std": std, "values": [m.get(key) for m in runs_metrics]}
     first = runs_metrics[0]
@@ -58,37 +64,52 @@ def markdown_row(summary, command):
 
     env = summary["environment"] or {}
     hardware = f"{env.get('cpu', '?')}, {env.get('cpu_count', '?')} cores" + (
-        f", {len(env['gpus'])} GPU" if env.get("gpus") else "")
-    return (f"| {summary['pipeline']} | {summary['strategy']} ({summary['replicas']} replica) | {hardware} "
-            f"| {summary['model']}, {summary['epochs']} epochs, batch {summary['global_batch']}, {summary['precision']} "
-            f"| {summary['train_seconds']['mean']:.0f} ± {summary['train_seconds']['std']:.0f} s "
-            f"| {summary['train_step_seconds']['mean']:.0f} ± {summary['train_step_seconds']['std']:.0f} s "
-            f"| {summary['examples_per_second']['mean']:.0f} img/s | {pct(summary['val_accuracy'])} "
-            f"| {pct(summary['val_accuracy_no_tta'])} "
-            f"| {pct(summary['test_accuracy'])} | {summary['runs']} | `{command}` |")
+        f", {len(env['gpus'])} GPU" if env.get("gpus") else ""
+    )
+    return (
+        f"| {summary['pipeline']} | {summary['strategy']} ({summary['replicas']} replica) | {hardware} "
+        f"| {summary['model']}, {summary['epochs']} epochs, batch {summary['global_batch']}, {summary['precision']} "
+        f"| {summary['train_seconds']['mean']:.0f} ± {summary['train_seconds']['std']:.0f} s "
+        f"| {summary['train_step_seconds']['mean']:.0f} ± {summary['train_step_seconds']['std']:.0f} s "
+        f"| {summary['examples_per_second']['mean']:.0f} img/s | {pct(summary['val_accuracy'])} "
+        f"| {pct(summary['val_accuracy_no_tta'])} "
+        f"| {pct(summary['test_accuracy'])} | {summary['runs']} | `{command}` |"
+    )
 
 
 def main(argv):
     if "--" in argv:
         split = argv.index("--")
-        own, passthrough = argv[:split], argv[split + 1:]
+        own, passthrough = argv[:split], argv[split + 1 :]
     else:
         own, passthrough = argv, []
-    (opts,) = config_lib.parse_flags(own, [BenchOptions], prog="python -m core.benchmark",
-                                     commands=["[--key=value ...] -- [pipeline flags ...]"])
+    (opts,) = config_lib.parse_flags(
+        own, [BenchOptions], prog="python -m core.benchmark", commands=["[--key=value ...] -- [pipeline flags ...]"]
+    )
     config_lib.check_positive(opts, "runs")
     if any(arg.startswith("--strategy=multiworker") for arg in passthrough):
-        raise UserError("make bench runs one process per run; expected STRATEGY=default, mirrored or tpu (multiworker needs one process per worker)")
+        raise UserError(
+            "make bench runs one process per run; expected STRATEGY=default, mirrored or tpu (multiworker needs one process per worker)"
+        )
     prefix = opts.prefix or time.strftime("bench-%Y%m%d-%H%M%S")
     metrics = []
     for i in range(opts.runs):
         name = f"{prefix}-{i}"
-        command = [sys.executable, "-m", f"pipelines.{opts.pipeline}", *passthrough,
-                   f"--name={name}", f"--seed={i}", f"--output_dir={opts.output_dir}"]
+        command = [
+            sys.executable,
+            "-m",
+            f"pipelines.{opts.pipeline}",
+            *passthrough,
+            f"--name={name}",
+            f"--seed={i}",
+            f"--output_dir={opts.output_dir}",
+        ]
         print(f"[bench] run {i + 1}/{opts.runs}: {' '.join(command[1:])}", flush=True)
         result = subprocess.run(command)
         if result.returncode != 0:
-            raise UserError(f"benchmark run {name} failed with exit status {result.returncode}; earlier runs are kept in {opts.output_dir}")
+            raise UserError(
+                f"benchmark run {name} failed with exit status {result.returncode}; earlier runs are kept in {opts.output_dir}"
+            )
         with open(os.path.join(opts.output_dir, opts.pipeline, name, "metrics.json")) as f:
             metrics.append(json.load(f))
     summary = summarise(metrics)

@@ -54,14 +54,19 @@ STRATEGIES = ("auto", "default", "mirrored")  # see the module docstring for mul
 @dataclasses.dataclass(frozen=True)
 class CompressOptions:
     """Flags of `python -m pipelines.<pipeline> compress`."""
+
     model: str = ""  # model.keras of a training run (its config.json beside it names the data)
-    stages: str = "prune,pqat"  # comma-separated chain, e.g. prune,pqat or cluster,cqat or ptq_int8 (core/compression.py)
+    stages: str = (
+        "prune,pqat"  # comma-separated chain, e.g. prune,pqat or cluster,cqat or ptq_int8 (core/compression.py)
+    )
     sparsity: float = 0.8  # target of `prune` (fraction of zeros in each compressed kernel)
     clusters: int = 16  # distinct weights per kernel after `cluster`
     epochs: int = 1  # fine-tuning epochs of each Keras stage (prune ramps sparsity over 2/3 of them)
     learning_rate: float = 1e-4  # Adam, constant, while fine-tuning
     batch_size: int = 128  # fine-tuning batch
-    int8_float_ops: str = ""  # TFLite ops ptq_int8 leaves float, comma-separated, e.g. BATCH_MATMUL (keeps XNNPack usable)
+    int8_float_ops: str = (
+        ""  # TFLite ops ptq_int8 leaves float, comma-separated, e.g. BATCH_MATMUL (keeps XNNPack usable)
+    )
     eval_split: str = "val"  # the run's split each .tflite is scored on: val | test (where the run's data has one)
     eval_examples: int = 0  # cap on the evaluation split, 0 = all of it
     latency_runs: int = 50  # batch-1 invokes timed per variant and thread count (median reported)
@@ -72,13 +77,17 @@ class CompressOptions:
 
     def __post_init__(self):
         if self.strategy in ("multiworker", "tpu"):
-            raise UserError(f"--strategy={self.strategy}: compression fine-tuning runs on one host; expected "
-                            f"{', '.join(STRATEGIES)} (run compress on one machine, mirrored over its GPUs)")
+            raise UserError(
+                f"--strategy={self.strategy}: compression fine-tuning runs on one host; expected "
+                f"{', '.join(STRATEGIES)} (run compress on one machine, mirrored over its GPUs)"
+            )
         config_lib.check_choice("strategy", self.strategy, STRATEGIES)
         config_lib.check_choice("eval_split", self.eval_split, ("val", "test"))
         for op in self.int8_float_ops.split(","):
             if op and not re.fullmatch(r"[A-Z][A-Z0-9_]*", op):
-                raise UserError(f"--int8_float_ops: {op!r} is not a TFLite op name; expected names like BATCH_MATMUL,SOFTMAX")
+                raise UserError(
+                    f"--int8_float_ops: {op!r} is not a TFLite op name; expected names like BATCH_MATMUL,SOFTMAX"
+                )
         config_lib.check_positive(self, "cpu_devices", allow_zero=True)
         config_lib.check_positive(self, "clusters", "epochs", "learning_rate", "batch_size", "latency_runs")
         config_lib.check_positive(self, "eval_examples", allow_zero=True)
@@ -94,6 +103,7 @@ class CompressOptions:
 @dataclasses.dataclass
 class Task:
     """What a pipeline hands to the compression stages."""
+
     model: object  # float32 Keras model: inputs -> logits
     tune: compression.FineTune
     eval_inputs: np.ndarray
@@ -104,26 +114,37 @@ class Task:
 
 def fine_tune(train_ds, num_examples, opts, loss):
     """The FineTune of the compress flags: one pass over `num_examples` per epoch."""
-    return compression.FineTune(train_ds=train_ds, steps_per_epoch=max(1, num_examples // opts.batch_size),
-                                epochs=opts.epochs, learning_rate=opts.learning_rate, loss=loss,
-                                verbose=opts.verbose)
+    return compression.FineTune(
+        train_ds=train_ds,
+        steps_per_epoch=max(1, num_examples // opts.batch_size),
+        epochs=opts.epochs,
+        learning_rate=opts.learning_rate,
+        loss=loss,
+        verbose=opts.verbose,
+    )
 
 
 def evaluation_split(splits, opts):
     """The name of the split to score on, checked against the splits the run's data has."""
     if opts.eval_split not in splits:
-        raise UserError(f"--eval_split={opts.eval_split}: the run's data has no {opts.eval_split} split "
-                        f"(it has {', '.join(splits)}); expected one of them")
+        raise UserError(
+            f"--eval_split={opts.eval_split}: the run's data has no {opts.eval_split} split "
+            f"(it has {', '.join(splits)}); expected one of them"
+        )
     return opts.eval_split
 
 
 def run_config(model_path):
     """The training run's config.json beside model.keras (data source, cache, seed, recipe)."""
     if not os.path.exists(model_path):
-        raise UserError(f"--model={model_path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)")
+        raise UserError(
+            f"--model={model_path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)"
+        )
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
     if not os.path.exists(path):
-        raise UserError(f"--model={model_path}: no config.json beside it; expected a model.keras inside a training run folder")
+        raise UserError(
+            f"--model={model_path}: no config.json beside it; expected a model.keras inside a training run folder"
+        )
     return config_lib.load_json_object(path)
 
 
@@ -144,12 +165,21 @@ def compress_command(argv, *, pipeline, make_task):
         task = make_task(evaluation.load_model(opts.model), config, opts)
         os.makedirs(output_dir, exist_ok=True)
         variants = run_chain(task, opts, output_dir)
-    report = {"pipeline": pipeline, "model": os.path.abspath(opts.model), "eval_split": task.eval_split,
-              "eval_examples": int(len(task.eval_labels)), "options": dataclasses.asdict(opts),
-              "strategy": strategies.describe(strategy), "environment": training.environment(), "variants": variants}
+    report = {
+        "pipeline": pipeline,
+        "model": os.path.abspath(opts.model),
+        "eval_split": task.eval_split,
+        "eval_examples": int(len(task.eval_labels)),
+        "options": dataclasses.asdict(opts),
+        "strategy": strategies.describe(strategy),
+        "environment": training.environment(),
+        "variants": variants,
+    }
     write_report(report, output_dir)
-    return {"report": os.path.join(output_dir, "report.json"),
-            "variants": {v["name"]: {"accuracy": v["accuracy"], "gzip_bytes": v["gzip_bytes"]} for v in variants}}
+    return {
+        "report": os.path.join(output_dir, "report.json"),
+        "variants": {v["name"]: {"accuracy": v["accuracy"], "gzip_bytes": v["gzip_bytes"]} for v in variants},
+    }
 
 
 def fine_tuning_strategy(opts):
@@ -172,14 +202,23 @@ def run_chain(task, opts, output_dir):
             mode = compression.TFLITE_STAGES[stage]
             float_ops = [op for op in opts.int8_float_ops.split(",") if op] if mode == "int8" else []
             tflite_bytes = tflite.convert(current, mode, task.representative, float_ops=float_ops)
-            variants.append(measure(name, done, current, tflite_bytes, task, opts, output_dir, seconds=time.perf_counter() - started))
+            variants.append(
+                measure(
+                    name, done, current, tflite_bytes, task, opts, output_dir, seconds=time.perf_counter() - started
+                )
+            )
             done = done[:-1]  # a conversion branches off; the chain's model is unchanged
             continue
         current = run_stage(stage, current, task.tune, opts)
-        tflite_bytes = (tflite.convert(current, "qat", task.representative) if stage in compression.QAT_STAGES
-                        else tflite.convert(current, "float32"))
+        tflite_bytes = (
+            tflite.convert(current, "qat", task.representative)
+            if stage in compression.QAT_STAGES
+            else tflite.convert(current, "float32")
+        )
         current.save(os.path.join(output_dir, name), save_format="tf")  # SavedModel of the Keras result
-        variants.append(measure(name, done, current, tflite_bytes, task, opts, output_dir, seconds=time.perf_counter() - started))
+        variants.append(
+            measure(name, done, current, tflite_bytes, task, opts, output_dir, seconds=time.perf_counter() - started)
+        )
     return variants
 
 
@@ -195,8 +234,9 @@ def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, sec
     """One report row: the `.tflite` file's accuracy, sizes and latency, measured."""
     tflite.write(tflite_bytes, os.path.join(output_dir, f"{name}.tflite"))
     size, gzipped = tflite.sizes(tflite_bytes)
-    keras_accuracy = float((keras_model.predict(task.eval_inputs, batch_size=256, verbose=0).argmax(-1)
-                            == task.eval_labels).mean())
+    keras_accuracy = float(
+        (keras_model.predict(task.eval_inputs, batch_size=256, verbose=0).argmax(-1) == task.eval_labels).mean()
+    )
     row = {
         "name": name,
         "stages": stages,
@@ -204,8 +244,10 @@ def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, sec
         "keras_accuracy": round(keras_accuracy, 4),
         "size_bytes": size,
         "gzip_bytes": gzipped,
-        "latency_ms": {str(t): round(tflite.latency_ms(tflite_bytes, task.eval_inputs[0], threads=t, runs=opts.latency_runs), 3)
-                       for t in THREADS},
+        "latency_ms": {
+            str(t): round(tflite.latency_ms(tflite_bytes, task.eval_inputs[0], threads=t, runs=opts.latency_runs), 3)
+            for t in THREADS
+        },
         "sparsity": round(compression.sparsity(keras_model), 4),
         "weight_types": tflite.weight_tensor_types(tflite_bytes),
         "float_ops": tflite.float_ops(tflite_bytes),
@@ -213,40 +255,55 @@ def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, sec
     }
     if seconds is not None:
         row["stage_seconds"] = round(seconds, 1)
-    print(f"{name}: accuracy {row['accuracy']:.4f} (keras {row['keras_accuracy']:.4f}) size {size} gzip {gzipped} "
-          f"latency {row['latency_ms']} ms sparsity {row['sparsity']}", flush=True)
+    print(
+        f"{name}: accuracy {row['accuracy']:.4f} (keras {row['keras_accuracy']:.4f}) size {size} gzip {gzipped} "
+        f"latency {row['latency_ms']} ms sparsity {row['sparsity']}",
+        flush=True,
+    )
     return row
 
 
 def write_report(report, output_dir):
     training.write_json(os.path.join(output_dir, "report.json"), report)
     base = report["variants"][0]
-    lines = [f"# Compression: {report['pipeline']}", "",
-             f"Model `{report['model']}`; accuracy of each `.tflite` in the TFLite interpreter on "
-             f"{report['eval_examples']} {report['eval_split']} examples; latency at batch 1, median of "
-             f"{report['options']['latency_runs']} invokes; {report['environment']['cpu']}, "
-             f"{report['environment']['date']}.", "",
-             "| variant | accuracy | Δ vs float32 | size | gzip size | gzip ratio | latency 1 thread | latency 2 threads | sparsity |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Compression: {report['pipeline']}",
+        "",
+        f"Model `{report['model']}`; accuracy of each `.tflite` in the TFLite interpreter on "
+        f"{report['eval_examples']} {report['eval_split']} examples; latency at batch 1, median of "
+        f"{report['options']['latency_runs']} invokes; {report['environment']['cpu']}, "
+        f"{report['environment']['date']}.",
+        "",
+        "| variant | accuracy | Δ vs float32 | size | gzip size | gzip ratio | latency 1 thread | latency 2 threads | sparsity |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for v in report["variants"]:
         lines.append(
             f"| {v['name']} | {100 * v['accuracy']:.2f}% | {100 * (v['accuracy'] - base['accuracy']):+.2f} | "
             f"{v['size_bytes'] / 1024:.0f} KiB | {v['gzip_bytes'] / 1024:.0f} KiB | "
             f"{base['gzip_bytes'] / v['gzip_bytes']:.1f}x | {v['latency_ms']['1']:.2f} ms | {v['latency_ms']['2']:.2f} ms | "
-            f"{100 * v['sparsity']:.0f}% |")
+            f"{100 * v['sparsity']:.0f}% |"
+        )
     training.write_text(os.path.join(output_dir, "report.md"), "\n".join(lines) + "\n")
     plot(report, os.path.join(output_dir, "accuracy_vs_size.png"))
 
 
 def plot(report, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for v in report["variants"]:
         ax.scatter(v["gzip_bytes"] / 1024, 100 * v["accuracy"])
-        ax.annotate(v["name"], (v["gzip_bytes"] / 1024, 100 * v["accuracy"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            v["name"],
+            (v["gzip_bytes"] / 1024, 100 * v["accuracy"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("gzipped .tflite size (KiB, log scale)")
     ax.set_ylabel(f"{report['eval_split']} accuracy (%)")

@@ -35,8 +35,8 @@ import dataclasses
 
 import numpy as np
 import tensorflow as tf
-import tf_keras as keras
 import tensorflow_model_optimization as tfmot
+import tf_keras as keras
 
 from core.errors import UserError
 
@@ -51,6 +51,7 @@ QAT_STAGES = ("qat", "pqat", "cqat")
 @dataclasses.dataclass(frozen=True)
 class FineTune:
     """How Keras stages fine-tune: the pipeline's training input and loss, a short schedule."""
+
     train_ds: object  # tf.data batches of (inputs, labels), repeating
     steps_per_epoch: int
     epochs: int
@@ -71,7 +72,9 @@ def check_chain(stages):
         if stage in KERAS_STAGES and any(s in QAT_STAGES for s in seen):
             raise UserError(f"{where} after quantization-aware training; expected QAT (qat, pqat, cqat) last")
         if stage in TFLITE_STAGES and any(s in QAT_STAGES for s in seen):
-            raise UserError(f"{where} after quantization-aware training, which already gives an int8 model; expected QAT last")
+            raise UserError(
+                f"{where} after quantization-aware training, which already gives an int8 model; expected QAT last"
+            )
         if stage == "pqat" and not {"prune", "prune_2x4"} & set(seen):
             raise UserError(f"{where} keeps a pruned model's zeros; expected prune or prune_2x4 before it")
         if stage == "cqat" and "cluster" not in seen:
@@ -124,7 +127,9 @@ def _clone_wrapping(model, wrap):
     The layers themselves (and so their trained weights) are reused, as in TFMOT's examples:
     the model passed in is a disposable float32 copy.
     """
-    return keras.models.clone_model(model, clone_function=lambda layer: wrap(layer) if is_compressible(layer) else layer)
+    return keras.models.clone_model(
+        model, clone_function=lambda layer: wrap(layer) if is_compressible(layer) else layer
+    )
 
 
 # --- Keras stages ---------------------------------------------------------------------------
@@ -132,8 +137,13 @@ def _clone_wrapping(model, wrap):
 
 def _fine_tune(model, tune, callbacks=()):
     model.compile(optimizer=keras.optimizers.Adam(tune.learning_rate), loss=tune.loss, metrics=["accuracy"])
-    model.fit(tune.train_ds, epochs=tune.epochs, steps_per_epoch=tune.steps_per_epoch,
-              callbacks=list(callbacks), verbose=tune.verbose)
+    model.fit(
+        tune.train_ds,
+        epochs=tune.epochs,
+        steps_per_epoch=tune.steps_per_epoch,
+        callbacks=list(callbacks),
+        verbose=tune.verbose,
+    )
     return model
 
 
@@ -146,10 +156,18 @@ def prune(model, tune, *, target_sparsity=0.8, m_by_n=None):
         schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0, frequency=max(1, total // 20))
     else:
         schedule = tfmot.sparsity.keras.PolynomialDecay(
-            initial_sparsity=0.0, final_sparsity=target_sparsity, begin_step=0,
-            end_step=max(1, 2 * total // 3), frequency=max(1, total // 20))
-    pruned = _clone_wrapping(model, lambda layer: tfmot.sparsity.keras.prune_low_magnitude(
-        layer, pruning_schedule=schedule, sparsity_m_by_n=m_by_n))
+            initial_sparsity=0.0,
+            final_sparsity=target_sparsity,
+            begin_step=0,
+            end_step=max(1, 2 * total // 3),
+            frequency=max(1, total // 20),
+        )
+    pruned = _clone_wrapping(
+        model,
+        lambda layer: tfmot.sparsity.keras.prune_low_magnitude(
+            layer, pruning_schedule=schedule, sparsity_m_by_n=m_by_n
+        ),
+    )
     _fine_tune(pruned, tune, [tfmot.sparsity.keras.UpdatePruningStep()])
     return tfmot.sparsity.keras.strip_pruning(pruned)
 
@@ -163,9 +181,11 @@ def prune_2x4(model, tune):
 def cluster(model, tune, *, clusters=16):
     """Weight clustering: each compressible kernel keeps `clusters` distinct values (k-means++
     initialised), fine-tuned, then stripped. Zeros left by pruning stay zeros."""
-    params = dict(number_of_clusters=clusters,
-                  cluster_centroids_init=tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS,
-                  preserve_sparsity=True)
+    params = dict(
+        number_of_clusters=clusters,
+        cluster_centroids_init=tfmot.clustering.keras.CentroidInitialization.KMEANS_PLUS_PLUS,
+        preserve_sparsity=True,
+    )
     clustered = _clone_wrapping(model, lambda layer: tfmot.clustering.keras.cluster_weights(layer, **params))
     _fine_tune(clustered, tune)
     return tfmot.clustering.keras.strip_clustering(clustered)
@@ -179,8 +199,10 @@ def qat(model, tune, *, scheme=None):
     layers, Normalization, LayerNormalization).
     """
     from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import default_8bit_quantize_registry
+
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
     configs = quantize_configs()
+
     # Layers TFMOT has no config for (the input Normalization, LayerNormalization, the repo's
     # weight-free custom layers) compute in float during QAT but quantize their output, so the
     # int8 layer after them trains with a real input range. Their insides are calibrated at
@@ -199,7 +221,8 @@ def qat(model, tune, *, scheme=None):
     annotated = keras.models.clone_model(model, clone_function=annotate)
     with tfmot.quantization.keras.quantize_scope(_custom_objects()), _integer_inputs_stay_integer(model):
         quantized = tfmot.quantization.keras.quantize_apply(
-            annotated, scheme or tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
+            annotated, scheme or tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
+        )
     calibrate_ranges(quantized, tune)
     return _fine_tune(quantized, tune)
 
@@ -219,6 +242,7 @@ def calibrate_ranges(model, tune, batches=CALIBRATION_BATCHES, decay=0.5):
     ranges and keeps refining them at 0.999.
     """
     from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+
     original = quant_ops.MovingAvgQuantize
 
     def fast_average(*args, **kwargs):
@@ -266,14 +290,18 @@ def _integer_inputs_stay_integer(model):
 def pqat(model, tune):
     """QAT that keeps the pruned zeros (TFMOT's prune-preserving 8-bit scheme)."""
     from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve import (
-        default_8bit_prune_preserve_quantize_scheme as scheme)
+        default_8bit_prune_preserve_quantize_scheme as scheme,
+    )
+
     return qat(model, tune, scheme=scheme.Default8BitPrunePreserveQuantizeScheme())
 
 
 def cqat(model, tune):
     """QAT that keeps the clusters (and zeros, if pruned too): TFMOT's cluster-preserving scheme."""
     from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (
-        default_8bit_cluster_preserve_quantize_scheme as scheme)
+        default_8bit_cluster_preserve_quantize_scheme as scheme,
+    )
+
     return qat(model, tune, scheme=scheme.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=True))
 
 
@@ -293,8 +321,11 @@ class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         pass
 
     def get_output_quantizers(self, layer):
-        return [tfmot.quantization.keras.quantizers.MovingAverageQuantizer(
-            num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
+        return [
+            tfmot.quantization.keras.quantizers.MovingAverageQuantizer(
+                num_bits=8, per_axis=False, symmetric=False, narrow_range=False
+            )
+        ]
 
     def get_config(self):
         return {}
@@ -325,8 +356,12 @@ class WeightTableQuantizeConfig(OutputQuantizeConfig):
         self.attribute = attribute
 
     def get_weights_and_quantizers(self, layer):
-        return [(getattr(layer, self.attribute), ZeroPreservingQuantizer(
-            num_bits=8, per_axis=False, symmetric=True, narrow_range=True))]
+        return [
+            (
+                getattr(layer, self.attribute),
+                ZeroPreservingQuantizer(num_bits=8, per_axis=False, symmetric=True, narrow_range=True),
+            )
+        ]
 
     def set_quantize_weights(self, layer, quantize_weights):
         setattr(layer, self.attribute, quantize_weights[0])
@@ -338,12 +373,20 @@ class WeightTableQuantizeConfig(OutputQuantizeConfig):
 def quantize_configs():
     """QuantizeConfigs for layers TFMOT's 8-bit registry does not know, by class name. Any other
     unknown layer gets OutputQuantizeConfig (float inside, 8-bit output)."""
-    return {"Embedding": WeightTableQuantizeConfig("embeddings"),
-            "PositionEmbedding": WeightTableQuantizeConfig("position_table")}
+    return {
+        "Embedding": WeightTableQuantizeConfig("embeddings"),
+        "PositionEmbedding": WeightTableQuantizeConfig("position_table"),
+    }
 
 
 def _custom_objects():
     """The repo's registered layers and configs, for quantize_apply's clone of the model."""
     import models.text_preprocessing  # noqa: F401  (registers models.transformer's layers too)
-    return {**keras.saving.get_custom_objects(), "OutputQuantizeConfig": OutputQuantizeConfig, "NoQuantizeConfig": NoQuantizeConfig,
-            "WeightTableQuantizeConfig": WeightTableQuantizeConfig, "ZeroPreservingQuantizer": ZeroPreservingQuantizer}
+
+    return {
+        **keras.saving.get_custom_objects(),
+        "OutputQuantizeConfig": OutputQuantizeConfig,
+        "NoQuantizeConfig": NoQuantizeConfig,
+        "WeightTableQuantizeConfig": WeightTableQuantizeConfig,
+        "ZeroPreservingQuantizer": ZeroPreservingQuantizer,
+    }

@@ -30,15 +30,20 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Options every pipeline shares; the pipeline's own `Config` holds the task's knobs."""
+
     strategy: str = "auto"  # auto | default | mirrored | multiworker | tpu
     data: str = "tfds"  # tfds | synthetic | a folder of class folders | a .tar.gz of one | cifar-10-binary.tar.gz
     name: str = ""  # run name: outputs go to <output_dir>/<pipeline>/<name>/ (default: a timestamp)
     output_dir: str = "runs"  # root folder of run outputs
     cache_dir: str = ".cache/datasets"  # where offline sources are converted to sharded TFRecords, once
     skip_corrupt: bool = False  # when converting the data, skip records that cannot be decoded (corrupt images, non-UTF-8 texts) and report how many; default: stop at the first, naming it
-    precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bfloat16 on TPU and bf16-capable CPUs/GPUs)
+    precision: str = (
+        "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bfloat16 on TPU and bf16-capable CPUs/GPUs)
+    )
     jit_compile: bool = False  # XLA-compile the train step (faster on GPU/TPU; slower on CPU, measured)
-    steps_per_execution: int = 0  # train steps per host call; 0 = auto: 32 on TPU (hides the host round trip), 1 elsewhere
+    steps_per_execution: int = (
+        0  # train steps per host call; 0 = auto: 32 on TPU (hides the host round trip), 1 elsewhere
+    )
     tpu: str = "local"  # TPU to use with --strategy=tpu: local (Colab/TPU VM), a name, or grpc://host:port
     cpu_devices: int = 0  # split the CPU into N logical devices (try --strategy=mirrored without GPUs)
     seed: int = 0  # seeds the validation carve, shuffling, augmentation and init
@@ -159,7 +164,9 @@ def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None, pipeline=N
         key, has_value, text = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key != "config" and key not in fields:
-            raise UserError(f"unknown flag --{key}: expected one of {', '.join('--' + k for k in sorted(fields))}, --config")
+            raise UserError(
+                f"unknown flag --{key}: expected one of {', '.join('--' + k for k in sorted(fields))}, --config"
+            )
         if not has_value:
             if fields.get(key, (None, None))[1] is not bool:
                 raise UserError(f"--{key}: expected --{key}=VALUE")
@@ -171,8 +178,9 @@ def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None, pipeline=N
     if parsed.get("smoke") and smoke_overrides:
         values.update({k: check(k, v, "smoke override") for k, v in smoke_overrides.items()})
     if config_file:
-        values.update({k: check(k, v, f"key in {config_file}:")
-                       for k, v in load_json_object(config_file, pipeline).items()})
+        values.update(
+            {k: check(k, v, f"key in {config_file}:") for k, v in load_json_object(config_file, pipeline).items()}
+        )
     values.update(parsed)
     return [cls(**{k: v for k, v in values.items() if fields[k][0] is cls}) for cls in classes]
 
@@ -186,7 +194,9 @@ def load_json_object(path, pipeline=None, *, flag="config", what="config fields"
         with open(path) as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--{flag}={path}: not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')}); expected a JSON object of {what}") from None
+        raise UserError(
+            f"--{flag}={path}: not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')}); expected a JSON object of {what}"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"--{flag}={path}: expected a JSON object of {what}, got {type(data).__name__}")
     data = dict(data)

@@ -24,8 +24,13 @@ class UserError(Exception):
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
 # How a collective reports that a peer worker died (UnavailableError/AbortedError text).
-_PEER_LOST_TEXTS = ("Collective ops is aborted", "tasks have crashed", "Socket closed",
-                    "Connection reset by peer", "failed to connect to all addresses")
+_PEER_LOST_TEXTS = (
+    "Collective ops is aborted",
+    "tasks have crashed",
+    "Socket closed",
+    "Connection reset by peer",
+    "failed to connect to all addresses",
+)
 
 
 def environment_failure(error, tf=None):
@@ -44,22 +49,31 @@ def environment_failure(error, tf=None):
     if full or (isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS):
         # An OSError names its file when it has one; TF's message starts with the path.
         where = getattr(error, "filename", None) if isinstance(error, OSError) else first_line.split(";")[0]
-        return (f"disk full ({full or error.strerror}){f' writing {where}' if where else ''}; nothing earlier is lost "
-                "(the cache is only published whole, and the last complete checkpoints stay): free space or point "
-                "--output_dir/--cache_dir at a bigger disk, then rerun the same command (a run stopped while "
-                "training resumes from its backup/)")
+        return (
+            f"disk full ({full or error.strerror}){f' writing {where}' if where else ''}; nothing earlier is lost "
+            "(the cache is only published whole, and the last complete checkpoints stay): free space or point "
+            "--output_dir/--cache_dir at a bigger disk, then rerun the same command (a run stopped while "
+            "training resumes from its backup/)"
+        )
     if tf is None:
         return None
     if isinstance(error, tf.errors.DataLossError):
-        return (f"corrupt record in the converted data ({first_line}); delete the dataset's folder under "
-                "--cache_dir to rebuild it from the source, then rerun the same command (a training run "
-                "resumes from its backup/)")
+        return (
+            f"corrupt record in the converted data ({first_line}); delete the dataset's folder under "
+            "--cache_dir to rebuild it from the source, then rerun the same command (a training run "
+            "resumes from its backup/)"
+        )
     # Only in a multi-worker job: a one-process run reading gs:// can see "Connection reset" too.
     lost = [line.strip() for line in message.splitlines() if any(t in line for t in _PEER_LOST_TEXTS)]
-    if lost and _multi_worker() and isinstance(error, (tf.errors.UnavailableError, tf.errors.AbortedError,
-                                                       tf.errors.CancelledError)):
-        return (f"another worker of this multi-worker job stopped ({type(error).__name__}: {lost[0][:160]}); "
-                "restart every worker with the same command: training resumes from backup/ at the last finished epoch")
+    if (
+        lost
+        and _multi_worker()
+        and isinstance(error, (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError))
+    ):
+        return (
+            f"another worker of this multi-worker job stopped ({type(error).__name__}: {lost[0][:160]}); "
+            "restart every worker with the same command: training resumes from backup/ at the last finished epoch"
+        )
     return None
 
 

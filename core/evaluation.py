@@ -6,7 +6,6 @@ gives airbench's level 2 (identity, mirror, and both shifted by one pixel) at 6x
 cost; the CNN's gain from it is in BENCHMARKS.md (val_accuracy vs val_accuracy_no_tta).
 """
 
-
 import json
 import platform
 import sys
@@ -17,7 +16,6 @@ import tensorflow as tf
 import tf_keras as keras
 
 from core.errors import UserError
-
 
 # Modules a model.keras may name for its classes and functions: Keras itself and this repo's
 # registered layers. tf_keras 2.21 imports whatever module a config names, even in safe mode
@@ -35,19 +33,26 @@ def load_model(path):
     Lambda layer's stored bytecode.
     """
     import models.text_preprocessing  # noqa: F401  (imports models.transformer too)
+
     if not tf.io.gfile.exists(path):  # a URL (gs://...) too: load_model reads those
-        raise UserError(f"--model={path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)")
+        raise UserError(
+            f"--model={path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)"
+        )
     _check_native_format(path)
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
-    except EOFError if sys.version_info[:2] == (3, 12) else () as e:
-        raise UserError(f"--model={path}: cannot load it on Python {platform.python_version()}, whose zipfile reads "
-                        "uncompressed members wrongly after a seek (CPython gh-127847/gh-128131, fixed in early-2025 "
-                        "3.12 releases); expected Python 3.11 or a current 3.12") from None
+    except EOFError if sys.version_info[:2] == (3, 12) else ():
+        raise UserError(
+            f"--model={path}: cannot load it on Python {platform.python_version()}, whose zipfile reads "
+            "uncompressed members wrongly after a seek (CPython gh-127847/gh-128131, fixed in early-2025 "
+            "3.12 releases); expected Python 3.11 or a current 3.12"
+        ) from None
     except Exception as e:  # Keras raises many types for a bad file; all mean the same to a user
         if isinstance(e, ValueError) and "lambda" in str(e) and "safe_mode" in str(e):
             raise UserError(_lambda_refused(path)) from None  # safe mode's refusal, before the lambda runs
-        raise UserError(f"--model={path}: cannot load a Keras model ({e.__class__.__name__}: {str(e)[:200]}); expected a model.keras written by training") from None
+        raise UserError(
+            f"--model={path}: cannot load a Keras model ({e.__class__.__name__}: {str(e)[:200]}); expected a model.keras written by training"
+        ) from None
 
 
 def _check_native_format(path):
@@ -57,8 +62,10 @@ def _check_native_format(path):
         with tf.io.gfile.GFile(path, "rb") as f, zipfile.ZipFile(f) as archive:
             config = json.loads(archive.read("config.json"))
     except (zipfile.BadZipFile, KeyError, ValueError, tf.errors.OpError, IsADirectoryError):
-        raise UserError(f"--model={path}: not a native .keras file (HDF5 and SavedModel formats are refused: Keras "
-                        f"loads them without safe mode, running any code stored in them); {expected}") from None
+        raise UserError(
+            f"--model={path}: not a native .keras file (HDF5 and SavedModel formats are refused: Keras "
+            f"loads them without safe mode, running any code stored in them); {expected}"
+        ) from None
     if not str(path).endswith(".keras"):  # else tf_keras would take its legacy loader after all
         raise UserError(f"--model={path}: the name does not end in .keras; {expected}")
     lambdas, modules = _code_in_config(config)
@@ -66,8 +73,10 @@ def _check_native_format(path):
         raise UserError(_lambda_refused(path))
     for module in sorted(modules):
         if module.split(".")[0] not in _ALLOWED_MODULES:
-            raise UserError(f"--model={path}: refused: its config names module {module!r}, which loading would "
-                            f"import; expected only {', '.join(_ALLOWED_MODULES)} modules ({expected})")
+            raise UserError(
+                f"--model={path}: refused: its config names module {module!r}, which loading would "
+                f"import; expected only {', '.join(_ALLOWED_MODULES)} modules ({expected})"
+            )
 
 
 # Layers that call a function named in the file: Lambda (stored bytecode, or any function Keras can
@@ -75,13 +84,22 @@ def _check_native_format(path):
 # tf_keras makes of raw tf.* calls and slices in a functional graph (TFOpLambda, SlicingOpLambda,
 # ClassMethod, InstanceMethod, InstanceProperty), which look up any tf.* function or attribute by
 # name, tf.io.write_file included. The repo's models use none of them (TFMOT refuses them too).
-_LAMBDA_CLASSES = ("Lambda", "__lambda__", "TFOpLambda", "SlicingOpLambda", "ClassMethod", "InstanceMethod",
-                   "InstanceProperty")
+_LAMBDA_CLASSES = (
+    "Lambda",
+    "__lambda__",
+    "TFOpLambda",
+    "SlicingOpLambda",
+    "ClassMethod",
+    "InstanceMethod",
+    "InstanceProperty",
+)
 
 
 def _lambda_refused(path):
-    return (f"--model={path}: refused: it holds a Lambda or TF-op layer, whose code would run on load; "
-            "expected a model.keras written by training (ours have no such layers)")
+    return (
+        f"--model={path}: refused: it holds a Lambda or TF-op layer, whose code would run on load; "
+        "expected a model.keras written by training (ours have no such layers)"
+    )
 
 
 def _code_in_config(config):
@@ -97,8 +115,10 @@ def _code_in_config(config):
         if isinstance(item, dict):
             lambdas |= item.get("class_name") in _LAMBDA_CLASSES or item.get("function_type") == "lambda"
             module = item.get("module")
-            registered = item.get("class_name") == "function" and keras.saving.get_registered_object(
-                str(item.get("config"))) is not None
+            registered = (
+                item.get("class_name") == "function"
+                and keras.saving.get_registered_object(str(item.get("config"))) is not None
+            )
             if isinstance(module, str) and not (module == "builtins" and registered):
                 modules.add(module)
             stack.extend(item.values())
@@ -116,7 +136,7 @@ def mirror_translate_views(images, pixels=1):
     size_h, size_w = images.shape[1], images.shape[2]
     padded = tf.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]], mode="REFLECT")
     up_left = padded[:, :size_h, :size_w, :]
-    down_right = padded[:, 2 * pixels:, 2 * pixels:, :]
+    down_right = padded[:, 2 * pixels :, 2 * pixels :, :]
     return mirror_views(images) + mirror_views(up_left) + mirror_views(down_right)
 
 
@@ -135,6 +155,7 @@ def predict(model, dataset, views=lambda x: [x]):
     to the un-shifted views as in airbench: mean(identity views) and mean(shifted views) are
     averaged, which for level 1 is a plain mean.
     """
+
     @tf.function(reduce_retracing=True)
     def batch_logits(inputs):
         all_views = views(inputs)
@@ -163,5 +184,4 @@ def accuracy_report(logits, labels, class_names):
     for i, name in enumerate(class_names):
         mask = labels == i
         per_class[name] = round(float(correct[mask].mean()), 4) if mask.any() else None
-    return {"accuracy": round(float(correct.mean()), 4), "examples": int(len(labels)),
-            "per_class_accuracy": per_class}
+    return {"accuracy": round(float(correct.mean()), 4), "examples": int(len(labels)), "per_class_accuracy": per_class}

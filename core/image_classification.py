@@ -20,40 +20,49 @@ import dataclasses
 import os
 
 import numpy as np
-
 import tensorflow as tf
 import tf_keras as keras
 
 import strategies
-from core import config as config_lib
 from core import compress, evaluation, image_data, input_bench, input_pipeline, optim, training
+from core import config as config_lib
 from core.errors import UserError
 
 FLIPS = ("alternate", "random", "none")
-COMMANDS = ["evaluate --model=PATH --data=PATH [--tta=N]",  # besides training, for --help
-            "compress --model=PATH --stages=prune,pqat,...",
-            "tune --tuner=hyperband|bayesian|random --trials=N"]
+COMMANDS = [
+    "evaluate --model=PATH --data=PATH [--tta=N]",  # besides training, for --help
+    "compress --model=PATH --stages=prune,pqat,...",
+    "tune --tuner=hyperband|bayesian|random --trials=N",
+]
 
 
 def start_run(argv, *, pipeline, config_class, smoke):
     """`training.start_run` with the image pipelines' extra command listed in --help."""
-    return training.start_run(argv, pipeline=pipeline, config_class=config_class, smoke=smoke,
-                              commands=COMMANDS)
+    return training.start_run(argv, pipeline=pipeline, config_class=config_class, smoke=smoke, commands=COMMANDS)
 
 
 def prepare_data(cfg, run, *, class_names, image_shape, tfds_name):
     """Converts the source (--data) once into the sharded cache; later runs reuse it."""
     return image_data.prepare(
-        run.data, cache_root=run.cache_dir, image_shape=image_shape, class_names=class_names,
-        val_fraction=cfg.val_fraction, seed=run.seed, tfds_name=tfds_name,
-        max_examples=cfg.max_examples or None, examples_per_shard=cfg.examples_per_shard,
-        skip_corrupt=run.skip_corrupt)
+        run.data,
+        cache_root=run.cache_dir,
+        image_shape=image_shape,
+        class_names=class_names,
+        val_fraction=cfg.val_fraction,
+        seed=run.seed,
+        tfds_name=tfds_name,
+        max_examples=cfg.max_examples or None,
+        examples_per_shard=cfg.examples_per_shard,
+        skip_corrupt=run.skip_corrupt,
+    )
 
 
 def model_inputs(num_classes):
     """A batch map: (uint8 images, int labels) -> (float32 pixels 0-255, one-hot labels)."""
+
     def fn(images, labels):
         return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
+
     return fn
 
 
@@ -111,6 +120,7 @@ def augmented_inputs(num_classes, *, flip, translate, seed, epoch=None):
     def fn(images, labels):
         images = flip_and_translate(images, flip=flip, translate=translate, seed=seed, epoch=epoch)
         return to_inputs(images, labels)
+
     return fn
 
 
@@ -129,31 +139,47 @@ class EpochCounter(keras.callbacks.Callback):
 def train_input(data, *, train_batch_fn, seed):
     """`input_pipeline.make_dataset` arguments of the training split: one place, so training and
     `bench-input` build the very same pipeline."""
-    return dict(training=True, parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
-                parse_batch_fn=lambda records: image_data.parse_examples(records, data.image_shape),
-                batch_fn=train_batch_fn, seed=seed, num_examples=data.splits["train"].num_examples)
+    return dict(
+        training=True,
+        parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
+        parse_batch_fn=lambda records: image_data.parse_examples(records, data.image_shape),
+        batch_fn=train_batch_fn,
+        seed=seed,
+        num_examples=data.splits["train"].num_examples,
+    )
 
 
 def make_datasets(strategy, data, *, global_batch, train_batch_fn, seed):
     """(train, val, validation_steps) for `fit`: augmented training batches, plain val batches."""
     parse = lambda record: image_data.parse_example(record, data.image_shape)
     train = input_pipeline.distributed_dataset(
-        strategy, data.splits["train"].files, global_batch=global_batch,
-        **train_input(data, train_batch_fn=train_batch_fn, seed=seed))
+        strategy,
+        data.splits["train"].files,
+        global_batch=global_batch,
+        **train_input(data, train_batch_fn=train_batch_fn, seed=seed),
+    )
     val, validation_steps = input_pipeline.validation_dataset(
-        strategy, data.splits["val"].files, global_batch=global_batch,
-        num_examples=data.splits["val"].num_examples, parse_fn=parse,
+        strategy,
+        data.splits["val"].files,
+        global_batch=global_batch,
+        num_examples=data.splits["val"].num_examples,
+        parse_fn=parse,
         batch_fn=model_inputs(len(data.class_names)),
-        multi_worker=strategies.resolved_name(strategy) == "multiworker")
+        multi_worker=strategies.resolved_name(strategy) == "multiworker",
+    )
     return train, val, validation_steps
 
 
 def local_dataset(data, split, batch_size=1000):
     """A plain (undistributed) dataset of one split, for statistics and final evaluation."""
     return input_pipeline.make_dataset(
-        data.splits[split].files, batch_size=batch_size, training=False,
+        data.splits[split].files,
+        batch_size=batch_size,
+        training=False,
         parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
-        batch_fn=model_inputs(len(data.class_names)), cache=False)
+        batch_fn=model_inputs(len(data.class_names)),
+        cache=False,
+    )
 
 
 def first_train_images(data, count=5000):
@@ -174,13 +200,13 @@ def save_and_report(model, data, run_dir, *, tta, evaluate_test=True, **report):
     val = evaluate_split(model, data, "val", tta)
     val_no_tta = evaluate_split(model, data, "val", 0)
     test = evaluate_split(model, data, "test", tta) if evaluate_test and "test" in data.splits else None
-    return training.write_report(run_dir, data=data, val=val, val_no_tta=val_no_tta, test=test,
-                                 tta=tta, **report)
+    return training.write_report(run_dir, data=data, val=val, val_no_tta=val_no_tta, test=test, tta=tta, **report)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateOptions:
     """Flags of `python -m pipelines.<pipeline> evaluate`."""
+
     model: str = ""  # path to model.keras from a training run
     data: str = ""  # folder of class folders, .tar.gz of one, cifar-10-binary.tar.gz, or tfds
     tta: int = 2  # test-time augmentation: 0 none, 1 mirror, 2 mirror + translations
@@ -205,11 +231,18 @@ def evaluate_command(argv, *, pipeline, class_names, image_shape):
     split = "test" if "test" in splits else next(iter(splits))
     images, labels, _ = splits[split]
     split = split if split == "test" else "all"  # a plain folder of class folders is taken whole
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(opts.batch_size).map(
-        model_inputs(len(class_names)))
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((images, labels)).batch(opts.batch_size).map(model_inputs(len(class_names)))
+    )
     logits, labels = evaluation.predict(model, dataset, evaluation.image_tta(opts.tta))
-    return {"pipeline": pipeline, "model": opts.model, "data": opts.data, "split": split,
-            "tta": opts.tta, **evaluation.accuracy_report(logits, labels, class_names)}
+    return {
+        "pipeline": pipeline,
+        "model": opts.model,
+        "data": opts.data,
+        "split": split,
+        "tta": opts.tta,
+        **evaluation.accuracy_report(logits, labels, class_names),
+    }
 
 
 def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_name):
@@ -217,20 +250,36 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
     training batches augmented as in training for fine-tuning, the val split (or --eval_split=test) to score
     each `.tflite` on, and 8 batches of 32 training images to calibrate int8 ranges."""
     data = image_data.prepare(
-        run_config["data"], cache_root=run_config["cache_dir"], image_shape=image_shape, class_names=class_names,
-        val_fraction=run_config["val_fraction"], seed=run_config["seed"], tfds_name=tfds_name,
-        max_examples=run_config["max_examples"] or None, examples_per_shard=run_config["examples_per_shard"],
-        skip_corrupt=run_config.get("skip_corrupt", False))  # runs from before the flag: off
+        run_config["data"],
+        cache_root=run_config["cache_dir"],
+        image_shape=image_shape,
+        class_names=class_names,
+        val_fraction=run_config["val_fraction"],
+        seed=run_config["seed"],
+        tfds_name=tfds_name,
+        max_examples=run_config["max_examples"] or None,
+        examples_per_shard=run_config["examples_per_shard"],
+        skip_corrupt=run_config.get("skip_corrupt", False),
+    )  # runs from before the flag: off
     # Fine-tuning sees what training saw: its flip and translation (the random flip: the
     # alternating one needs training's epoch counter) and its label smoothing. Measured on the
     # 80%-pruned CNN, prune-preserving QAT for one epoch: 88.42% val this way, 87.64% with plain
     # images and hard labels (start: 88.18%).
-    augment = augmented_inputs(len(class_names), flip="none" if run_config["flip"] == "none" else "random",
-                               translate=run_config["translate"], seed=run_config["seed"])
+    augment = augmented_inputs(
+        len(class_names),
+        flip="none" if run_config["flip"] == "none" else "random",
+        translate=run_config["translate"],
+        seed=run_config["seed"],
+    )
     train = input_pipeline.make_dataset(
-        data.splits["train"].files, batch_size=opts.batch_size, training=True, seed=run_config["seed"],
+        data.splits["train"].files,
+        batch_size=opts.batch_size,
+        training=True,
+        seed=run_config["seed"],
         parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
-        batch_fn=augment, num_examples=data.splits["train"].num_examples)
+        batch_fn=augment,
+        num_examples=data.splits["train"].num_examples,
+    )
     split = compress.evaluation_split(data.splits, opts)
     images, labels = [], []
     for batch_images, batch_labels in local_dataset(data, split):
@@ -238,18 +287,30 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
         labels.append(batch_labels.numpy().argmax(-1))
     images, labels = np.concatenate(images), np.concatenate(labels)
     if opts.eval_examples:
-        images, labels = images[:opts.eval_examples], labels[:opts.eval_examples]
+        images, labels = images[: opts.eval_examples], labels[: opts.eval_examples]
     train_images = first_train_images(data, count=256).astype(np.float32)
-    tune = compress.fine_tune(train, data.splits["train"].num_examples, opts,
-                              loss=optim.label_smoothing_loss(run_config["label_smoothing"]))
-    return compress.Task(model=model, tune=tune, eval_inputs=images, eval_labels=labels,
-                         representative=[train_images[i:i + 32] for i in range(0, 256, 32)], eval_split=split)
+    tune = compress.fine_tune(
+        train, data.splits["train"].num_examples, opts, loss=optim.label_smoothing_loss(run_config["label_smoothing"])
+    )
+    return compress.Task(
+        model=model,
+        tune=tune,
+        eval_inputs=images,
+        eval_labels=labels,
+        representative=[train_images[i : i + 32] for i in range(0, 256, 32)],
+        eval_split=split,
+    )
 
 
 def compress_command(argv, *, pipeline, class_names, image_shape, tfds_name):
     """`compress --model=PATH --stages=...`: core/compress.py with this family's Task."""
-    return compress.compress_command(argv, pipeline=pipeline, make_task=lambda model, run_config, opts: compression_task(
-        model, run_config, opts, class_names=class_names, image_shape=image_shape, tfds_name=tfds_name))
+    return compress.compress_command(
+        argv,
+        pipeline=pipeline,
+        make_task=lambda model, run_config, opts: compression_task(
+            model, run_config, opts, class_names=class_names, image_shape=image_shape, tfds_name=tfds_name
+        ),
+    )
 
 
 def bench_input_task(cfg, run, *, class_names, image_shape, augment_batch, make_model):
@@ -262,23 +323,41 @@ def bench_input_task(cfg, run, *, class_names, image_shape, augment_batch, make_
 
     def train_consumption(batches, steps):
         steps_per_epoch, total_steps = optim.steps_for(train.num_examples, cfg.batch_size, cfg.epochs)
-        model = make_model(cfg, run, first_train_images(data), input_bench.one_device(run), steps_per_epoch, total_steps)
+        model = make_model(
+            cfg, run, first_train_images(data), input_bench.one_device(run), steps_per_epoch, total_steps
+        )
         return input_bench.time_train_steps(model, batches[:2], steps)
 
     jpeg = input_bench.StoredFormat(
-        "JPEG quality 75", parse=lambda record: image_data.parse_jpeg_example(record, data.image_shape),
-        encode=lambda image, label: {"image": tf.io.encode_jpeg(image, quality=75), "label": tf.cast(label, tf.int64)})
+        "JPEG quality 75",
+        parse=lambda record: image_data.parse_jpeg_example(record, data.image_shape),
+        encode=lambda image, label: {"image": tf.io.encode_jpeg(image, quality=75), "label": tf.cast(label, tf.int64)},
+    )
     return input_bench.InputBenchTask(
-        files=train.files, num_examples=train.num_examples, stored_format="raw uint8 pixels",
-        parse=args["parse_fn"], build=input_bench.build_like_training(cfg.batch_size, args),
-        train_consumption=train_consumption, other_formats=(jpeg,),
-        consumption_batches=2)
+        files=train.files,
+        num_examples=train.num_examples,
+        stored_format="raw uint8 pixels",
+        parse=args["parse_fn"],
+        build=input_bench.build_like_training(cfg.batch_size, args),
+        train_consumption=train_consumption,
+        other_formats=(jpeg,),
+        consumption_batches=2,
+    )
 
 
 def bench_input_command(argv, *, pipeline, config_class, smoke, class_names, image_shape, augment_batch, make_model):
     """`bench-input [--data=...]`: core/input_bench.py on this family's training input."""
     return input_bench.bench_input_command(
-        argv, pipeline=pipeline, config_class=config_class, smoke=smoke,
+        argv,
+        pipeline=pipeline,
+        config_class=config_class,
+        smoke=smoke,
         make_task=lambda cfg, run: bench_input_task(
-            cfg, run, class_names=class_names, image_shape=image_shape,
-            augment_batch=augment_batch, make_model=make_model))
+            cfg,
+            run,
+            class_names=class_names,
+            image_shape=image_shape,
+            augment_batch=augment_batch,
+            make_model=make_model,
+        ),
+    )

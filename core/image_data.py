@@ -43,7 +43,6 @@ second call reuses the cache in under 10 ms.
 
 import dataclasses
 import io
-import json
 import os
 import tarfile
 import zlib
@@ -72,10 +71,7 @@ CIFAR_BINARY_SHAPE = (32, 32, 3)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 _FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
-_SOURCE_HELP = (
-    "expected a folder of class subfolders, a .tar.gz of one, cifar-10-binary.tar.gz, "
-    "'tfds' or 'synthetic'"
-)
+_SOURCE_HELP = "expected a folder of class subfolders, a .tar.gz of one, cifar-10-binary.tar.gz, 'tfds' or 'synthetic'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +128,8 @@ def prepare(
     )
     # Absolute, so shard paths stay valid for workers started from another directory.
     cache_dir = os.path.join(
-        records.absolute(cache_root), f"{sources.cache_name(kind, path, tfds_name)}-{sources.fingerprint(kind, path, tfds_name, params)}"
+        records.absolute(cache_root),
+        f"{sources.cache_name(kind, path, tfds_name)}-{sources.fingerprint(kind, path, tfds_name, params)}",
     )
 
     def build(tmp_dir):
@@ -147,8 +144,7 @@ def prepare(
             }
         train_images, train_labels = loaded["train"]
         train_idx, val_idx = carve_val(train_labels, len(names), val_fraction, rng)
-        order = {"train": (train_images, train_labels, train_idx),
-                 "val": (train_images, train_labels, val_idx)}
+        order = {"train": (train_images, train_labels, train_idx), "val": (train_images, train_labels, val_idx)}
         if "test" in loaded:
             test_images, test_labels = loaded["test"]
             order["test"] = (test_images, test_labels, np.arange(len(test_labels)))
@@ -318,8 +314,12 @@ def _load_tfds(tfds_name, image_shape, class_names):
         if split not in available:
             continue
         ds = sources.load_tfds_split(
-            tfds_name, split, description,
-            "a folder of class folders, a .tar.gz of one, or cifar-10-binary.tar.gz", as_supervised=True)
+            tfds_name,
+            split,
+            description,
+            "a folder of class folders, a .tar.gz of one, or cifar-10-binary.tar.gz",
+            as_supervised=True,
+        )
         if not ds.element_spec[0].shape.is_compatible_with(image_shape):
             raise UserError(
                 f"{description}: images are {_hwc(ds.element_spec[0].shape)}, "
@@ -359,17 +359,23 @@ def _load_folder(root, image_shape, skipped):
             )
         for name in _visible_files(split_dir):
             if name.lower().endswith(IMAGE_EXTENSIONS):
-                raise UserError(f"{os.path.join(split_dir, name)}: image outside any class folder; expected <class>/{name}")
+                raise UserError(
+                    f"{os.path.join(split_dir, name)}: image outside any class folder; expected <class>/{name}"
+                )
         layout[split] = {}
         for cls in classes:
             class_dir = os.path.join(split_dir, cls)
             nested = _visible_dirs(class_dir)
             if nested:
-                raise UserError(f"{os.path.join(class_dir, nested[0])}: folder inside a class folder; expected only image files")
+                raise UserError(
+                    f"{os.path.join(class_dir, nested[0])}: folder inside a class folder; expected only image files"
+                )
             files = _visible_files(class_dir)
             for name in files:
                 if not name.lower().endswith(IMAGE_EXTENSIONS):
-                    raise UserError(f"{os.path.join(class_dir, name)}: not an image file; expected {'/'.join(IMAGE_EXTENSIONS)}")
+                    raise UserError(
+                        f"{os.path.join(class_dir, name)}: not an image file; expected {'/'.join(IMAGE_EXTENSIONS)}"
+                    )
             if not files:
                 raise UserError(f"{class_dir}: empty class folder; expected image files {'/'.join(IMAGE_EXTENSIONS)}")
             layout[split][cls] = [os.path.join(class_dir, name) for name in files]
@@ -441,7 +447,9 @@ def _load_archive(archive, image_shape, skipped):
                     images[split or "train"].append(_decode(tar.extractfile(member).read(), name, image_shape))
                     classes[split or "train"].append(parts[-2])
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise UserError(f"{archive}: truncated or corrupt archive ({e}); expected a readable .tar.gz/.tgz/.tar") from None
+        raise UserError(
+            f"{archive}: truncated or corrupt archive ({e}); expected a readable .tar.gz/.tgz/.tar"
+        ) from None
     skipped.check_groups()  # here: `found` below comes from decoded images, so an all-skipped class would vanish
 
     if binary:
@@ -460,11 +468,13 @@ def _load_archive(archive, image_shape, skipped):
     for parts, name in other_files:
         if parts[:-1] in class_dirs:
             raise UserError(f"{name}: not an image file; expected {'/'.join(IMAGE_EXTENSIONS)}")
-    (root, has_splits), = roots
+    ((root, has_splits),) = roots
     parents = {root + (s,) for s in SPLIT_DIRS} if has_splits else {root}
     for d in sorted(dirs):
         if d[:-1] in parents and d not in class_dirs:
-            raise UserError(f"{archive}:{'/'.join(d)}/: empty class folder; expected image files {'/'.join(IMAGE_EXTENSIONS)}")
+            raise UserError(
+                f"{archive}:{'/'.join(d)}/: empty class folder; expected image files {'/'.join(IMAGE_EXTENSIONS)}"
+            )
     if not images["train"]:
         raise UserError(f"{archive}: no train images, only test/; expected train/<class>/<image> too")
     found = sorted(set(classes["train"]))
@@ -482,9 +492,13 @@ def _load_archive(archive, image_shape, skipped):
 def _cifar_binary(archive, binary, image_shape):
     missing = [n for n in (*CIFAR_BINARY_TRAIN, CIFAR_BINARY_TEST, CIFAR_BINARY_META) if n not in binary]
     if missing:
-        raise UserError(f"{archive}: CIFAR-10 binary archive lacks {CIFAR_BINARY_DIR}/{missing[0]}; expected the official cifar-10-binary.tar.gz")
+        raise UserError(
+            f"{archive}: CIFAR-10 binary archive lacks {CIFAR_BINARY_DIR}/{missing[0]}; expected the official cifar-10-binary.tar.gz"
+        )
     if image_shape != CIFAR_BINARY_SHAPE:
-        raise UserError(f"image_shape={image_shape}: {archive} holds 32x32x3 CIFAR-10 images; expected image_shape=(32, 32, 3)")
+        raise UserError(
+            f"image_shape={image_shape}: {archive} holds 32x32x3 CIFAR-10 images; expected image_shape=(32, 32, 3)"
+        )
     meta_name, meta = binary[CIFAR_BINARY_META]
     found = [line.strip() for line in meta.decode("utf-8", "replace").splitlines() if line.strip()]
     record = 1 + int(np.prod(CIFAR_BINARY_SHAPE))
@@ -494,7 +508,9 @@ def _cifar_binary(archive, binary, image_shape):
         for batch in batches:
             name, data = binary[batch]
             if len(data) % record or not data:
-                raise UserError(f"{name}: {len(data)} bytes is not a whole number of {record}-byte records (1 label byte + 3072 pixel bytes)")
+                raise UserError(
+                    f"{name}: {len(data)} bytes is not a whole number of {record}-byte records (1 label byte + 3072 pixel bytes)"
+                )
             rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
             if rows[:, 0].max() >= len(found):
                 raise UserError(f"{name}: label {rows[:, 0].max()} but {meta_name} names only {len(found)} classes")
@@ -534,7 +550,8 @@ def _decode(data: bytes, name: str, image_shape) -> bytes:
         raise sources.CorruptRecord(
             f"{name}: not a JPEG/PNG/BMP/GIF image (cannot decode: {reason}); "
             f"expected a {_hwc(image_shape)} image file",
-            name=name, reason=f"cannot decode: {reason}",
+            name=name,
+            reason=f"cannot decode: {reason}",
         ) from None
 
 
@@ -559,7 +576,9 @@ def _convert(img, channels, name):
         r, g, b = img.split()
         if r.tobytes() == g.tobytes() == b.tobytes():
             return r
-    raise UserError(f"{name}: image has mode {mode}, expected {channels} channel(s) (image_shape[2]); convert the image files first")
+    raise UserError(
+        f"{name}: image has mode {mode}, expected {channels} channel(s) (image_shape[2]); convert the image files first"
+    )
 
 
 def _stack(raw_images: list, image_shape) -> np.ndarray:

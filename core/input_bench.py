@@ -26,11 +26,9 @@ printed.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import statistics
-import struct
 import tempfile
 import threading
 import time
@@ -45,9 +43,17 @@ from core.errors import UserError
 from core.input_pipeline import InputKnobs
 
 # The ablation: each (InputKnobs field, setting other than its default), one at a time.
-KNOB_SETTINGS = (("interleave_cycle", 1), ("interleave_cycle", 4), ("parallel_reads", False),
-                 ("parallel_parse", False), ("vectorized_parse", False), ("cache", False), ("prefetch", False), ("deterministic", True),
-                 ("read_buffer_bytes", 256 << 10))
+KNOB_SETTINGS = (
+    ("interleave_cycle", 1),
+    ("interleave_cycle", 4),
+    ("parallel_reads", False),
+    ("parallel_parse", False),
+    ("vectorized_parse", False),
+    ("cache", False),
+    ("prefetch", False),
+    ("deterministic", True),
+    ("read_buffer_bytes", 256 << 10),
+)
 GOAL_OF_STORAGE_BOUND = 0.9  # tuned >= 90% of the storage read bound
 GOAL_OVER_CONSUMPTION = 5.0  # tuned >= 5x what the train step consumes
 GOAL_REMOTE_OF_LOCAL = 0.8  # simulated remote >= 80% of local tuned
@@ -57,6 +63,7 @@ READ_BATCH = 1024  # records per batch when timing raw reads
 @dataclasses.dataclass(frozen=True)
 class BenchInputOptions:
     """Flags of `python -m pipelines.<pipeline> bench-input` (besides the pipeline's own)."""
+
     repeats: int = 5  # fresh pipelines timed per figure; the median is reported
     remote_open_ms: float = 20.0  # simulated remote storage: delay of every file open
     remote_mb_per_s: float = 100.0  # simulated remote storage: bandwidth of each open file
@@ -71,6 +78,7 @@ class BenchInputOptions:
 @dataclasses.dataclass(frozen=True)
 class StoredFormat:
     """Another way the cache could store the same examples, for the stored-format ablation."""
+
     name: str  # e.g. "JPEG (quality 75)"
     encode: Callable  # the parsed example (tensors, in tf.data) -> {feature: tensor} to store
     parse: Callable  # serialized record of this format -> the example as the default parse gives it
@@ -79,6 +87,7 @@ class StoredFormat:
 @dataclasses.dataclass
 class InputBenchTask:
     """What a pipeline hands the benchmark (pipelines build it in their `bench_input_task`)."""
+
     files: tuple  # the training split's shard files, as the cache stores them
     num_examples: int
     stored_format: str  # how the cache stores an example, e.g. "raw uint8 pixels"
@@ -138,13 +147,13 @@ class SimulatedRemoteStorage:
     @tf.autograph.experimental.do_not_convert  # plain Python calling back into the class
     def open_records(self, path):
         """`InputKnobs.open_records`: file path tensor -> dataset of serialized records."""
+
         def stream(path, started):
             def throttle(received, records):
                 # TFRecord framing: 8 length bytes, 4 CRC bytes, the data, 4 CRC bytes.
                 block_bytes = tf.cast(tf.reduce_sum(tf.strings.length(records)) + 16 * tf.size(records), tf.int64)
                 received += block_bytes
-                waited = tf.numpy_function(self._receive, [started, received, block_bytes], tf.float64,
-                                           stateful=True)
+                waited = tf.numpy_function(self._receive, [started, received, block_bytes], tf.float64, stateful=True)
                 with tf.control_dependencies([waited]):
                     return received, tf.identity(records)
 
@@ -154,7 +163,8 @@ class SimulatedRemoteStorage:
         # The open is the first element's work, so it happens in the reader thread that
         # iterates this file (as a real remote open does), not while the dataset is built.
         opened = tf.data.Dataset.from_tensors(path).map(
-            lambda path: (path, tf.numpy_function(self._open, [path], tf.float64, stateful=True)))
+            lambda path: (path, tf.numpy_function(self._open, [path], tf.float64, stateful=True))
+        )
         return opened.flat_map(stream)
 
 
@@ -208,7 +218,10 @@ def raw_records(files, *, parallel):
     if parallel:
         ds = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
             lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
-            cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+            cycle_length=min(len(files), 16),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=False,
+        )
     else:
         ds = tf.data.TFRecordDataset(list(files), buffer_size=8 << 20)
     return ds.batch(READ_BATCH).prefetch(2)
@@ -219,8 +232,11 @@ def remote_reads(files, remote, cycle):
     (cycle 1), or `cycle` files at once on parallel threads."""
     cycle = min(len(files), cycle)
     ds = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
-        remote.open_records, cycle_length=cycle,
-        num_parallel_calls=cycle if cycle > 1 else None, deterministic=False if cycle > 1 else None)
+        remote.open_records,
+        cycle_length=cycle,
+        num_parallel_calls=cycle if cycle > 1 else None,
+        deterministic=False if cycle > 1 else None,
+    )
     return ds.batch(READ_BATCH).prefetch(2)
 
 
@@ -252,7 +268,8 @@ def rewrite_cache(task, directory, *, examples_per_shard, compression="", stored
         examples = ds.as_numpy_iterator()
     else:
         features = ds.map(task.parse, num_parallel_calls=tf.data.AUTOTUNE).map(
-            stored.encode, num_parallel_calls=tf.data.AUTOTUNE)
+            stored.encode, num_parallel_calls=tf.data.AUTOTUNE
+        )
         examples = features.as_numpy_iterator()
     return records.write_shards(directory, "train", examples, examples_per_shard, compression)
 
@@ -278,8 +295,12 @@ def measure_all(task, opts, *, scratch_dir, log=print):
     time_epochs(pipeline(), n, epochs=1)
     sequential, _ = median_rates(lambda: raw_records(task.files, parallel=False), n, opts.repeats)
     parallel, _ = median_rates(lambda: raw_records(task.files, parallel=True), n, opts.repeats)
-    cold, _ = median_rates(lambda: raw_records(task.files, parallel=False), n, opts.repeats,
-                           before_each=lambda: evict_from_page_cache(task.files))
+    cold, _ = median_rates(
+        lambda: raw_records(task.files, parallel=False),
+        n,
+        opts.repeats,
+        before_each=lambda: evict_from_page_cache(task.files),
+    )
     log(f"storage read: {sequential:.0f}/s sequential, {parallel:.0f}/s 16 parallel readers, {cold:.0f}/s from disk")
     tuned, tuned_later = median_rates(pipeline(), n, opts.repeats, epochs=2)
     log(f"tuned: {tuned:.0f}/s first epoch, {tuned_later:.0f}/s later epochs (RAM cache)")
@@ -289,23 +310,37 @@ def measure_all(task, opts, *, scratch_dir, log=print):
 
     remote = remote_store(opts)
     remote_rate, _ = median_rates(
-        pipeline(knobs=dataclasses.replace(tuned_knobs, open_records=remote.open_records)), n, opts.repeats)
+        pipeline(knobs=dataclasses.replace(tuned_knobs, open_records=remote.open_records)), n, opts.repeats
+    )
     log(f"remote (simulated): {remote_rate:.0f}/s, {remote.opens} opens")
     # Control: the same simulated reader with no delays, to tell the cost of the latency and the
     # bandwidth cap from the CPU cost of the simulation itself.
     no_delays = SimulatedRemoteStorage(0.0, float("inf"))
     no_delays_rate, _ = median_rates(
-        pipeline(knobs=dataclasses.replace(tuned_knobs, open_records=no_delays.open_records)), n, opts.repeats)
+        pipeline(knobs=dataclasses.replace(tuned_knobs, open_records=no_delays.open_records)), n, opts.repeats
+    )
     log(f"remote simulator without delays: {no_delays_rate:.0f}/s")
 
     batches = collect_batches(task.build(task.files, None, tuned_knobs), task.consumption_batches)
     consumption = task.train_consumption(batches, opts.train_steps)
     log(f"train step consumes {consumption:.0f} examples/s")
 
-    ablation = [{"knob": "(all defaults)", "setting": "tuned", "default": True,
-                 "examples_per_second": round(tuned, 1), "later_epochs_examples_per_second": round(tuned_later, 1)},
-                {"knob": "(all off)", "setting": "naive", "default": False,
-                 "examples_per_second": round(naive, 1), "later_epochs_examples_per_second": round(naive_later, 1)}]
+    ablation = [
+        {
+            "knob": "(all defaults)",
+            "setting": "tuned",
+            "default": True,
+            "examples_per_second": round(tuned, 1),
+            "later_epochs_examples_per_second": round(tuned_later, 1),
+        },
+        {
+            "knob": "(all off)",
+            "setting": "naive",
+            "default": False,
+            "examples_per_second": round(naive, 1),
+            "later_epochs_examples_per_second": round(naive_later, 1),
+        },
+    ]
     if opts.ablation:
         ablation += run_ablation(task, opts, scratch_dir, tuned_knobs, pipeline, log)
 
@@ -321,9 +356,15 @@ def measure_all(task, opts, *, scratch_dir, log=print):
         "tuned_cold": entry(tuned_cold),
         "tuned_later_epochs": entry(tuned_later),
         "remote_simulator_without_delays": entry(no_delays_rate),
-        "remote": {"open_ms": opts.remote_open_ms, "mb_per_second_per_file": opts.remote_mb_per_s,
-                   "opens": remote.opens, "injected_delay_seconds": round(remote.delay_seconds, 2)},
-        "examples": n, "files": len(task.files), "stored_format": task.stored_format,
+        "remote": {
+            "open_ms": opts.remote_open_ms,
+            "mb_per_second_per_file": opts.remote_mb_per_s,
+            "opens": remote.opens,
+            "injected_delay_seconds": round(remote.delay_seconds, 2),
+        },
+        "examples": n,
+        "files": len(task.files),
+        "stored_format": task.stored_format,
         "stored_bytes_per_example": round(bytes_per_example, 1),
     }
     report["ratios"] = ratios(report)
@@ -338,7 +379,8 @@ def ratios(report):
     return {
         "tuned_over_storage_bound": round(tuned / report["storage_bound"]["examples_per_second"], 3),
         "tuned_cold_over_storage_bound_cold": round(
-            report["tuned_cold"]["examples_per_second"] / report["storage_bound_cold"]["examples_per_second"], 3),
+            report["tuned_cold"]["examples_per_second"] / report["storage_bound_cold"]["examples_per_second"], 3
+        ),
         "tuned_over_consumption": round(tuned / consumption, 2),
         "tuned_later_epochs_over_consumption": round(later / consumption, 2),
         "remote_over_tuned": round(report["remote_simulated"]["examples_per_second"] / tuned, 3),
@@ -346,7 +388,9 @@ def ratios(report):
         # below it is the simulator's own CPU work on a machine whose cores the pipeline fills.
         "remote_over_remote_without_delays": round(
             report["remote_simulated"]["examples_per_second"]
-            / report["remote_simulator_without_delays"]["examples_per_second"], 3),
+            / report["remote_simulator_without_delays"]["examples_per_second"],
+            3,
+        ),
         "tuned_over_naive": round(tuned / report["naive"]["examples_per_second"], 2),
         # On a CPU the input pipeline and the train step share the cores: feeding the step at its
         # own rate costs roughly this share of them (later epochs, from the RAM cache).
@@ -361,8 +405,15 @@ def run_ablation(task, opts, scratch_dir, tuned_knobs, pipeline, log):
 
     def measure(knob, setting, make, default=False, later=True):
         first, second = median_rates(make, n, opts.repeats, epochs=2 if later else 1)
-        rows.append({"knob": knob, "setting": setting, "default": default, "examples_per_second": round(first, 1),
-                     "later_epochs_examples_per_second": None if second is None else round(second, 1)})
+        rows.append(
+            {
+                "knob": knob,
+                "setting": setting,
+                "default": default,
+                "examples_per_second": round(first, 1),
+                "later_epochs_examples_per_second": None if second is None else round(second, 1),
+            }
+        )
         log(f"  {knob}={setting}: {first:.0f}/s" + (f", later epochs {second:.0f}/s" if second else ""))
 
     for knob, setting in KNOB_SETTINGS:
@@ -371,30 +422,57 @@ def run_ablation(task, opts, scratch_dir, tuned_knobs, pipeline, log):
     for per_shard in shard_sizes(n):
         files = rewrite_cache(task, os.path.join(scratch_dir, f"shards-{per_shard}"), examples_per_shard=per_shard)
         measure("shard size", f"{per_shard} x {len(files)} files", pipeline(files=files))
-    gzip_files = rewrite_cache(task, os.path.join(scratch_dir, "gzip"), examples_per_shard=default_size,
-                               compression="GZIP")
-    measure("compression", f"GZIP ({file_bytes(gzip_files) / n:.0f} B/example)",
-            pipeline(files=gzip_files, knobs=dataclasses.replace(tuned_knobs, compression="GZIP")))
+    gzip_files = rewrite_cache(
+        task, os.path.join(scratch_dir, "gzip"), examples_per_shard=default_size, compression="GZIP"
+    )
+    measure(
+        "compression",
+        f"GZIP ({file_bytes(gzip_files) / n:.0f} B/example)",
+        pipeline(files=gzip_files, knobs=dataclasses.replace(tuned_knobs, compression="GZIP")),
+    )
     for index, stored in enumerate(task.other_formats):
-        files = rewrite_cache(task, os.path.join(scratch_dir, f"format-{index}"), examples_per_shard=default_size,
-                              stored=stored)
-        measure("stored format", f"{stored.name} ({file_bytes(files) / n:.0f} B/example)",
-                pipeline(files=files, parse=stored.parse))
+        files = rewrite_cache(
+            task, os.path.join(scratch_dir, f"format-{index}"), examples_per_shard=default_size, stored=stored
+        )
+        measure(
+            "stored format",
+            f"{stored.name} ({file_bytes(files) / n:.0f} B/example)",
+            pipeline(files=files, parse=stored.parse),
+        )
+
     def one_at_a_time(cycle):
         return "1 (one file at a time)" if cycle == 1 else str(cycle)
 
     for cycle in (1, 4):
-        measure("remote: interleave_cycle", one_at_a_time(cycle), pipeline(knobs=dataclasses.replace(
-            tuned_knobs, interleave_cycle=cycle, parallel_reads=cycle > 1, open_records=remote_store(opts).open_records)),
-            later=False)
+        measure(
+            "remote: interleave_cycle",
+            one_at_a_time(cycle),
+            pipeline(
+                knobs=dataclasses.replace(
+                    tuned_knobs,
+                    interleave_cycle=cycle,
+                    parallel_reads=cycle > 1,
+                    open_records=remote_store(opts).open_records,
+                )
+            ),
+            later=False,
+        )
     # The reads alone (no parsing) show what interleave hides; in the full pipeline on 2 cores
     # the parsing, not the remote store, sets the pace.
     for cycle in (1, 4, tuned_knobs.interleave_cycle):
-        measure("remote, reads only: interleave_cycle", one_at_a_time(cycle),
-                lambda: remote_reads(task.files, remote_store(opts), cycle),
-                default=cycle == tuned_knobs.interleave_cycle, later=False)
-    measure("remote: naive", "all off", pipeline(knobs=dataclasses.replace(
-        input_pipeline.NAIVE, open_records=remote_store(opts).open_records)), later=False)
+        measure(
+            "remote, reads only: interleave_cycle",
+            one_at_a_time(cycle),
+            lambda: remote_reads(task.files, remote_store(opts), cycle),
+            default=cycle == tuned_knobs.interleave_cycle,
+            later=False,
+        )
+    measure(
+        "remote: naive",
+        "all off",
+        pipeline(knobs=dataclasses.replace(input_pipeline.NAIVE, open_records=remote_store(opts).open_records)),
+        later=False,
+    )
     return rows
 
 
@@ -418,9 +496,11 @@ def collect_batches(dataset, count=32):
 def build_like_training(batch_size, train_args):
     """InputBenchTask.build from a pipeline's make_dataset arguments (its `train_input`): one
     replica's batches; another stored format brings its own per-record parse."""
+
     def build(files, parse, knobs):
         other_format = {} if parse is None else {"parse_fn": parse, "parse_batch_fn": None}
         return input_pipeline.make_dataset(files, batch_size=batch_size, knobs=knobs, **{**train_args, **other_format})
+
     return build
 
 
@@ -436,8 +516,12 @@ def time_train_steps(model, batches, steps):
     (one trace per shape), then `steps` timed steps."""
     import tf_keras as keras
 
-    spec = tf.nest.map_structure(lambda t: tf.TensorSpec([d if i == 0 else None for i, d in enumerate(t.shape)]
-                                                         if len(batches) > 1 else t.shape, t.dtype), batches[0])
+    spec = tf.nest.map_structure(
+        lambda t: tf.TensorSpec(
+            [d if i == 0 else None for i, d in enumerate(t.shape)] if len(batches) > 1 else t.shape, t.dtype
+        ),
+        batches[0],
+    )
 
     def cycle():
         while True:
@@ -452,7 +536,7 @@ def time_train_steps(model, batches, steps):
     dataset = tf.data.Dataset.from_generator(cycle, output_signature=spec)
     warmup = len(batches)
     model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[Timer()])
-    timed = times[warmup - 1:]
+    timed = times[warmup - 1 :]
     examples = sum(batch_size_of(batches[(warmup + i) % len(batches)]) for i in range(steps))
     return examples / (timed[-1] - timed[0])
 
@@ -462,46 +546,70 @@ def time_train_steps(model, batches, steps):
 
 def markdown(report, title):
     rate = lambda r: "" if r is None else f"{r:,.0f}"
-    lines = [f"### {title}", "",
-             f"{report['examples']} training examples in {report['files']} files, "
-             f"{report['stored_bytes_per_example']:.0f} stored bytes each ({report['stored_format']}); "
-             f"median of {report['repeats']} fresh pipelines per figure. {report['machine']}, {report['date']}.", "",
-             "| measurement | examples/s | MB/s |", "| --- | --- | --- |"]
-    for key, label in (("storage_bound", "(a) storage read bound, warm page cache"),
-                       ("storage_bound_cold", "(a) storage read bound, from disk"),
-                       ("naive", "(b) naive"), ("tuned", "(c) tuned, first epoch"),
-                       ("tuned_cold", "(c) tuned, first epoch from disk"),
-                       ("tuned_later_epochs", "(c) tuned, later epochs (RAM cache)"),
-                       ("remote_simulated", f"(e) tuned on simulated remote storage ({report['remote']['open_ms']:g} ms/open, "
-                                            f"{report['remote']['mb_per_second_per_file']:g} MB/s per file)"),
-                       ("remote_simulator_without_delays", "(e) the same simulated reader with no delays (control)"),
-                       ("training_consumption", "(f) train step consumption")):
+    lines = [
+        f"### {title}",
+        "",
+        f"{report['examples']} training examples in {report['files']} files, "
+        f"{report['stored_bytes_per_example']:.0f} stored bytes each ({report['stored_format']}); "
+        f"median of {report['repeats']} fresh pipelines per figure. {report['machine']}, {report['date']}.",
+        "",
+        "| measurement | examples/s | MB/s |",
+        "| --- | --- | --- |",
+    ]
+    for key, label in (
+        ("storage_bound", "(a) storage read bound, warm page cache"),
+        ("storage_bound_cold", "(a) storage read bound, from disk"),
+        ("naive", "(b) naive"),
+        ("tuned", "(c) tuned, first epoch"),
+        ("tuned_cold", "(c) tuned, first epoch from disk"),
+        ("tuned_later_epochs", "(c) tuned, later epochs (RAM cache)"),
+        (
+            "remote_simulated",
+            f"(e) tuned on simulated remote storage ({report['remote']['open_ms']:g} ms/open, "
+            f"{report['remote']['mb_per_second_per_file']:g} MB/s per file)",
+        ),
+        ("remote_simulator_without_delays", "(e) the same simulated reader with no delays (control)"),
+        ("training_consumption", "(f) train step consumption"),
+    ):
         lines.append(f"| {label} | {rate(report[key]['examples_per_second'])} | {report[key]['mb_per_second']:,.1f} |")
     lines += ["", "| ratio | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in report["ratios"].items()]
-    lines += ["", "(d) ablation, one knob at a time from the tuned pipeline:", "",
-              "| knob | setting | first epoch ex/s | later epochs ex/s |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "(d) ablation, one knob at a time from the tuned pipeline:",
+        "",
+        "| knob | setting | first epoch ex/s | later epochs ex/s |",
+        "| --- | --- | --- | --- |",
+    ]
     for row in report["ablation"]:
         setting = row["setting"] + (" (default)" if row.get("default") else "")
-        lines.append(f"| {row['knob']} | {setting} | {rate(row['examples_per_second'])} | "
-                     f"{rate(row['later_epochs_examples_per_second'])} |")
+        lines.append(
+            f"| {row['knob']} | {setting} | {rate(row['examples_per_second'])} | "
+            f"{rate(row['later_epochs_examples_per_second'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(report, path, title):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [("storage bound", report["storage_bound"]["examples_per_second"]),
-            ("storage bound, disk", report["storage_bound_cold"]["examples_per_second"]),
-            ("tuned", report["tuned"]["examples_per_second"]),
-            ("tuned, later epochs", report["tuned_later_epochs"]["examples_per_second"]),
-            ("remote (simulated)", report["remote_simulated"]["examples_per_second"]),
-            ("naive", report["naive"]["examples_per_second"]),
-            ("train step", report["training_consumption"]["examples_per_second"])]
-    bars += [(f"{row['knob']}={row['setting']}", row["examples_per_second"])
-             for row in report["ablation"] if not row["knob"].startswith("(")]
+    bars = [
+        ("storage bound", report["storage_bound"]["examples_per_second"]),
+        ("storage bound, disk", report["storage_bound_cold"]["examples_per_second"]),
+        ("tuned", report["tuned"]["examples_per_second"]),
+        ("tuned, later epochs", report["tuned_later_epochs"]["examples_per_second"]),
+        ("remote (simulated)", report["remote_simulated"]["examples_per_second"]),
+        ("naive", report["naive"]["examples_per_second"]),
+        ("train step", report["training_consumption"]["examples_per_second"]),
+    ]
+    bars += [
+        (f"{row['knob']}={row['setting']}", row["examples_per_second"])
+        for row in report["ablation"]
+        if not row["knob"].startswith("(")
+    ]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(bars) + 1.2))
     names, values = zip(*bars)
     colors = ["tab:gray", "tab:gray", "tab:green", "tab:green", "tab:purple", "tab:red", "tab:orange"]
@@ -522,8 +630,12 @@ def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):
     returns the report (printed as the last line). `make_task(cfg, run)` builds the pipeline's
     InputBenchTask."""
     run, cfg, opts = config_lib.parse_flags(
-        argv, [config_lib.RunOptions, config_class, BenchInputOptions],
-        prog=f"python -m pipelines.{pipeline} bench-input", smoke_overrides=smoke, pipeline=pipeline)
+        argv,
+        [config_lib.RunOptions, config_class, BenchInputOptions],
+        prog=f"python -m pipelines.{pipeline} bench-input",
+        smoke_overrides=smoke,
+        pipeline=pipeline,
+    )
     if run.smoke:
         opts = dataclasses.replace(opts, repeats=1, train_steps=2)
     name = run.name or time.strftime("bench-input-%Y%m%d-%H%M%S")
@@ -540,13 +652,18 @@ def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     env = training.environment()
-    report.update(pipeline=pipeline, data=run.data, repeats=opts.repeats, date=env["date"],
-                  machine=f"{env['cpu']}, {env['cpu_count']} cores" + (f", {', '.join(env['gpus'])}" if env["gpus"] else ""),
-                  command=f"python -m pipelines.{pipeline} bench-input " + " ".join(argv), environment=env)
+    report.update(
+        pipeline=pipeline,
+        data=run.data,
+        repeats=opts.repeats,
+        date=env["date"],
+        machine=f"{env['cpu']}, {env['cpu_count']} cores" + (f", {', '.join(env['gpus'])}" if env["gpus"] else ""),
+        command=f"python -m pipelines.{pipeline} bench-input " + " ".join(argv),
+        environment=env,
+    )
     title = f"{pipeline} input pipeline ({run.data})"
     training.write_json(os.path.join(out_dir, "input_bench.json"), report)
     training.write_text(os.path.join(out_dir, "input_bench.md"), markdown(report, title))
     plot(report, os.path.join(out_dir, "input_bench.png"), title)
     print(f"report: {out_dir}/input_bench.md")
     return report
-

@@ -52,6 +52,7 @@ class InputKnobs:
     14.5k, 3.7x smaller, but a cache tied to one tokenizer, and from epoch 2 on the RAM cache
     holds token ids either way).
     """
+
     interleave_cycle: int = 16  # shard files open at once (1 = one file after another)
     parallel_reads: bool = True  # read the open files on several threads (else round-robin on one)
     parallel_parse: bool = True  # parse, batch and augment on several threads
@@ -73,14 +74,35 @@ class InputKnobs:
 
 
 # Sequential reads, no parallelism, no prefetch, no cache: the baseline the tuned one is compared to.
-NAIVE = InputKnobs(interleave_cycle=1, parallel_reads=False, parallel_parse=False, vectorized_parse=False,
-                   cache=False, prefetch=False, deterministic=True)
+NAIVE = InputKnobs(
+    interleave_cycle=1,
+    parallel_reads=False,
+    parallel_parse=False,
+    vectorized_parse=False,
+    cache=False,
+    prefetch=False,
+    deterministic=True,
+)
 PARSE_BATCH = 256  # records parsed per call by a parse_batch_fn
 
 
-def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_context=None,
-                 num_examples=None, seed=0, cache=True, drop_remainder=None, repeat=None, batcher=None,
-                 parse_batch_fn=None, knobs=InputKnobs()):
+def make_dataset(
+    files,
+    *,
+    batch_size,
+    training,
+    parse_fn,
+    batch_fn=None,
+    input_context=None,
+    num_examples=None,
+    seed=0,
+    cache=True,
+    drop_remainder=None,
+    repeat=None,
+    batcher=None,
+    parse_batch_fn=None,
+    knobs=InputKnobs(),
+):
     """Builds one input pipeline.
 
     files: TFRecord shard paths of one split.
@@ -98,7 +120,9 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
     """
     files = list(files)
     if not files:
-        raise UserError("input pipeline: the split has no TFRecord shards; expected at least one (is the data cache empty?)")
+        raise UserError(
+            "input pipeline: the split has no TFRecord shards; expected at least one (is the data cache empty?)"
+        )
     file_ds = tf.data.Dataset.from_tensor_slices(files)
     workers, worker = 1, 0
     if input_context is not None:
@@ -120,8 +144,8 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
     parallel = AUTOTUNE if knobs.parallel_parse else None  # tf.data picks the thread count
     open_records = knobs.open_records or (
         # Large read buffer: few large reads beat many small ones on network/object storage.
-        lambda f: tf.data.TFRecordDataset(f, compression_type=knobs.compression,
-                                          buffer_size=knobs.read_buffer_bytes))
+        lambda f: tf.data.TFRecordDataset(f, compression_type=knobs.compression, buffer_size=knobs.read_buffer_bytes)
+    )
     ds = file_ds.interleave(
         open_records,
         cycle_length=min(len(files), knobs.interleave_cycle),  # open files: hides per-file latency
@@ -159,8 +183,7 @@ def make_dataset(files, *, batch_size, training, parse_fn, batch_fn=None, input_
     if batcher is not None:
         ds = batcher(ds, batch_size, drop_remainder)
     else:
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel,
-                      deterministic=ordered)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel, deterministic=ordered)
     if batch_fn is not None:
         ds = ds.map(batch_fn, num_parallel_calls=parallel, deterministic=ordered)
     if knobs.prefetch:
@@ -255,8 +278,7 @@ def validation_dataset(strategy, files, *, global_batch, num_examples, multi_wor
     kwargs.update(training=False, cache=False)
     if multi_worker:
         steps = max(1, num_examples // global_batch)
-        ds = distributed_dataset(strategy, files, global_batch=global_batch, repeat=True,
-                                 drop_remainder=True, **kwargs)
+        ds = distributed_dataset(strategy, files, global_batch=global_batch, repeat=True, drop_remainder=True, **kwargs)
         return ds, steps
     replicas = strategy.num_replicas_in_sync
     per_replica_batches = math.ceil(num_examples / (global_batch // replicas))

@@ -39,10 +39,8 @@ class GroupedSGD(keras.optimizers.SGD):
     per step) is m_lr=64, m_wd=1 here. The first group whose pattern matches wins.
     """
 
-    def __init__(self, learning_rate=0.1, momentum=0.9, nesterov=True, l2=0.0, groups=(),
-                 name="GroupedSGD", **kwargs):
-        super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
-                         name=name, **kwargs)
+    def __init__(self, learning_rate=0.1, momentum=0.9, nesterov=True, l2=0.0, groups=(), name="GroupedSGD", **kwargs):
+        super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs)
         self.l2 = float(l2)
         self.groups = tuple(g if isinstance(g, ParamGroup) else ParamGroup(**g) for g in groups)
 
@@ -116,8 +114,7 @@ class Lookahead(keras.callbacks.Callback):
         self._last_step = 0
 
     def on_train_begin(self, logs=None):
-        self._slow = [tf.Variable(w, trainable=False) for w in self.model.weights
-                      if w.dtype.is_floating]
+        self._slow = [tf.Variable(w, trainable=False) for w in self.model.weights if w.dtype.is_floating]
         self._fast = [w for w in self.model.weights if w.dtype.is_floating]
         self._last_step = int(self.model.optimizer.iterations.numpy())
 
@@ -153,7 +150,8 @@ def adamw_warmup_cosine(peak, total_steps, *, warmup_fraction, weight_decay):
     scales only pulls them toward 0, which regularises nothing (the Transformer recipe)."""
     warmup_steps = max(1, int(warmup_fraction * total_steps))
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, total_steps - warmup_steps), warmup_target=peak, warmup_steps=warmup_steps)
+        0.0, decay_steps=max(1, total_steps - warmup_steps), warmup_target=peak, warmup_steps=warmup_steps
+    )
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "_norm/", "position_table"])
     return optimizer

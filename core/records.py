@@ -86,9 +86,7 @@ def write_shards(
             if count % examples_per_shard == 0:
                 if writer is not None:
                     writer.close()
-                provisional.append(
-                    os.path.join(directory, f"{split_name}-{len(provisional):05d}.partial")
-                )
+                provisional.append(os.path.join(directory, f"{split_name}-{len(provisional):05d}.partial"))
                 writer = tf.io.TFRecordWriter(provisional[-1], options=compression or None)
             if isinstance(example, dict):
                 example = serialize_example(example)
@@ -142,8 +140,10 @@ def read_meta(cache_dir: str) -> dict:
             except tf.errors.NotFoundError:
                 raise UserError(f"{file}: shard missing from cache; delete {cache_dir} to rebuild it") from None
             if expected is not None and size != expected:
-                raise UserError(f"{file}: shard is {size} bytes, expected {expected} (truncated or overwritten); "
-                                f"delete {cache_dir} to rebuild it")
+                raise UserError(
+                    f"{file}: shard is {size} bytes, expected {expected} (truncated or overwritten); "
+                    f"delete {cache_dir} to rebuild it"
+                )
     return meta
 
 
@@ -212,7 +212,9 @@ def _build_and_upload(cache_dir: str, build: Callable[[str], dict]) -> dict:
         for name in names:
             tf.io.gfile.copy(os.path.join(local, name), os.path.join(cache_dir, name), overwrite=True)
     except tf.errors.OpError as e:
-        raise UserError(f"{cache_dir}: cannot upload the cache ({e.message}); expected a writable --cache_dir") from None
+        raise UserError(
+            f"{cache_dir}: cannot upload the cache ({e.message}); expected a writable --cache_dir"
+        ) from None
     finally:
         shutil.rmtree(local_root, ignore_errors=True)
     return read_meta(cache_dir)

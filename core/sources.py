@@ -94,8 +94,10 @@ class SkipLog:
     def warn(self, description):
         if self.count:
             more = ", ..." if self.count > len(self.first) else ""
-            print(f"warning: skipped {self.count} corrupt records while converting {description} "
-                  f"({self.flag}): {', '.join(self.first)}{more}")
+            print(
+                f"warning: skipped {self.count} corrupt records while converting {description} "
+                f"({self.flag}): {', '.join(self.first)}{more}"
+            )
 
 
 def skipped_from_meta(meta) -> int:
@@ -105,14 +107,17 @@ def skipped_from_meta(meta) -> int:
 
 def splits_from_meta(meta):
     """The Split of each split recorded in a cache's meta.json (text and image caches alike)."""
-    return {name: Split(files=tuple(sorted(s["files"])), num_examples=s["num_examples"])
-            for name, s in meta["splits"].items()}
+    return {
+        name: Split(files=tuple(sorted(s["files"])), num_examples=s["num_examples"])
+        for name, s in meta["splits"].items()
+    }
 
 
 def load_tfds_split(tfds_name, split, description, local_copies, **load_kwargs):
     """`tfds.load` of one split; any failure to download or prepare it becomes one line that
     points offline users to --data=PATH (`local_copies` says which local sources work)."""
     import tensorflow_datasets as tfds
+
     try:
         return tfds.load(tfds_name, split=split, **load_kwargs)
     except Exception as e:  # download/prepare failures come in many types; all mean "not here"
@@ -199,11 +204,17 @@ def safe_member_parts(archive, member) -> tuple[str, ...]:
     name = member.name
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if name.startswith("/") or posixpath.isabs(name) or ".." in parts:
-        raise UserError(f"{archive}: unsafe member {name!r} (absolute or '..' path); expected relative paths inside the archive")
+        raise UserError(
+            f"{archive}: unsafe member {name!r} (absolute or '..' path); expected relative paths inside the archive"
+        )
     if member.issym() or member.islnk():
-        raise UserError(f"{archive}: unsafe member {name!r} (link to {member.linkname!r}); expected plain files and folders")
+        raise UserError(
+            f"{archive}: unsafe member {name!r} (link to {member.linkname!r}); expected plain files and folders"
+        )
     if not (member.isfile() or member.isdir()):
-        raise UserError(f"{archive}: unsafe member {name!r} (device, fifo or special file); expected plain files and folders")
+        raise UserError(
+            f"{archive}: unsafe member {name!r} (device, fifo or special file); expected plain files and folders"
+        )
     return parts
 
 

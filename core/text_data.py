@@ -67,9 +67,36 @@ SYNTHETIC_SENTIMENT_WORDS = (
     ("great", "wonderful", "excellent", "brilliant", "moving", "superb", "delightful", "loved"),  # pos
 )
 SYNTHETIC_FILLER_WORDS = (
-    "the", "movie", "film", "plot", "actors", "story", "was", "and", "a", "scene", "director",
-    "ending", "really", "this", "with", "of", "music", "characters", "script", "it", "quite", "i",
-    "watched", "its", "cast", "in", "on", "night", "two", "hours",
+    "the",
+    "movie",
+    "film",
+    "plot",
+    "actors",
+    "story",
+    "was",
+    "and",
+    "a",
+    "scene",
+    "director",
+    "ending",
+    "really",
+    "this",
+    "with",
+    "of",
+    "music",
+    "characters",
+    "script",
+    "it",
+    "quite",
+    "i",
+    "watched",
+    "its",
+    "cast",
+    "in",
+    "on",
+    "night",
+    "two",
+    "hours",
 )
 
 _SOURCE_HELP = (
@@ -141,8 +168,9 @@ def prepare(
         skipped.warn(description)
         rng = np.random.default_rng(seed)
         if max_examples is not None:
-            loaded = {split: sources.subsample(texts, labels, max_examples, rng)
-                      for split, (texts, labels) in loaded.items()}
+            loaded = {
+                split: sources.subsample(texts, labels, max_examples, rng) for split, (texts, labels) in loaded.items()
+            }
         train_idx, val_idx = carve_val(loaded["train"][1], len(CLASS_NAMES), val_fraction, rng)
         chosen = {"train": (*loaded["train"], train_idx), "val": (*loaded["train"], val_idx)}
         if "test" in loaded:
@@ -151,8 +179,10 @@ def prepare(
         for split, (texts, labels, idx) in chosen.items():
             examples = ({"text": texts[i], "label": int(labels[i])} for i in idx)
             per_shard = records.balanced_shard_size(len(idx), examples_per_shard)
-            splits[split] = {"files": records.write_shards(tmp_dir, split, examples, per_shard),
-                             "num_examples": len(idx)}
+            splits[split] = {
+                "files": records.write_shards(tmp_dir, split, examples, per_shard),
+                "num_examples": len(idx),
+            }
         return {
             "format_version": FORMAT_VERSION,
             "source": description,
@@ -338,7 +368,9 @@ def _load_archive(archive, skipped):
                 if parts[-1].lower().endswith(REVIEW_SUFFIX) and UNLABELED_DIR not in parts[:-1]:
                     contents[parts] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise UserError(f"{archive}: truncated or corrupt archive ({e}); expected a readable .tar.gz/.tgz/.tar") from None
+        raise UserError(
+            f"{archive}: truncated or corrupt archive ({e}); expected a readable .tar.gz/.tgz/.tar"
+        ) from None
 
     def where(parts):
         return f"{archive}:{'/'.join(parts)}" if parts else archive
@@ -368,7 +400,8 @@ def _check_utf8(data, name):
     except UnicodeDecodeError as e:
         raise sources.CorruptRecord(
             f"{name}: not UTF-8 text ({e.reason} at byte {e.start}); expected UTF-8 .txt reviews",
-            name=name, reason=f"not UTF-8: {e.reason} at byte {e.start}",
+            name=name,
+            reason=f"not UTF-8: {e.reason} at byte {e.start}",
         ) from None
 
 
@@ -440,7 +473,9 @@ def _class_files(listing, parent, where) -> list:
         names = sorted(listing.files[folder])
         for file in names:
             if not file.lower().endswith(REVIEW_SUFFIX):
-                raise UserError(f"{where(folder + (file,))}: not a .txt review; expected only .txt files in pos/ and neg/")
+                raise UserError(
+                    f"{where(folder + (file,))}: not a .txt review; expected only .txt files in pos/ and neg/"
+                )
         if not names:
             raise UserError(f"{where(folder)}/: empty class folder; expected .txt reviews")
         reviews.extend((folder + (file,), label) for file in names)

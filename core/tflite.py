@@ -19,8 +19,8 @@ Conversion modes (`convert(model, mode)`):
   qat       a quantization-aware-trained model: its fake-quant ranges become the int8 scales
 """
 
-import gzip
 import functools
+import gzip
 import os
 import statistics
 import time
@@ -70,8 +70,10 @@ def convert(model, mode, representative=None, float_ops=()):
         with warnings.catch_warnings():  # the debugger builds an interpreter too (see `interpreter`)
             warnings.simplefilter("ignore", UserWarning)
             debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=converter, debug_dataset=converter.representative_dataset,
-                debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops)))
+                converter=converter,
+                debug_dataset=converter.representative_dataset,
+                debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops)),
+            )
             return debugger.get_nondebug_quantized_model()
     if mode == "int8":
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -85,8 +87,7 @@ def sizes(tflite_bytes):
 
 def interpreter(tflite_bytes, threads):
     """An interpreter for the bytes, with XNNPack unless `delegate` says it computes them wrong."""
-    resolver = (tf.lite.experimental.OpResolverType.AUTO if delegate(tflite_bytes) == "xnnpack"
-                else NO_DELEGATE)
+    resolver = tf.lite.experimental.OpResolverType.AUTO if delegate(tflite_bytes) == "xnnpack" else NO_DELEGATE
     return _interpreter(tflite_bytes, threads, resolver)
 
 
@@ -95,13 +96,14 @@ def _interpreter(tflite_bytes, threads, resolver=tf.lite.experimental.OpResolver
     # TF 2.21 and needs no extra dependency, so the warning is silenced, not acted on yet.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return tf.lite.Interpreter(model_content=tflite_bytes, num_threads=threads,
-                                   experimental_op_resolver_type=resolver)
+        return tf.lite.Interpreter(
+            model_content=tflite_bytes, num_threads=threads, experimental_op_resolver_type=resolver
+        )
 
 
 @functools.lru_cache(maxsize=8)  # asked once per interpreter built, several per variant
 def delegate(tflite_bytes):
-    """"xnnpack" (TFLite's default CPU delegate), or "none" for models with an int8 BATCH_MATMUL.
+    """ "xnnpack" (TFLite's default CPU delegate), or "none" for models with an int8 BATCH_MATMUL.
 
     XNNPack in TF 2.21 computes int8 BATCH_MATMUL wrongly when the right-hand operand has a
     nonzero zero point, that is, when its calibrated range is not symmetric around 0. Measured
@@ -114,7 +116,9 @@ def delegate(tflite_bytes):
     """
     tensors, ops = _tensors_and_ops(tflite_bytes)
     for op in ops:
-        if op["op_name"] == "BATCH_MATMUL" and any(tensors[i]["dtype"] == np.int8 for i in op["inputs"] if i in tensors):
+        if op["op_name"] == "BATCH_MATMUL" and any(
+            tensors[i]["dtype"] == np.int8 for i in op["inputs"] if i in tensors
+        ):
             return "none"
     return "xnnpack"
 
@@ -139,7 +143,7 @@ def predict(tflite_bytes, inputs, *, threads=2, batch_size=256):
     output_index = runner.get_output_details()[0]["index"]
     outputs = []
     for start in range(0, len(inputs), batch_size):
-        batch = inputs[start:start + batch_size]
+        batch = inputs[start : start + batch_size]
         real = len(batch)
         if real < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)])

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import tempfile
 import time
 
@@ -49,18 +48,24 @@ def run_directory(output_dir, pipeline, name, multi_worker=False):
     explicit name so that every worker opens the same folder.
     """
     if multi_worker and not name:
-        raise UserError("--strategy=multiworker needs --name=NAME: every worker must write to the same run folder (make train STRATEGY=multiworker sets one)")
+        raise UserError(
+            "--strategy=multiworker needs --name=NAME: every worker must write to the same run folder (make train STRATEGY=multiworker sets one)"
+        )
     name = name or time.strftime("%Y%m%d-%H%M%S")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"--name={name}: expected letters, digits, '.', '_' or '-' (it names a folder)")
     run_dir = os.path.join(output_dir, pipeline, name)
     try:
         if tf.io.gfile.exists(os.path.join(run_dir, "metrics.json")):
-            raise UserError(f"{run_dir}: a finished run is already there (metrics.json); pick another --name or move it away")
+            raise UserError(
+                f"{run_dir}: a finished run is already there (metrics.json); pick another --name or move it away"
+            )
         tf.io.gfile.makedirs(run_dir)
     except (OSError, tf.errors.OpError) as e:
         reason = e.strerror if isinstance(e, OSError) else e.message.splitlines()[0][:160]
-        raise UserError(f"{run_dir}: cannot create the run folder ({reason}); expected a writable --output_dir") from None
+        raise UserError(
+            f"{run_dir}: cannot create the run folder ({reason}); expected a writable --output_dir"
+        ) from None
     return run_dir
 
 
@@ -75,11 +80,14 @@ def check_resume(run_dir, config, defaults=None):
     if not (tf.io.gfile.isdir(os.path.join(run_dir, "backup")) and tf.io.gfile.exists(stored_path)):
         return
     stored = {**(defaults or {}), **json.loads(read_text(stored_path))}
-    changed = sorted(k for k in set(stored) | set(config)
-                     if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k))
+    changed = sorted(
+        k for k in set(stored) | set(config) if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k)
+    )
     if changed:
         details = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in changed)
-        raise UserError(f"{run_dir}: resuming with a different config ({details}); rerun with the same flags or pick another --name")
+        raise UserError(
+            f"{run_dir}: resuming with a different config ({details}); rerun with the same flags or pick another --name"
+        )
 
 
 def set_precision(precision, strategy):
@@ -122,7 +130,9 @@ def unreplicated(model):
 def _float32_config(config):
     """The model config with every mixed-precision layer policy replaced by float32."""
     if isinstance(config, dict):
-        if config.get("class_name") in ("Policy", "DTypePolicy") and "mixed" in str(config.get("config", {}).get("name")):
+        if config.get("class_name") in ("Policy", "DTypePolicy") and "mixed" in str(
+            config.get("config", {}).get("name")
+        ):
             return "float32"
         return {k: _float32_config(v) for k, v in config.items()}
     if isinstance(config, list):
@@ -290,9 +300,12 @@ class InputWait(Throughput):
         self.wait_seconds.append(waited)
         fraction = self.fractions()[-1]
         if fraction > self.warn_above:
-            print(f"warning: epoch {epoch + 1} spent {fraction:.0%} of its train-step time waiting for input "
-                  f"(over {self.warn_above:.0%}): training is input-bound; `{self.pipeline_hint}` shows "
-                  "which stage of the input pipeline to speed up", flush=True)
+            print(
+                f"warning: epoch {epoch + 1} spent {fraction:.0%} of its train-step time waiting for input "
+                f"(over {self.warn_above:.0%}): training is input-bound; `{self.pipeline_hint}` shows "
+                "which stage of the input pipeline to speed up",
+                flush=True,
+            )
 
     def fractions(self):
         return [w / max(s, 1e-9) for w, s in zip(self.wait_seconds, self.epoch_seconds)]
@@ -305,8 +318,19 @@ def _writable_dir(run_dir, sub, is_chief, scratch):
     return path
 
 
-def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, callbacks=(),
-        verbose=1, validation_steps=None):
+def fit(
+    model,
+    train_ds,
+    val_ds,
+    *,
+    epochs,
+    steps_per_epoch,
+    run_dir,
+    is_chief,
+    callbacks=(),
+    verbose=1,
+    validation_steps=None,
+):
     """Runs `model.fit` with the callbacks every run should have.
 
     Returns a dict: history (per-epoch metrics, all epochs of a resumed run included),
@@ -318,7 +342,7 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
     input) and input_wait_fraction_per_epoch.
     Raises `TrainingDiverged` when the loss turned NaN; the last finite checkpoint stays.
     """
-    with (contextlib.nullcontext(None) if is_chief else tempfile.TemporaryDirectory(prefix="worker-")) as scratch:
+    with contextlib.nullcontext(None) if is_chief else tempfile.TemporaryDirectory(prefix="worker-") as scratch:
         checkpoints = _writable_dir(run_dir, "checkpoints", is_chief, scratch)
         logs_dir = _writable_dir(run_dir, "logs", is_chief, scratch)
         history_csv = os.path.join(run_dir if is_chief else logs_dir, "history.csv")
@@ -334,25 +358,39 @@ def fit(model, train_ds, val_ds, *, epochs, steps_per_epoch, run_dir, is_chief, 
             # (de-duplicated on reading) instead of losing it. Appends on resume.
             keras.callbacks.CSVLogger(history_csv, append=True),
             # Preemption: state saved every epoch; rerunning the same command resumes from it.
-            FiniteBackupAndRestore(backup_dir=os.path.join(run_dir, "backup"), delete_checkpoint=True,
-                                   nan_guard=nan_guard),
+            FiniteBackupAndRestore(
+                backup_dir=os.path.join(run_dir, "backup"), delete_checkpoint=True, nan_guard=nan_guard
+            ),
             RotatingCheckpoint(os.path.join(checkpoints, "latest"), nan_guard=nan_guard),
             # After a resume, "best" must beat the epochs before the preemption too.
-            RotatingCheckpoint(os.path.join(checkpoints, "best"), monitor="val_accuracy", mode="max",
-                               save_best_only=True, nan_guard=nan_guard,
-                               initial_value_threshold=max(earlier.get("val_accuracy", []), default=None)),
+            RotatingCheckpoint(
+                os.path.join(checkpoints, "best"),
+                monitor="val_accuracy",
+                mode="max",
+                save_best_only=True,
+                nan_guard=nan_guard,
+                initial_value_threshold=max(earlier.get("val_accuracy", []), default=None),
+            ),
             keras.callbacks.TensorBoard(logs_dir, update_freq="epoch", profile_batch=0),
             throughput,
             *callbacks,
         ]
         start = time.perf_counter()
-        history = model.fit(train_ds, validation_data=val_ds, validation_steps=validation_steps,
-                            epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=all_callbacks,
-                            verbose=verbose)
+        history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            validation_steps=validation_steps,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=all_callbacks,
+            verbose=verbose,
+        )
         train_seconds = time.perf_counter() - start
         if nan_guard.stopped_at is not None:
             epoch, batch = nan_guard.stopped_at
-            raise TrainingDiverged(f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints}/latest (lower the learning rate or use --precision=float32)")
+            raise TrainingDiverged(
+                f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints}/latest (lower the learning rate or use --precision=float32)"
+            )
         return {
             "history": _read_history(history_csv) or {k: list(v) for k, v in history.history.items()},
             "train_seconds": train_seconds,
@@ -393,13 +431,20 @@ def environment():
     except OSError:
         pass
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpus": gpus,
+        "tensorflow": tf.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def plot_curves(history, path, title):
     """Saves loss and accuracy per epoch (train and validation) as a PNG."""
     import matplotlib
+
     matplotlib.use("Agg")  # no display on servers/CI
     import matplotlib.pyplot as plt
 
@@ -429,30 +474,57 @@ def save_figure(fig, path):
     write_bytes(path, buffer.getvalue())
 
 
-def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_name, epochs,
-                 global_batch, total_steps, steps_per_epoch, val, val_no_tta, test, tta=0):
+def write_report(
+    run_dir,
+    pipeline,
+    strategy,
+    precision,
+    result,
+    data,
+    *,
+    model_name,
+    epochs,
+    global_batch,
+    total_steps,
+    steps_per_epoch,
+    val,
+    val_no_tta,
+    test,
+    tta=0,
+):
     """Writes metrics.json and curves.png, and prints the headline figures."""
     described = strategies.describe(strategy)
     history = result["history"]
     name = os.path.basename(run_dir)
     metrics = {
-        "pipeline": pipeline, "name": name,
-        "strategy": described["strategy"], "replicas": described["replicas"],
-        "workers": described["workers"], "precision": precision, "model": model_name,
-        "epochs": epochs, "steps": total_steps, "global_batch": global_batch,
+        "pipeline": pipeline,
+        "name": name,
+        "strategy": described["strategy"],
+        "replicas": described["replicas"],
+        "workers": described["workers"],
+        "precision": precision,
+        "model": model_name,
+        "epochs": epochs,
+        "steps": total_steps,
+        "global_batch": global_batch,
         # Where training ended and, after a preemption, the epoch this process resumed at
         # (0: trained start to finish in one go).
-        "final_step": result["final_step"], "resumed_at_epoch": epochs - result["epochs_run"],
+        "final_step": result["final_step"],
+        "resumed_at_epoch": epochs - result["epochs_run"],
         "train_seconds": round(result["train_seconds"], 2),
         # Time inside train steps only (no per-epoch validation); like speed records, it includes
         # the first epoch's tracing and input-cache filling.
         "train_step_seconds": round(result["train_step_seconds"], 2),
-        "examples_per_second": round(steps_per_epoch * global_batch * result["epochs_run"]
-                                     / max(result["train_step_seconds"], 1e-9), 1),
+        "examples_per_second": round(
+            steps_per_epoch * global_batch * result["epochs_run"] / max(result["train_step_seconds"], 1e-9), 1
+        ),
         # Share of train-step time spent waiting for the next input batch (measured by
         # input_pipeline.InputWaitMeter); near 0 means the input pipeline is never the bottleneck.
-        "input_wait_fraction": (None if result.get("input_wait_seconds") is None else
-                                round(result["input_wait_seconds"] / max(result["train_step_seconds"], 1e-9), 4)),
+        "input_wait_fraction": (
+            None
+            if result.get("input_wait_seconds") is None
+            else round(result["input_wait_seconds"] / max(result["train_step_seconds"], 1e-9), 4)
+        ),
         "input_wait_fraction_per_epoch": [round(f, 4) for f in result.get("input_wait_fraction_per_epoch") or []],
         # The saved model's accuracy on the validation split, with the pipeline's test-time
         # augmentation (`tta`) and without it.
@@ -468,9 +540,13 @@ def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_
             # Records the conversion skipped as undecodable (--skip_corrupt); 0 without it.
             "skipped_corrupt": getattr(data, "skipped_corrupt", 0),
             "val_split": f"seeded {data.val_fraction:.0%} per class carved from train (seed {data.seed})",
-            "test_split": ("the source's test split" if test
-                           else "not scored (--evaluate_test=false)" if "test" in data.splits
-                           else "none in this source: measure test accuracy with `make evaluate`"),
+            "test_split": (
+                "the source's test split"
+                if test
+                else "not scored (--evaluate_test=false)"
+                if "test" in data.splits
+                else "none in this source: measure test accuracy with `make evaluate`"
+            ),
         },
         "val_per_class_accuracy": val["per_class_accuracy"],
         "environment": environment(),
@@ -478,9 +554,11 @@ def write_report(run_dir, pipeline, strategy, precision, result, data, *, model_
     write_json(os.path.join(run_dir, "metrics.json"), metrics)
     plot_curves(history, os.path.join(run_dir, "curves.png"), f"{pipeline} / {name}")
     print(f"run folder: {run_dir}")
-    print(f"val_accuracy={metrics['val_accuracy']:.4f} (tta={tta}; {metrics['val_accuracy_no_tta']:.4f} without) "
-          f"test_accuracy={metrics['test_accuracy']} train_seconds={metrics['train_seconds']} "
-          f"examples_per_second={metrics['examples_per_second']} input_wait_fraction={metrics['input_wait_fraction']}")
+    print(
+        f"val_accuracy={metrics['val_accuracy']:.4f} (tta={tta}; {metrics['val_accuracy_no_tta']:.4f} without) "
+        f"test_accuracy={metrics['test_accuracy']} train_seconds={metrics['train_seconds']} "
+        f"examples_per_second={metrics['examples_per_second']} input_wait_fraction={metrics['input_wait_fraction']}"
+    )
     return metrics
 
 
@@ -493,14 +571,20 @@ def start_run(argv, *, pipeline, config_class, smoke, commands=()):
     (refusing a finished run, or a resume with other flags) and the run's config.json.
     """
     run, cfg = config_lib.parse_flags(
-        argv, [config_lib.RunOptions, config_class], prog=f"python -m pipelines.{pipeline}",
-        smoke_overrides=smoke, pipeline=pipeline, commands=list(commands))
+        argv,
+        [config_lib.RunOptions, config_class],
+        prog=f"python -m pipelines.{pipeline}",
+        smoke_overrides=smoke,
+        pipeline=pipeline,
+        commands=list(commands),
+    )
     keras.utils.set_random_seed(run.seed)
     strategy = strategies.make_strategy(run.strategy, tpu=run.tpu, cpu_devices=run.cpu_devices)
     precision = set_precision(run.precision, strategy)
     strategies.per_replica_batch(cfg.batch_size, strategy)  # fails early if not divisible
-    run_dir = run_directory(run.output_dir, pipeline, run.name,
-                                     multi_worker=strategies.resolved_name(strategy) == "multiworker")
+    run_dir = run_directory(
+        run.output_dir, pipeline, run.name, multi_worker=strategies.resolved_name(strategy) == "multiworker"
+    )
     is_chief = strategies.is_chief(strategy)
     config = {"pipeline": pipeline, **config_lib.to_dict(run, cfg)}
     check_resume(run_dir, config, defaults=config_lib.to_dict(config_lib.RunOptions(), config_class()))

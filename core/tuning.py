@@ -61,9 +61,11 @@ OBJECTIVE = "val_accuracy"
 
 # The search space ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Float:
     """A real-valued field searched between `low` and `high` (log-uniform with `log=True`)."""
+
     low: float
     high: float
     log: bool = False
@@ -73,6 +75,7 @@ class Float:
 @dataclasses.dataclass(frozen=True)
 class Int:
     """An integer field searched from `low` to `high` inclusive, every `step`."""
+
     low: int
     high: int
     step: int = 1
@@ -82,6 +85,7 @@ class Int:
 @dataclasses.dataclass(frozen=True)
 class Choice:
     """A field that takes one of `values` (numbers, strings or booleans)."""
+
     values: tuple
 
     def __init__(self, *values):
@@ -96,7 +100,9 @@ def space_from_json(path):
     for key, spec in data.items():
         kinds = [k for k in ("float", "int", "choice") if isinstance(spec, dict) and k in spec]
         if len(kinds) != 1:
-            raise UserError(f"--space={path}: {key}: expected an object with one of \"float\", \"int\" or \"choice\", got {spec!r}")
+            raise UserError(
+                f'--space={path}: {key}: expected an object with one of "float", "int" or "choice", got {spec!r}'
+            )
         (kind,) = kinds
         options = {k: v for k, v in spec.items() if k != kind}
         try:
@@ -122,11 +128,15 @@ def check_space(space, config_class, base_config, *, fixed=(), tuner="random"):
     for key, spec in space.items():
         where = f"search space {key}={spec}"
         if key not in types:
-            raise UserError(f"search space: {key!r} is not a field of {config_class.__module__}.Config; expected one of {', '.join(sorted(types))}")
+            raise UserError(
+                f"search space: {key!r} is not a field of {config_class.__module__}.Config; expected one of {', '.join(sorted(types))}"
+            )
         if key in fixed:
             raise UserError(f"--{key} is given as a flag and is also in the search space; drop one of the two")
         if key == "epochs" and tuner == "hyperband":
-            raise UserError("search space: epochs is set by Hyperband itself (--max_epochs); drop it from the space or use --tuner=random|bayesian")
+            raise UserError(
+                "search space: epochs is set by Hyperband itself (--max_epochs); drop it from the space or use --tuner=random|bayesian"
+            )
         field_type = types[key]
         if isinstance(spec, Choice):
             candidates = spec.values
@@ -138,7 +148,9 @@ def check_space(space, config_class, base_config, *, fixed=(), tuner="random"):
             expected = float if isinstance(spec, Float) else int
             if field_type is not expected:
                 wanted = {int: "Int", float: "Float"}.get(field_type, "Choice")
-                raise UserError(f"{where}: {key} holds {getattr(field_type, '__name__', field_type)} values; expected {wanted}")
+                raise UserError(
+                    f"{where}: {key} holds {getattr(field_type, '__name__', field_type)} values; expected {wanted}"
+                )
             if not (_has_type(spec.low, expected) and _has_type(spec.high, expected)) or not spec.low < spec.high:
                 raise UserError(f"{where}: expected low < high, both {expected.__name__}")
             if spec.log and spec.low <= 0:
@@ -183,21 +195,28 @@ def describe_space(space):
             out[key] = {"choice": list(spec.values)}
         else:
             kind = "float" if isinstance(spec, Float) else "int"
-            out[key] = {kind: [spec.low, spec.high], **({"log": True} if spec.log else {}),
-                        **({"step": spec.step} if spec.step not in (None, 1) else {})}
+            out[key] = {
+                kind: [spec.low, spec.high],
+                **({"log": True} if spec.log else {}),
+                **({"step": spec.step} if spec.step not in (None, 1) else {}),
+            }
     return out
 
 
 # Options of the `tune` command ----------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class TuneOptions:
     """Flags of `tune`, besides the pipeline's own (those are passed to every trial)."""
+
     tuner: str = "hyperband"  # hyperband | bayesian | random (keras-tuner's oracles)
     trials: int = 10  # most trials to run (Hyperband: a cap; its budget is --max_epochs and --factor)
     max_epochs: int = 0  # hyperband: the largest epoch budget of a trial (0: the Config's epochs)
     factor: int = 3  # hyperband: each round keeps 1/factor of the trials, with factor x the epochs
-    initial_points: int = 0  # bayesian: random trials before the Gaussian process (0: keras-tuner's, 3 per hyperparameter)
+    initial_points: int = (
+        0  # bayesian: random trials before the Gaussian process (0: keras-tuner's, 3 per hyperparameter)
+    )
     executions_per_trial: int = 1  # training runs per trial, seeds --seed, --seed+1, ...; the objective is their mean
     space: str = ""  # JSON file of the search space (default: the pipeline's SEARCH_SPACE)
     baseline: bool = True  # also train the configuration as given (no searched values): the table's "default" row
@@ -212,6 +231,7 @@ class TuneOptions:
 
 # Trials ---------------------------------------------------------------------------------------
 
+
 def _flag(key, value):
     if isinstance(value, bool):
         value = "true" if value else "false"
@@ -225,6 +245,7 @@ def _die_with_parent():
     search never leaves a trial training on. Elsewhere a no-op."""
     with contextlib.suppress(Exception):
         import ctypes
+
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
@@ -275,9 +296,17 @@ class Search:
     def _train_once(self, run_name, values, seed):
         metrics_path = os.path.join(self.run_dir(run_name), "metrics.json")
         if not os.path.exists(metrics_path):  # else finished before the search stopped: read it
-            command = [sys.executable, "-m", f"pipelines.{self.pipeline}", *self.pipeline_flags,
-                       f"--name={run_name}", f"--output_dir={self.trials_dir}", f"--seed={seed}",
-                       "--evaluate_test=false", *(_flag(k, v) for k, v in values.items())]
+            command = [
+                sys.executable,
+                "-m",
+                f"pipelines.{self.pipeline}",
+                *self.pipeline_flags,
+                f"--name={run_name}",
+                f"--output_dir={self.trials_dir}",
+                f"--seed={seed}",
+                "--evaluate_test=false",
+                *(_flag(k, v) for k, v in values.items()),
+            ]
             os.makedirs(self.logs_dir, exist_ok=True)
             log_path = os.path.join(self.logs_dir, f"{run_name}.log")
             print(f"trial run {run_name}: {' '.join(command[1:])}\n  output: {log_path}", flush=True)
@@ -290,9 +319,11 @@ class Search:
 
 def _combine(runs):
     """One trial's figures from its runs' metrics.json: mean accuracy and speed, total time."""
-    return {OBJECTIVE: statistics.fmean(m[OBJECTIVE] for m in runs),
-            "train_seconds": sum(m["train_seconds"] for m in runs),
-            "examples_per_second": statistics.fmean(m["examples_per_second"] for m in runs)}
+    return {
+        OBJECTIVE: statistics.fmean(m[OBJECTIVE] for m in runs),
+        "train_seconds": sum(m["train_seconds"] for m in runs),
+        "examples_per_second": statistics.fmean(m["examples_per_second"] for m in runs),
+    }
 
 
 def _run_logged(command, log_path):
@@ -300,8 +331,14 @@ def _run_logged(command, log_path):
     keeps its earlier output); returns its last `error:` line, if any."""
     last_error = None
     with open(log_path, "a", encoding="utf-8") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   bufsize=1, preexec_fn=_die_with_parent if os.name == "posix" else None)
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            preexec_fn=_die_with_parent if os.name == "posix" else None,
+        )
         for line in process.stdout:
             sys.stdout.write(line)
             log.write(line)
@@ -345,11 +382,20 @@ class RandomSearch(_PipelineTrials, kt.RandomSearch):
 
 def make_tuner(opts, *, search, hp, max_epochs, seed, on_trial_done):
     """The keras-tuner Tuner for `--tuner`, reloading the oracle's state when the search exists."""
-    common = dict(search=search, on_trial_done=on_trial_done, objective=kt.Objective(OBJECTIVE, "max"),
-                  hyperparameters=hp, allow_new_entries=False, tune_new_entries=True,
-                  # keras-tuner draws a random seed for 0; +1 keeps --seed=0 reproducible.
-                  seed=seed + 1, directory=search.search_dir, project_name="keras_tuner", overwrite=False,
-                  max_consecutive_failed_trials=3)
+    common = dict(
+        search=search,
+        on_trial_done=on_trial_done,
+        objective=kt.Objective(OBJECTIVE, "max"),
+        hyperparameters=hp,
+        allow_new_entries=False,
+        tune_new_entries=True,
+        # keras-tuner draws a random seed for 0; +1 keeps --seed=0 reproducible.
+        seed=seed + 1,
+        directory=search.search_dir,
+        project_name="keras_tuner",
+        overwrite=False,
+        max_consecutive_failed_trials=3,
+    )
     if opts.tuner == "hyperband":
         tuner = HyperbandSearch(max_epochs=max_epochs, factor=opts.factor, hyperband_iterations=1, **common)
         tuner.oracle.max_trials = opts.trials  # a cap: Hyperband itself has no trial count
@@ -361,25 +407,41 @@ def make_tuner(opts, *, search, hp, max_epochs, seed, on_trial_done):
 
 # Reports --------------------------------------------------------------------------------------
 
+
 def trial_rows(tuner, search, space):
     """One dict per trial (the baseline first), in the order they started."""
     rows = []
     if search.baseline is not None:
-        rows.append({"trial": "default", "status": "COMPLETED", **{k: "(as given)" for k in space},
-                     "epochs": search.baseline["epochs"], OBJECTIVE: search.baseline[OBJECTIVE],
-                     "train_seconds": search.baseline["train_seconds"], "run": search.run_dir("default")})
+        rows.append(
+            {
+                "trial": "default",
+                "status": "COMPLETED",
+                **{k: "(as given)" for k in space},
+                "epochs": search.baseline["epochs"],
+                OBJECTIVE: search.baseline[OBJECTIVE],
+                "train_seconds": search.baseline["train_seconds"],
+                "run": search.run_dir("default"),
+            }
+        )
     oracle = tuner.oracle
     for trial_id in oracle.start_order:  # ids widen when --trials grows past 10, 100, ...: not sortable
         trial = oracle.trials[trial_id]
         values = trial.hyperparameters.values
         metrics = trial.metrics
         seconds = metrics.get_last_value("train_seconds") if metrics.exists("train_seconds") else None
-        row = {"trial": trial_id, "status": trial.status, **{k: values.get(k) for k in space},
-               "epochs": values.get("tuner/epochs", search.base_epochs), OBJECTIVE: trial.score,
-               "train_seconds": seconds, "run": search.run_dir(f"trial_{trial_id}")}
+        row = {
+            "trial": trial_id,
+            "status": trial.status,
+            **{k: values.get(k) for k in space},
+            "epochs": values.get("tuner/epochs", search.base_epochs),
+            OBJECTIVE: trial.score,
+            "train_seconds": seconds,
+            "run": search.run_dir(f"trial_{trial_id}"),
+        }
         if "tuner/bracket" in values:
-            row.update(bracket=values["tuner/bracket"], round=values["tuner/round"],
-                       continues=values.get("tuner/trial_id", ""))
+            row.update(
+                bracket=values["tuner/bracket"], round=values["tuner/round"], continues=values.get("tuner/trial_id", "")
+            )
         rows.append(row)
     return rows
 
@@ -404,8 +466,10 @@ def write_reports(tuner, search, space, config_class):
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]
     best = best_run(rows)
-    footer = [f"\nObjective: {OBJECTIVE} (the saved model on the validation split carved from train; "
-              "the test split is never scored during the search)."]
+    footer = [
+        f"\nObjective: {OBJECTIVE} (the saved model on the validation split carved from train; "
+        "the test split is never scored during the search)."
+    ]
     if best:
         footer.append(f"Best: {best['trial']} with {OBJECTIVE}={best[OBJECTIVE]:.4f} ({best['run']}).")
     markdown = "\n".join(lines + footer) + "\n"
@@ -428,14 +492,17 @@ def write_best_config(best, search, config_class):
     with open(os.path.join(search.run_dir(first_run), "config.json")) as f:
         run_config = json.load(f)
     fields = [f.name for f in dataclasses.fields(config_class)]
-    training.write_json(os.path.join(search.search_dir, "best_config.json"),
-                        {"pipeline": search.pipeline, **{k: run_config[k] for k in fields}})
+    training.write_json(
+        os.path.join(search.search_dir, "best_config.json"),
+        {"pipeline": search.pipeline, **{k: run_config[k] for k in fields}},
+    )
 
 
 def plot_objective(rows, path, pipeline):
     """The objective of each trial in start order, the best so far, and the baseline."""
     import matplotlib
     import matplotlib.ticker
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -448,7 +515,7 @@ def plot_objective(rows, path, pipeline):
         points = ax.scatter(xs, ys, c=epochs, cmap="viridis", zorder=3, label="trial")
         if len(set(epochs)) > 1:
             fig.colorbar(points, ax=ax, label="epochs")
-        ax.step(xs, [max(ys[:i + 1]) for i in range(len(ys))], where="post", color="gray", label="best so far")
+        ax.step(xs, [max(ys[: i + 1]) for i in range(len(ys))], where="post", color="gray", label="best so far")
     for r in rows:
         if r["trial"] == "default" and r[OBJECTIVE] is not None:
             ax.axhline(r[OBJECTIVE], ls="--", color="tab:red", label=f"default config ({r['epochs']} epochs)")
@@ -464,6 +531,7 @@ def plot_objective(rows, path, pipeline):
 
 # Distributed search: keras-tuner's chief oracle over gRPC ---------------------------------------
 
+
 def distributed_role():
     """None for a search in one process; else "chief" (serves the oracle, trains nothing) or
     "worker" (asks the chief for trials and trains them), from keras-tuner's own variables:
@@ -472,8 +540,10 @@ def distributed_role():
         return None
     for variable in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
         if not os.environ.get(variable):
-            raise UserError(f"KERASTUNER_ORACLE_IP is set but {variable} is not: a distributed search needs "
-                            "KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID (chief | tuner0 | tuner1 ...)")
+            raise UserError(
+                f"KERASTUNER_ORACLE_IP is set but {variable} is not: a distributed search needs "
+                "KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID (chief | tuner0 | tuner1 ...)"
+            )
     port = os.environ["KERASTUNER_ORACLE_PORT"]
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UserError(f"KERASTUNER_ORACLE_PORT={port}: expected a port number from 1 to 65535")
@@ -484,8 +554,10 @@ def _check_chief_port_free():
     """gRPC does not fail when the chief's port is taken: workers would then talk to whatever holds it."""
     port = int(os.environ["KERASTUNER_ORACLE_PORT"])
     if not tf_config.port_free(port):
-        raise UserError(f"KERASTUNER_ORACLE_PORT={port}: the port is already in use on this machine; "
-                        "stop the process holding it (often an earlier chief) or pick another port")
+        raise UserError(
+            f"KERASTUNER_ORACLE_PORT={port}: the port is already in use on this machine; "
+            "stop the process holding it (often an earlier chief) or pick another port"
+        )
 
 
 # The command --------------------------------------------------------------------------------
@@ -501,16 +573,22 @@ def _flag_key(arg):
 def tune_command(argv, *, pipeline, config_class, smoke, search_space):
     """`tune [--tuner=...] [--trials=N] [pipeline flags]`: the search; returns its summary."""
     tune_opts, run, cfg = config_lib.parse_flags(
-        argv, [TuneOptions, config_lib.RunOptions, config_class], prog=f"python -m pipelines.{pipeline} tune",
-        smoke_overrides=smoke, pipeline=pipeline)
+        argv,
+        [TuneOptions, config_lib.RunOptions, config_class],
+        prog=f"python -m pipelines.{pipeline} tune",
+        smoke_overrides=smoke,
+        pipeline=pipeline,
+    )
     not_passed = {f.name for f in dataclasses.fields(TuneOptions)} | SEARCH_FLAGS
     flag_keys = {_flag_key(arg) for arg in argv}
     pipeline_flags = [arg for arg in argv if _flag_key(arg) not in not_passed]
     if "verbose" not in flag_keys:
         pipeline_flags.append("--verbose=2")  # one line per epoch: readable in the trial logs
     if run.strategy == "multiworker":
-        raise UserError("--strategy=multiworker: a tuning trial runs on one host (auto, default, mirrored or tpu); "
-                        "to spread trials over hosts, run keras-tuner's distributed mode (README, 'Hyperparameter search')")
+        raise UserError(
+            "--strategy=multiworker: a tuning trial runs on one host (auto, default, mirrored or tpu); "
+            "to spread trials over hosts, run keras-tuner's distributed mode (README, 'Hyperparameter search')"
+        )
     space = space_from_json(tune_opts.space) if tune_opts.space else dict(search_space)
     config_fields = {f.name for f in dataclasses.fields(config_class)}
     check_space(space, config_class, cfg, fixed=flag_keys & config_fields, tuner=tune_opts.tuner)
@@ -518,28 +596,48 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
 
     name = run.name or f"tune-{tune_opts.tuner}"
     search_dir = training.run_directory(run.output_dir, pipeline, name)
-    described = {"pipeline": pipeline, "tuner": tune_opts.tuner, "space": describe_space(space),
-                 "pipeline_flags": pipeline_flags, "seed": run.seed, "objective": OBJECTIVE,
-                 **{k: v for k, v in dataclasses.asdict(tune_opts).items() if k not in ("trials", "space", "tuner")},
-                 "max_epochs": max_epochs if tune_opts.tuner == "hyperband" else None}
+    described = {
+        "pipeline": pipeline,
+        "tuner": tune_opts.tuner,
+        "space": describe_space(space),
+        "pipeline_flags": pipeline_flags,
+        "seed": run.seed,
+        "objective": OBJECTIVE,
+        **{k: v for k, v in dataclasses.asdict(tune_opts).items() if k not in ("trials", "space", "tuner")},
+        "max_epochs": max_epochs if tune_opts.tuner == "hyperband" else None,
+    }
     _check_same_search(search_dir, described)
     training.write_json(os.path.join(search_dir, "search.json"), described)
 
-    search = Search(pipeline=pipeline, search_dir=search_dir, pipeline_flags=pipeline_flags, seed=run.seed,
-                    executions=tune_opts.executions_per_trial, base_epochs=cfg.epochs)
+    search = Search(
+        pipeline=pipeline,
+        search_dir=search_dir,
+        pipeline_flags=pipeline_flags,
+        seed=run.seed,
+        executions=tune_opts.executions_per_trial,
+        base_epochs=cfg.epochs,
+    )
     role = distributed_role()
     if role == "chief":
         _check_chief_port_free()
     report = lambda tuner: write_reports(tuner, search, space, config_class)
     # Workers hold no oracle to report from: the chief writes the report when the search ends.
-    tuner = make_tuner(tune_opts, search=search, hp=hyperparameters(space, cfg), max_epochs=max_epochs,
-                       seed=run.seed, on_trial_done=report if role is None else lambda tuner: None)
+    tuner = make_tuner(
+        tune_opts,
+        search=search,
+        hp=hyperparameters(space, cfg),
+        max_epochs=max_epochs,
+        seed=run.seed,
+        on_trial_done=report if role is None else lambda tuner: None,
+    )
     baseline_values = {"epochs": max_epochs} if tune_opts.tuner == "hyperband" else {}
     # Distributed: the first worker trains the baseline, the chief reads its metrics.json at the end.
     if tune_opts.baseline and (role is None or os.environ.get("KERASTUNER_TUNER_ID") == "tuner0"):
         try:
-            search.baseline = {**search.train("default", baseline_values),
-                               "epochs": baseline_values.get("epochs", cfg.epochs)}
+            search.baseline = {
+                **search.train("default", baseline_values),
+                "epochs": baseline_values.get("epochs", cfg.epochs),
+            }
         except TrialFailed as e:
             raise UserError(f"the baseline (the configuration as given) failed to train: {e}") from None
     try:
@@ -552,18 +650,27 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
         last = next((l for l in reversed(str(e).splitlines()) if l.strip()), "")
         raise UserError(f"search stopped: {str(e).splitlines()[0]} Last: {last} (logs in {search.logs_dir})") from None
     if role == "worker":
-        return {"pipeline": pipeline, "search": search_dir, "worker": os.environ["KERASTUNER_TUNER_ID"],
-                "report": "written by the chief when every worker is done"}
+        return {
+            "pipeline": pipeline,
+            "search": search_dir,
+            "worker": os.environ["KERASTUNER_TUNER_ID"],
+            "report": "written by the chief when every worker is done",
+        }
     if role == "chief" and tune_opts.baseline:
         search.baseline = search.read_finished("default", baseline_values.get("epochs", cfg.epochs))
     rows, best, markdown = report(tuner)
     print(markdown)
-    summary = {"pipeline": pipeline, "search": search_dir, "tuner": tune_opts.tuner,
-               "trials": sum(r["trial"] != "default" for r in rows),
-               "completed": sum(r["trial"] != "default" and r["status"] == "COMPLETED" for r in rows),
-               "best_trial": best and best["trial"], f"best_{OBJECTIVE}": best and best[OBJECTIVE],
-               f"default_{OBJECTIVE}": search.baseline and search.baseline[OBJECTIVE],
-               "best_config": os.path.join(search_dir, "best_config.json") if best else None}
+    summary = {
+        "pipeline": pipeline,
+        "search": search_dir,
+        "tuner": tune_opts.tuner,
+        "trials": sum(r["trial"] != "default" for r in rows),
+        "completed": sum(r["trial"] != "default" and r["status"] == "COMPLETED" for r in rows),
+        "best_trial": best and best["trial"],
+        f"best_{OBJECTIVE}": best and best[OBJECTIVE],
+        f"default_{OBJECTIVE}": search.baseline and search.baseline[OBJECTIVE],
+        "best_config": os.path.join(search_dir, "best_config.json") if best else None,
+    }
     training.write_json(os.path.join(search_dir, "summary.json"), summary)
     return summary
 
@@ -578,5 +685,7 @@ def _check_same_search(search_dir, described):
     changed = sorted(k for k in set(stored) | set(described) if stored.get(k) != described.get(k))
     if changed:
         details = "; ".join(f"{k}: {stored.get(k)!r} -> {described.get(k)!r}" for k in changed)
-        raise UserError(f"{search_dir}: a different search is there ({details}); rerun it as it was "
-                        "(only --trials may change) or pick another --name")
+        raise UserError(
+            f"{search_dir}: a different search is there ({details}); rerun it as it was "
+            "(only --trials may change) or pick another --name"
+        )

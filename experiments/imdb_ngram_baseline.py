@@ -29,7 +29,7 @@ from models import text_preprocessing, transformer
 
 def token_ids(vectorizer, truncate, texts, chunk=1000):
     """Raw strings -> one int32 array of token ids, padded with 0 to the longest review."""
-    chunks = [truncate(vectorizer(tf.constant(texts[i:i + chunk]))).numpy() for i in range(0, len(texts), chunk)]
+    chunks = [truncate(vectorizer(tf.constant(texts[i : i + chunk]))).numpy() for i in range(0, len(texts), chunk)]
     width = max(c.shape[1] for c in chunks)
     return np.concatenate([np.pad(c, [[0, 0], [0, width - c.shape[1]]]) for c in chunks])
 
@@ -66,7 +66,8 @@ def main():
 
     data = text_data.prepare(args.data, cache_root=args.cache_dir, val_fraction=0.1, seed=args.seed)
     (train_texts, train_labels), (val_texts, val_labels), (test_texts, test_labels) = (
-        text_data.read_texts(data.splits[split]) for split in ("train", "val", "test"))
+        text_data.read_texts(data.splits[split]) for split in ("train", "val", "test")
+    )
     vectorizer = text_preprocessing.make_vectorizer(args.vocab_size)
     vectorizer.adapt(tf.data.Dataset.from_tensor_slices(train_texts).batch(1024))
     truncate = text_preprocessing.HeadTailTruncate(args.max_length)
@@ -74,21 +75,36 @@ def main():
 
     model = bag_of_ngrams(args.vocab_size, args.bigram_buckets, args.width)
     total_steps = optim.steps_for(len(train_ids), args.batch_size, args.epochs)[1]
-    model.compile(optimizer=optim.adamw_warmup_cosine(args.learning_rate, total_steps, warmup_fraction=0.1, weight_decay=0.0),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        optimizer=optim.adamw_warmup_cosine(args.learning_rate, total_steps, warmup_fraction=0.1, weight_decay=0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     start = time.perf_counter()
-    model.fit(train_ids, np.asarray(train_labels), batch_size=args.batch_size, epochs=args.epochs,
-              validation_data=(val_ids, np.asarray(val_labels)), verbose=2)
+    model.fit(
+        train_ids,
+        np.asarray(train_labels),
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        validation_data=(val_ids, np.asarray(val_labels)),
+        verbose=2,
+    )
     fit_seconds = time.perf_counter() - start
     test_log_probs = tf.nn.log_softmax(model.predict(test_ids, batch_size=500, verbose=0)).numpy()
     test_labels = np.asarray(test_labels)
-    print(f"bag of n-grams: test_accuracy={(test_log_probs.argmax(1) == test_labels).mean():.4f} fit_seconds={fit_seconds:.0f}")
+    print(
+        f"bag of n-grams: test_accuracy={(test_log_probs.argmax(1) == test_labels).mean():.4f} fit_seconds={fit_seconds:.0f}"
+    )
 
     for path in sorted(glob.glob(args.ensemble)) if args.ensemble else []:
-        other = tf.nn.log_softmax(evaluation.load_model(path).predict(tf.constant(test_texts), batch_size=500, verbose=0)).numpy()
+        other = tf.nn.log_softmax(
+            evaluation.load_model(path).predict(tf.constant(test_texts), batch_size=500, verbose=0)
+        ).numpy()
         averaged = args.ensemble_weight * test_log_probs + (1 - args.ensemble_weight) * other
-        print(f"{path}: transformer test_accuracy={(other.argmax(1) == test_labels).mean():.4f} "
-              f"ensemble test_accuracy={(averaged.argmax(1) == test_labels).mean():.4f}")
+        print(
+            f"{path}: transformer test_accuracy={(other.argmax(1) == test_labels).mean():.4f} "
+            f"ensemble test_accuracy={(averaged.argmax(1) == test_labels).mean():.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -52,19 +52,30 @@ def _pytorch_default_init():
 
 
 def _conv_group(x, width, bn_momentum, name):
-    x = layers.Conv2D(width, 3, padding="same", use_bias=False,
-                      kernel_initializer=_pytorch_default_init(), name=f"{name}_conv1")(x)
+    x = layers.Conv2D(
+        width, 3, padding="same", use_bias=False, kernel_initializer=_pytorch_default_init(), name=f"{name}_conv1"
+    )(x)
     x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
     x = layers.BatchNormalization(momentum=bn_momentum, epsilon=1e-5, scale=False, name=f"{name}_bn1")(x)
     x = layers.Activation("gelu", name=f"{name}_gelu1")(x)
-    x = layers.Conv2D(width, 3, padding="same", use_bias=False,
-                      kernel_initializer=_pytorch_default_init(), name=f"{name}_conv2")(x)
+    x = layers.Conv2D(
+        width, 3, padding="same", use_bias=False, kernel_initializer=_pytorch_default_init(), name=f"{name}_conv2"
+    )(x)
     x = layers.BatchNormalization(momentum=bn_momentum, epsilon=1e-5, scale=False, name=f"{name}_bn2")(x)
     return layers.Activation("gelu", name=f"{name}_gelu2")(x)
 
 
-def cnn(variant="small", *, num_classes=10, image_shape=(32, 32, 3),
-        pixel_mean=CIFAR10_MEAN, pixel_std=CIFAR10_STD, bn_momentum=0.6, logit_scale=1 / 9, name="cnn"):
+def cnn(
+    variant="small",
+    *,
+    num_classes=10,
+    image_shape=(32, 32, 3),
+    pixel_mean=CIFAR10_MEAN,
+    pixel_std=CIFAR10_STD,
+    bn_momentum=0.6,
+    logit_scale=1 / 9,
+    name="cnn",
+):
     """Builds the network. Inputs are float32 pixels in [0, 255]; outputs are float32 logits.
 
     Normalization happens inside the model (so an exported model takes raw pixels); augmentation
@@ -75,16 +86,15 @@ def cnn(variant="small", *, num_classes=10, image_shape=(32, 32, 3),
     widths = VARIANTS[variant]
     inputs = keras.Input(shape=image_shape, name="image")
     # float32 so the mean/std are not rounded to bfloat16 under mixed precision.
-    x = layers.Normalization(mean=list(pixel_mean), variance=[s**2 for s in pixel_std],
-                             dtype="float32", name="normalize")(inputs)
-    x = layers.Conv2D(WHITENING_WIDTH, WHITENING_KERNEL_SIZE, padding="valid", use_bias=True,
-                      name="whiten")(x)
+    x = layers.Normalization(
+        mean=list(pixel_mean), variance=[s**2 for s in pixel_std], dtype="float32", name="normalize"
+    )(inputs)
+    x = layers.Conv2D(WHITENING_WIDTH, WHITENING_KERNEL_SIZE, padding="valid", use_bias=True, name="whiten")(x)
     x = layers.Activation("gelu", name="whiten_gelu")(x)
     for i, width in enumerate(widths, start=1):
         x = _conv_group(x, width, bn_momentum, name=f"block{i}")
     x = layers.GlobalMaxPooling2D(name="pool")(x)  # 3x3 -> 1x1, as airbench's MaxPool2d(3)
-    x = layers.Dense(num_classes, use_bias=False, kernel_initializer=_pytorch_default_init(),
-                     name="classifier")(x)
+    x = layers.Dense(num_classes, use_bias=False, kernel_initializer=_pytorch_default_init(), name="classifier")(x)
     # float32 output under mixed precision: softmax/loss in bfloat16 loses accuracy.
     outputs = layers.Rescaling(logit_scale, dtype="float32", name="logits")(x)
     model = keras.Model(inputs, outputs, name=name)
@@ -115,7 +125,7 @@ def whitening_kernel(images, pixel_mean=CIFAR10_MEAN, pixel_std=CIFAR10_STD, eps
     k = WHITENING_KERNEL_SIZE
     h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
     # Patches in (kh, kw, c) order, matching the Keras kernel layout [kh, kw, c, out].
-    patches = np.stack([x[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=3)
+    patches = np.stack([x[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=3)
     patches = patches.reshape(-1, k * k * x.shape[3])
     patches -= patches.mean(axis=0)
     covariance = (patches.T @ patches).astype(np.float64) / len(patches)

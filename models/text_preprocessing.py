@@ -73,12 +73,13 @@ class WordPieceTokenizer(layers.Layer):
     def __init__(self, vocabulary, **kwargs):
         super().__init__(**kwargs)
         import tensorflow_text  # only this tokenizer needs it
+
         self.vocabulary = list(vocabulary)
         if self.vocabulary[:2] != ["[PAD]", "[UNK]"]:
             raise ValueError(f"WordPiece vocabulary must start with [PAD], [UNK]; got {self.vocabulary[:2]}")
         self._tokenizer = tensorflow_text.FastBertTokenizer(
-            vocab=self.vocabulary, lower_case_nfd_strip_accents=True, token_out_type=tf.int64,
-            unknown_token="[UNK]")
+            vocab=self.vocabulary, lower_case_nfd_strip_accents=True, token_out_type=tf.int64, unknown_token="[UNK]"
+        )
 
     def call(self, texts):
         texts = tf.strings.regex_replace(texts, r"<br\s*/?>", " ")
@@ -92,17 +93,24 @@ def learn_wordpiece_vocabulary(texts, vocab_size):
     """A WordPiece vocabulary of about `vocab_size` entries from `texts` (BERT's vocabulary
     learner in tensorflow-text; about 2 minutes for IMDB's 22,500 training reviews)."""
     from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset as bert_vocab
-    texts = tf.data.Dataset.from_tensor_slices(list(texts)).batch(1000).map(
-        lambda batch: tf.strings.regex_replace(batch, r"<br\s*/?>", " "))
+
+    texts = (
+        tf.data.Dataset.from_tensor_slices(list(texts))
+        .batch(1000)
+        .map(lambda batch: tf.strings.regex_replace(batch, r"<br\s*/?>", " "))
+    )
     return bert_vocab.bert_vocab_from_dataset(
-        texts, vocab_size=vocab_size, reserved_tokens=["[PAD]", "[UNK]"],
-        bert_tokenizer_params=dict(lower_case=True), learn_params={})
+        texts,
+        vocab_size=vocab_size,
+        reserved_tokens=["[PAD]", "[UNK]"],
+        bert_tokenizer_params=dict(lower_case=True),
+        learn_params={},
+    )
 
 
 def make_vectorizer(vocab_size, name="tokenizer"):
     """Word-level tokenizer: ids 0 = padding, 1 = out of vocabulary, then words by frequency."""
-    return layers.TextVectorization(max_tokens=vocab_size, standardize=standardize_review,
-                                    output_mode="int", name=name)
+    return layers.TextVectorization(max_tokens=vocab_size, standardize=standardize_review, output_mode="int", name=name)
 
 
 def end_to_end(vectorizer, truncate, classifier, name="review_classifier"):

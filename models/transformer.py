@@ -35,13 +35,13 @@ import math
 
 import tensorflow as tf
 import tf_keras as keras
-from tf_keras import layers
 from tensorflow_model_optimization.python.core.sparsity.keras import prunable_layer
+from tf_keras import layers
 
 VARIANTS = {
     # name: (width, depth, heads, mlp_ratio)
-    "tiny": (32, 1, 2, 2),     # smoke tests
-    "small": (64, 2, 4, 2),    # IMDB on a 2-core CPU
+    "tiny": (32, 1, 2, 2),  # smoke tests
+    "small": (64, 2, 4, 2),  # IMDB on a 2-core CPU
     "base": (128, 4, 4, 2),
     "vit_small": (192, 6, 6, 2),  # ViT on CIFAR-10 (patch 4 -> 64 tokens)
 }
@@ -65,8 +65,8 @@ class PositionEmbedding(layers.Layer, prunable_layer.PrunableLayer):
 
     def build(self, input_shape):
         self.position_table = self.add_weight(
-            name="position_table", shape=(self.max_length, input_shape[-1]),
-            initializer=_truncated_normal())
+            name="position_table", shape=(self.max_length, input_shape[-1]), initializer=_truncated_normal()
+        )
         super().build(input_shape)
 
     def call(self, tokens):
@@ -158,8 +158,11 @@ class DotProductAttention(layers.Layer, prunable_layer.PrunableLayer):
         return tf.reshape(attended, (batch, length, width))
 
     def compute_output_shape(self, input_shape):
-        shape = input_shape[0] if isinstance(input_shape, (list, tuple)) and \
-            isinstance(input_shape[0], (list, tuple, tf.TensorShape)) else input_shape
+        shape = (
+            input_shape[0]
+            if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple, tf.TensorShape))
+            else input_shape
+        )
         shape = tf.TensorShape(shape)
         return shape[:-1].concatenate([shape[-1] // 3])
 
@@ -203,8 +206,9 @@ def encoder_block(x, *, width, heads, mlp_ratio, dropout, mask=None, name):
     x = layers.Add(name=f"{name}_attention_residual")([x, y])
 
     y = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_mlp_norm")(x)
-    y = layers.Dense(mlp_ratio * width, activation="gelu", kernel_initializer=_truncated_normal(),
-                     name=f"{name}_mlp_hidden")(y)
+    y = layers.Dense(
+        mlp_ratio * width, activation="gelu", kernel_initializer=_truncated_normal(), name=f"{name}_mlp_hidden"
+    )(y)
     y = layers.Dropout(dropout, name=f"{name}_mlp_hidden_dropout")(y)
     y = layers.Dense(width, kernel_initializer=_truncated_normal(), name=f"{name}_mlp_output")(y)
     y = layers.Dropout(dropout, name=f"{name}_mlp_dropout")(y)
@@ -214,8 +218,15 @@ def encoder_block(x, *, width, heads, mlp_ratio, dropout, mask=None, name):
 def encoder(x, *, depth, width, heads, mlp_ratio, dropout, mask=None, name="encoder"):
     """`depth` encoder blocks and the final LayerNorm of a pre-norm stack."""
     for index in range(depth):
-        x = encoder_block(x, width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout,
-                          mask=mask, name=f"{name}_block{index + 1}")
+        x = encoder_block(
+            x,
+            width=width,
+            heads=heads,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            mask=mask,
+            name=f"{name}_block{index + 1}",
+        )
     return layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm")(x)
 
 
@@ -231,8 +242,17 @@ def _variant(variant):
     return VARIANTS[variant]
 
 
-def text_classifier(variant="small", *, vocab_size, max_length, num_classes=2, dropout=0.1,
-                    embedding_dropout=0.1, bigram_buckets=0, name="text_transformer"):
+def text_classifier(
+    variant="small",
+    *,
+    vocab_size,
+    max_length,
+    num_classes=2,
+    dropout=0.1,
+    embedding_dropout=0.1,
+    bigram_buckets=0,
+    name="text_transformer",
+):
     """Token ids (0 = padding, any length up to `max_length`) -> class logits.
 
     Pooling is the mean over real tokens (no [CLS] token: mean pooling trains faster from scratch
@@ -241,15 +261,17 @@ def text_classifier(variant="small", *, vocab_size, max_length, num_classes=2, d
     width, depth, heads, mlp_ratio = _variant(variant)
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     mask = PaddingMask(name="padding_mask")(token_ids)
-    x = layers.Embedding(vocab_size, width, embeddings_initializer=_truncated_normal(),
-                         name="token_embedding")(token_ids)
+    x = layers.Embedding(vocab_size, width, embeddings_initializer=_truncated_normal(), name="token_embedding")(
+        token_ids
+    )
     if bigram_buckets:
         bigram_ids = BigramIds(bigram_buckets, name="bigram_ids")(token_ids)
         # Zero-initialised: the model starts as words-only and each bigram vector grows only as
         # far as its gradient says it helps (random vectors for ~260k rarely seen pairs add noise
         # that measurably slowed the first epoch: 62% vs 86% validation accuracy after it).
-        bigrams = layers.Embedding(bigram_buckets, width, embeddings_initializer="zeros",
-                                   name="bigram_embedding")(bigram_ids)
+        bigrams = layers.Embedding(bigram_buckets, width, embeddings_initializer="zeros", name="bigram_embedding")(
+            bigram_ids
+        )
         x = layers.Add(name="token_and_bigram")([x, bigrams])
     x = PositionEmbedding(max_length, name="position_embedding")(x)
     x = layers.Dropout(embedding_dropout, name="embedding_dropout")(x)
@@ -259,9 +281,18 @@ def text_classifier(variant="small", *, vocab_size, max_length, num_classes=2, d
     return keras.Model(token_ids, logits, name=name)
 
 
-def image_classifier(variant="vit_small", *, image_shape=(32, 32, 3), patch_size=4, stem=(),
-                     num_classes=10, dropout=0.0, pixel_mean=(0.0, 0.0, 0.0),
-                     pixel_std=(1.0, 1.0, 1.0), name="vision_transformer"):
+def image_classifier(
+    variant="vit_small",
+    *,
+    image_shape=(32, 32, 3),
+    patch_size=4,
+    stem=(),
+    num_classes=10,
+    dropout=0.0,
+    pixel_mean=(0.0, 0.0, 0.0),
+    pixel_std=(1.0, 1.0, 1.0),
+    name="vision_transformer",
+):
     """uint8/float pixels (0-255) -> class logits: a ViT with mean pooling over patch tokens.
 
     `stem` is the convolutional tokenizer of the Compact Convolutional Transformer (Hassani et
@@ -273,19 +304,27 @@ def image_classifier(variant="vit_small", *, image_shape=(32, 32, 3), patch_size
     """
     width, depth, heads, mlp_ratio = _variant(variant)
     height, image_width = image_shape[0] // 2 ** len(stem), image_shape[1] // 2 ** len(stem)
-    if height * 2 ** len(stem) != image_shape[0] or image_width * 2 ** len(stem) != image_shape[1] \
-            or height % patch_size or image_width % patch_size:
-        raise ValueError(f"{len(stem)} stem stages and patch size {patch_size} do not divide the image size {image_shape[:2]}")
+    if (
+        height * 2 ** len(stem) != image_shape[0]
+        or image_width * 2 ** len(stem) != image_shape[1]
+        or height % patch_size
+        or image_width % patch_size
+    ):
+        raise ValueError(
+            f"{len(stem)} stem stages and patch size {patch_size} do not divide the image size {image_shape[:2]}"
+        )
     num_patches = (height // patch_size) * (image_width // patch_size)
     images = keras.Input(shape=image_shape, name="images")
     x = layers.Normalization(mean=pixel_mean, variance=[s * s for s in pixel_std], name="normalize")(images)
     for index, channels in enumerate(stem):
         # He init: these feed ReLUs, unlike the transformer's near-identity residual layers
-        x = layers.Conv2D(channels, 3, padding="same", activation="relu", kernel_initializer="he_normal",
-                          name=f"stem_conv{index + 1}")(x)
+        x = layers.Conv2D(
+            channels, 3, padding="same", activation="relu", kernel_initializer="he_normal", name=f"stem_conv{index + 1}"
+        )(x)
         x = layers.MaxPooling2D(3, strides=2, padding="same", name=f"stem_pool{index + 1}")(x)
-    x = layers.Conv2D(width, patch_size, strides=patch_size, kernel_initializer=_truncated_normal(),
-                      name="patch_embedding")(x)
+    x = layers.Conv2D(
+        width, patch_size, strides=patch_size, kernel_initializer=_truncated_normal(), name="patch_embedding"
+    )(x)
     x = layers.Reshape((num_patches, width), name="patch_tokens")(x)
     x = PositionEmbedding(num_patches, name="position_embedding")(x)
     x = layers.Dropout(dropout, name="embedding_dropout")(x)

@@ -30,9 +30,11 @@ NOTEBOOKS = {
             "`libtpu` runtime) from Google's wheel index over the plain `tensorflow` wheel, which "
             "cannot drive a TPU VM. Without it, `STRATEGY=tpu` stops with one line saying so."
         ),
-        "params": {"STRATEGY": ("tpu", "tpu | auto (auto: the TPU if there is one, else the GPUs, else the CPU)"),
-                   "NAME": ("colab-tpu", "run folder: runs/<PIPELINE>/<NAME>/ (rerun the same NAME to resume)"),
-                   "INSTALL": ("TPU=1", "make install extras: TPU=1 adds tensorflow-tpu (TPU VMs)")},
+        "params": {
+            "STRATEGY": ("tpu", "tpu | auto (auto: the TPU if there is one, else the GPUs, else the CPU)"),
+            "NAME": ("colab-tpu", "run folder: runs/<PIPELINE>/<NAME>/ (rerun the same NAME to resume)"),
+            "INSTALL": ("TPU=1", "make install extras: TPU=1 adds tensorflow-tpu (TPU VMs)"),
+        },
     },
     "colab_gpu.ipynb": {
         "title": "Train, compress and export on a Colab GPU",
@@ -44,9 +46,11 @@ NOTEBOOKS = {
             "against, so the runtime's own CUDA version does not matter. Precision follows the "
             "GPU: bfloat16 from Ampere (A100, L4), float16 with loss scaling on a T4."
         ),
-        "params": {"STRATEGY": ("auto", "auto: one GPU -> default, several -> mirrored, none -> CPU"),
-                   "NAME": ("colab-gpu", "run folder: runs/<PIPELINE>/<NAME>/ (rerun the same NAME to resume)"),
-                   "INSTALL": ("GPU=1", "make install extras: GPU=1 adds tensorflow[and-cuda]")},
+        "params": {
+            "STRATEGY": ("auto", "auto: one GPU -> default, several -> mirrored, none -> CPU"),
+            "NAME": ("colab-gpu", "run folder: runs/<PIPELINE>/<NAME>/ (rerun the same NAME to resume)"),
+            "INSTALL": ("GPU=1", "make install extras: GPU=1 adds tensorflow[and-cuda]"),
+        },
     },
 }
 
@@ -68,14 +72,30 @@ def markdown(text):
 
 def code(text, tags=()):
     metadata = {"tags": list(tags)} if tags else {}
-    return {"cell_type": "code", "execution_count": None, "metadata": metadata, "outputs": [],
-            "source": text.strip("\n").splitlines(keepends=True)}
+    return {
+        "cell_type": "code",
+        "execution_count": None,
+        "metadata": metadata,
+        "outputs": [],
+        "source": text.strip("\n").splitlines(keepends=True),
+    }
 
 
 def parameters_cell(spec):
     params = {**SHARED_PARAMS, **spec["params"]}
-    order = ["REPO_URL", "PIPELINE", "STRATEGY", "DATA", "NAME", "ARGS", "STAGES", "COMPRESS_ARGS",
-             "OUTPUT_DIR", "INSTALL", "SHOW_TENSORBOARD"]
+    order = [
+        "REPO_URL",
+        "PIPELINE",
+        "STRATEGY",
+        "DATA",
+        "NAME",
+        "ARGS",
+        "STAGES",
+        "COMPRESS_ARGS",
+        "OUTPUT_DIR",
+        "INSTALL",
+        "SHOW_TENSORBOARD",
+    ]
     width = max(len(f"{k} = {v[0]!r}") for k, v in params.items())
     lines = ["# Parameters: edit these, then Runtime -> Run all. (CI replaces this cell to run on CPU.)"]
     lines += [f"{f'{k} = {params[k][0]!r}':<{width}}  # {params[k][1]}" for k in order]
@@ -85,7 +105,7 @@ def parameters_cell(spec):
 def cells(name, spec):
     return [
         markdown(f"""
-# {spec['title']}
+# {spec["title"]}
 
 [![Open In Colab]({BADGE})]({COLAB_URL.format(name=name)})
 
@@ -94,7 +114,7 @@ This notebook runs the repository's own commands: it clones the repository, inst
 model with `make compress` and downloads the smallest `.tflite` that kept its accuracy. Every
 step is a `make` target you can run the same way on any machine (see the README).
 
-Before running: {spec['runtime']}, then **Runtime → Run all**.
+Before running: {spec["runtime"]}, then **Runtime → Run all**.
 """),
         parameters_cell(spec),
         markdown("## Get the repository"),
@@ -131,7 +151,7 @@ def sh(command):
         markdown(f"""
 ## Train
 
-`make train` builds the strategy (the {spec['accelerator']} runtime's devices are listed in the first
+`make train` builds the strategy (the {spec["accelerator"]} runtime's devices are listed in the first
 lines), converts the dataset once into TFRecord shards, trains with checkpoints every epoch and
 writes the run folder. If the runtime is preempted, run this cell again with the same `NAME`:
 training resumes from the last epoch's backup.
@@ -168,7 +188,9 @@ report = json.load(open(f"{RUN_DIR}/compress/report.json"))
 display(Markdown(open(f"{RUN_DIR}/compress/report.md").read()))
 display(Image(f"{RUN_DIR}/compress/accuracy_vs_size.png"))
 """),
-        markdown("## Download the TFLite model\n\nThe smallest variant within 1 point of the float32 model's accuracy."),
+        markdown(
+            "## Download the TFLite model\n\nThe smallest variant within 1 point of the float32 model's accuracy."
+        ),
         code("""
 float32 = next(v for v in report["variants"] if v["name"] == "float32")
 kept = [v for v in report["variants"] if v["accuracy"] >= float32["accuracy"] - 0.01]

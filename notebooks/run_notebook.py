@@ -58,8 +58,9 @@ def execute(path, parameters, output, timeout=3600, env=None):
     from nbclient import NotebookClient
 
     book = with_parameters(nbformat.read(path, as_version=4), parameters)
-    client = NotebookClient(book, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": REPO}}, env=env)
+    client = NotebookClient(
+        book, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": REPO}}, env=env
+    )
     try:
         client.execute()
     finally:
@@ -78,6 +79,7 @@ def main(argv):
     if not os.path.isfile(args.notebook):
         usage_error(f"{args.notebook}: no such file; expected a .ipynb")
     from nbclient.exceptions import CellExecutionError
+
     try:
         execute(args.notebook, parse_parameters(args.parameters), args.output, timeout=args.timeout)
     except CellExecutionError as e:

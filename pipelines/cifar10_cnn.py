@@ -36,7 +36,9 @@ class Config:
     # optimisation (airbench94's values, converted to mean-loss units)
     batch_size: int = 1024  # global, split across replicas
     epochs: int = 10  # full passes over the training split
-    learning_rate: float = 1.5  # peak, per 1024 examples, scaled linearly with batch_size (airbench's 11.5 / (1 + 1/(1 - momentum)))
+    learning_rate: float = (
+        1.5  # peak, per 1024 examples, scaled linearly with batch_size (airbench's 11.5 / (1 + 1/(1 - momentum)))
+    )
     momentum: float = 0.85  # Nesterov
     weight_decay: float = 1.33e-3  # L2 coefficient on the mean-loss gradient, through momentum (airbench's weight_decay / lr = 0.0153 / 11.5)
     bias_lr_multiplier: float = 64.0  # BatchNorm biases learn this much faster (same absolute decay per step)
@@ -54,13 +56,23 @@ class Config:
         config_lib.check_choice("flip", self.flip, image_classification.FLIPS)
         config_lib.check_choice("tta", self.tta, (0, 1, 2))
         config_lib.check_positive(self, "batch_size", "epochs", "learning_rate", "examples_per_shard")
-        config_lib.check_positive(self, "max_examples", "translate", "whiten_bias_epochs",
-                                  "lookahead_every", "weight_decay", "label_smoothing", allow_zero=True)
+        config_lib.check_positive(
+            self,
+            "max_examples",
+            "translate",
+            "whiten_bias_epochs",
+            "lookahead_every",
+            "weight_decay",
+            "label_smoothing",
+            allow_zero=True,
+        )
         for name in ("val_fraction", "momentum", "warmup_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise UserError(f"--{name}={getattr(self, name)}: expected a number between 0 and 1")
         if self.translate >= IMAGE_SHAPE[0] // 2:
-            raise UserError(f"--translate={self.translate}: expected fewer than {IMAGE_SHAPE[0] // 2} pixels (reflect padding)")
+            raise UserError(
+                f"--translate={self.translate}: expected fewer than {IMAGE_SHAPE[0] // 2} pixels (reflect padding)"
+            )
 
 
 # --smoke: tiny model and data, two short epochs; synthetic data unless --data is given.
@@ -75,39 +87,50 @@ SEARCH_SPACE = {
     "model": tuning.Choice("small", "large"),  # width: airbench94's or airbench95's channels
 }
 
-SMOKE = dict(model="tiny", epochs=2, max_examples=320, batch_size=64, data="synthetic",
-             examples_per_shard=64, verbose=2, tta=1)
+SMOKE = dict(
+    model="tiny", epochs=2, max_examples=320, batch_size=64, data="synthetic", examples_per_shard=64, verbose=2, tta=1
+)
 
 
 # Stage 1: data -----------------------------------------------------------------------------
 
+
 def augment_batch(cfg, seed, epoch=None):
     """Training batches: flip (airbench's alternating flip by default) and random translation."""
-    return image_classification.augmented_inputs(len(CLASS_NAMES), flip=cfg.flip, translate=cfg.translate,
-                                                 seed=seed, epoch=epoch)
+    return image_classification.augmented_inputs(
+        len(CLASS_NAMES), flip=cfg.flip, translate=cfg.translate, seed=seed, epoch=epoch
+    )
 
 
 def make_datasets(cfg, run, data, strategy, epoch_counter):
     return image_classification.make_datasets(
-        strategy, data, global_batch=cfg.batch_size, seed=run.seed,
-        train_batch_fn=augment_batch(cfg, run.seed, epoch_counter.epoch))
+        strategy,
+        data,
+        global_batch=cfg.batch_size,
+        seed=run.seed,
+        train_batch_fn=augment_batch(cfg, run.seed, epoch_counter.epoch),
+    )
 
 
 # Stage 2: model ----------------------------------------------------------------------------
+
 
 def make_optimizer(cfg, steps_per_epoch, total_steps):
     """airbench's optimiser: Nesterov SGD, triangular schedule, per-group learning rates."""
     peak = strategies.scale_learning_rate(cfg.learning_rate, cfg.batch_size)
     return optim.GroupedSGD(
         learning_rate=optim.TriangularSchedule(peak, total_steps, warmup=cfg.warmup_fraction),
-        momentum=cfg.momentum, nesterov=True, l2=cfg.weight_decay,
+        momentum=cfg.momentum,
+        nesterov=True,
+        l2=cfg.weight_decay,
         groups=[
             optim.ParamGroup(r"whiten/kernel", lr_multiplier=0.0),  # fixed PCA filters
             optim.ParamGroup(r"whiten/bias", until_step=cfg.whiten_bias_epochs * steps_per_epoch),
             # airbench: 64x the learning rate and 1/64 the decay coefficient, i.e. the same
             # absolute decay per step; GroupedSGD never scales decay by lr_multiplier, so 1.0.
             optim.ParamGroup(r"_bn\d/beta", lr_multiplier=cfg.bias_lr_multiplier),
-        ])
+        ],
+    )
 
 
 def make_model(cfg, run, stem_images, strategy, steps_per_epoch, total_steps):
@@ -115,60 +138,90 @@ def make_model(cfg, run, stem_images, strategy, steps_per_epoch, total_steps):
     with strategy.scope():
         model = cnn.cnn(cfg.model, num_classes=len(CLASS_NAMES), image_shape=IMAGE_SHAPE)
         cnn.init_whitening(model, stem_images)
-        model.compile(optimizer=make_optimizer(cfg, steps_per_epoch, total_steps),
-                      loss=optim.label_smoothing_loss(cfg.label_smoothing), metrics=["accuracy"],
-                      jit_compile=run.jit_compile, steps_per_execution=training.steps_per_execution(run, strategy))
+        model.compile(
+            optimizer=make_optimizer(cfg, steps_per_epoch, total_steps),
+            loss=optim.label_smoothing_loss(cfg.label_smoothing),
+            metrics=["accuracy"],
+            jit_compile=run.jit_compile,
+            steps_per_execution=training.steps_per_execution(run, strategy),
+        )
     return model
 
 
 # Stage 3: train ----------------------------------------------------------------------------
+
 
 def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_steps, epoch_counter):
     callbacks = [epoch_counter]
     if cfg.lookahead_every:
         callbacks.append(optim.Lookahead(total_steps, every=cfg.lookahead_every))
     train_ds, val_ds, validation_steps = datasets
-    return training.fit(model, train_ds, val_ds, validation_steps=validation_steps,
-                        epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                        run_dir=run_dir, is_chief=is_chief,
-                        callbacks=callbacks, verbose=run.verbose)
+    return training.fit(
+        model,
+        train_ds,
+        val_ds,
+        validation_steps=validation_steps,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+        run_dir=run_dir,
+        is_chief=is_chief,
+        callbacks=callbacks,
+        verbose=run.verbose,
+    )
 
 
 # Stage 4: evaluate (`evaluate` subcommand; training ends with image_classification.save_and_report)
 
+
 def evaluate_command(argv):
     """`evaluate --model=PATH --data=PATH [--tta=N]`: one JSON line with accuracy on unseen data."""
-    return image_classification.evaluate_command(argv, pipeline=PIPELINE, class_names=CLASS_NAMES,
-                                                 image_shape=IMAGE_SHAPE)
+    return image_classification.evaluate_command(
+        argv, pipeline=PIPELINE, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE
+    )
 
 
 def compress_command(argv):
     """`compress --model=PATH --stages=prune,pqat,...`: TFMOT stages and TFLite variants, measured
     (core/compress.py); the report goes to compress/ beside the model."""
-    return image_classification.compress_command(argv, pipeline=PIPELINE, class_names=CLASS_NAMES,
-                                                 image_shape=IMAGE_SHAPE, tfds_name="cifar10")
+    return image_classification.compress_command(
+        argv, pipeline=PIPELINE, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE, tfds_name="cifar10"
+    )
 
 
 # Main: the stages in order -----------------------------------------------------------------
 
+
 def main(argv):
     run, cfg, strategy, precision, run_dir, is_chief = image_classification.start_run(
-        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE)
-    data = image_classification.prepare_data(cfg, run, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE,
-                                             tfds_name="cifar10")
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE
+    )
+    data = image_classification.prepare_data(
+        cfg, run, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE, tfds_name="cifar10"
+    )
     steps_per_epoch, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
     epoch_counter = image_classification.EpochCounter()
     datasets = make_datasets(cfg, run, data, strategy, epoch_counter)
-    model = make_model(cfg, run, image_classification.first_train_images(data), strategy,
-                       steps_per_epoch, total_steps)
+    model = make_model(cfg, run, image_classification.first_train_images(data), strategy, steps_per_epoch, total_steps)
     result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_steps, epoch_counter)
     model = training.unreplicated(model)  # every worker, together (a collective read)
 
     if is_chief:
         image_classification.save_and_report(
-            model, data, run_dir, tta=cfg.tta, evaluate_test=run.evaluate_test, pipeline=PIPELINE,
-            strategy=strategy, precision=precision, result=result, model_name=cfg.model, epochs=cfg.epochs,
-            global_batch=cfg.batch_size, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+            model,
+            data,
+            run_dir,
+            tta=cfg.tta,
+            evaluate_test=run.evaluate_test,
+            pipeline=PIPELINE,
+            strategy=strategy,
+            precision=precision,
+            result=result,
+            model_name=cfg.model,
+            epochs=cfg.epochs,
+            global_batch=cfg.batch_size,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+        )
     strategies.barrier(strategy)  # workers leave together, after the chief's report
     return run_dir
 
@@ -177,17 +230,24 @@ def bench_input_command(argv):
     """`bench-input [--data=PATH]`: how fast the training input is, against the storage read bound
     and the train step's own rate (core/input_bench.py); writes input_bench.{json,md,png}."""
     return image_classification.bench_input_command(
-        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, class_names=CLASS_NAMES,
-        image_shape=IMAGE_SHAPE, augment_batch=augment_batch, make_model=make_model)
+        argv,
+        pipeline=PIPELINE,
+        config_class=Config,
+        smoke=SMOKE,
+        class_names=CLASS_NAMES,
+        image_shape=IMAGE_SHAPE,
+        augment_batch=augment_batch,
+        make_model=make_model,
+    )
 
 
 def tune_command(argv):
     """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
     this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
-    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE,
-                               search_space=SEARCH_SPACE)
+    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE)
 
 
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command,
-                       tune=tune_command)
+    config_lib.run_cli(
+        main, evaluate_command, compress=compress_command, bench_input=bench_input_command, tune=tune_command
+    )

@@ -24,7 +24,6 @@ crops and flips. Data, strategies, reports and `evaluate` are those of pipelines
 import dataclasses
 
 import numpy as np
-import tf_keras as keras
 
 import strategies
 from core import config as config_lib
@@ -68,25 +67,31 @@ class Config:
         config_lib.check_choice("model", self.model, tuple(transformer.VARIANTS))
         config_lib.check_choice("flip", self.flip, image_classification.FLIPS)
         config_lib.check_choice("tta", self.tta, (0, 1, 2))
-        config_lib.check_positive(self, "batch_size", "epochs", "learning_rate", "examples_per_shard",
-                                  "patch_size")
-        config_lib.check_positive(self, "max_examples", "translate", "weight_decay", "label_smoothing",
-                                  allow_zero=True)
+        config_lib.check_positive(self, "batch_size", "epochs", "learning_rate", "examples_per_shard", "patch_size")
+        config_lib.check_positive(self, "max_examples", "translate", "weight_decay", "label_smoothing", allow_zero=True)
         for name in ("val_fraction", "warmup_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise UserError(f"--{name}={getattr(self, name)}: expected a number between 0 and 1")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout={self.dropout}: expected a number in [0, 1)")
         if any(channels <= 0 for channels in self.stem):
-            raise UserError(f"--stem={','.join(map(str, self.stem))}: expected positive channel counts, e.g. 64,128 (or --stem= for none)")
+            raise UserError(
+                f"--stem={','.join(map(str, self.stem))}: expected positive channel counts, e.g. 64,128 (or --stem= for none)"
+            )
         side = IMAGE_SHAPE[0] // 2 ** len(self.stem)  # each stem stage halves the image
         if side < 1:
-            raise UserError(f"--stem={','.join(map(str, self.stem))}: {len(self.stem)} stages halve a {IMAGE_SHAPE[0]}-pixel image to nothing; expected at most 5")
+            raise UserError(
+                f"--stem={','.join(map(str, self.stem))}: {len(self.stem)} stages halve a {IMAGE_SHAPE[0]}-pixel image to nothing; expected at most 5"
+            )
         if side % self.patch_size:
-            raise UserError(f"--patch_size={self.patch_size} with {len(self.stem)} stem stages: expected a patch size "
-                            f"that divides the {side}x{side} image the stem leaves")
+            raise UserError(
+                f"--patch_size={self.patch_size} with {len(self.stem)} stem stages: expected a patch size "
+                f"that divides the {side}x{side} image the stem leaves"
+            )
         if self.translate >= IMAGE_SHAPE[0] // 2:
-            raise UserError(f"--translate={self.translate}: expected fewer than {IMAGE_SHAPE[0] // 2} pixels (reflect padding)")
+            raise UserError(
+                f"--translate={self.translate}: expected fewer than {IMAGE_SHAPE[0] // 2} pixels (reflect padding)"
+            )
 
 
 # --smoke: tiny model and data, two short epochs; synthetic data unless --data is given.
@@ -100,11 +105,22 @@ SEARCH_SPACE = {
     "model": tuning.Choice("small", "base"),  # width and depth (models/transformer.VARIANTS)
 }
 
-SMOKE = dict(model="tiny", stem=(8,), patch_size=4, epochs=2, max_examples=320, batch_size=64,
-             data="synthetic", examples_per_shard=64, verbose=2, tta=1)
+SMOKE = dict(
+    model="tiny",
+    stem=(8,),
+    patch_size=4,
+    epochs=2,
+    max_examples=320,
+    batch_size=64,
+    data="synthetic",
+    examples_per_shard=64,
+    verbose=2,
+    tta=1,
+)
 
 
 # Stage 1: data -----------------------------------------------------------------------------
+
 
 def augment_batch(cfg, seed, epoch=None):
     """Training batches: random crop (reflect-padded translation) and flip, in the input pipeline.
@@ -112,23 +128,30 @@ def augment_batch(cfg, seed, epoch=None):
     Only these two: stronger augmentation (RandAugment, mixup, CutMix) is what lets ViTs reach
     their long-schedule accuracy on CIFAR, but it slows learning, and these schedules are short.
     """
-    return image_classification.augmented_inputs(len(CLASS_NAMES), flip=cfg.flip, translate=cfg.translate,
-                                                 seed=seed, epoch=epoch)
+    return image_classification.augmented_inputs(
+        len(CLASS_NAMES), flip=cfg.flip, translate=cfg.translate, seed=seed, epoch=epoch
+    )
 
 
 def make_datasets(cfg, run, data, strategy, epoch_counter):
     return image_classification.make_datasets(
-        strategy, data, global_batch=cfg.batch_size, seed=run.seed,
-        train_batch_fn=augment_batch(cfg, run.seed, epoch_counter.epoch))
+        strategy,
+        data,
+        global_batch=cfg.batch_size,
+        seed=run.seed,
+        train_batch_fn=augment_batch(cfg, run.seed, epoch_counter.epoch),
+    )
 
 
 # Stage 2: model ----------------------------------------------------------------------------
 
+
 def make_optimizer(cfg, total_steps):
     """AdamW, linear warm-up then cosine decay to 0 (`optim.adamw_warmup_cosine`)."""
     peak = strategies.scale_learning_rate(cfg.learning_rate, cfg.batch_size)
-    return optim.adamw_warmup_cosine(peak, total_steps, warmup_fraction=cfg.warmup_fraction,
-                                     weight_decay=cfg.weight_decay)
+    return optim.adamw_warmup_cosine(
+        peak, total_steps, warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay
+    )
 
 
 def make_model(cfg, run, train_images, strategy, steps_per_epoch, total_steps):
@@ -142,60 +165,96 @@ def make_model(cfg, run, train_images, strategy, steps_per_epoch, total_steps):
     # + 1e-3: a channel that never varies (synthetic or tiny data) must not divide by zero
     with strategy.scope():
         model = transformer.image_classifier(
-            cfg.model, image_shape=IMAGE_SHAPE, stem=cfg.stem, patch_size=cfg.patch_size,
-            num_classes=len(CLASS_NAMES), dropout=cfg.dropout,
-            pixel_mean=[float(m) for m in pixels.mean(0)], pixel_std=[float(s) for s in pixels.std(0) + 1e-3])
-        model.compile(optimizer=make_optimizer(cfg, total_steps),
-                      loss=optim.label_smoothing_loss(cfg.label_smoothing), metrics=["accuracy"],
-                      jit_compile=run.jit_compile, steps_per_execution=training.steps_per_execution(run, strategy))
+            cfg.model,
+            image_shape=IMAGE_SHAPE,
+            stem=cfg.stem,
+            patch_size=cfg.patch_size,
+            num_classes=len(CLASS_NAMES),
+            dropout=cfg.dropout,
+            pixel_mean=[float(m) for m in pixels.mean(0)],
+            pixel_std=[float(s) for s in pixels.std(0) + 1e-3],
+        )
+        model.compile(
+            optimizer=make_optimizer(cfg, total_steps),
+            loss=optim.label_smoothing_loss(cfg.label_smoothing),
+            metrics=["accuracy"],
+            jit_compile=run.jit_compile,
+            steps_per_execution=training.steps_per_execution(run, strategy),
+        )
     return model
 
 
 # Stage 3: train ----------------------------------------------------------------------------
 
+
 def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, epoch_counter):
     train_ds, val_ds, validation_steps = datasets
-    return training.fit(model, train_ds, val_ds, validation_steps=validation_steps,
-                        epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                        run_dir=run_dir, is_chief=is_chief,
-                        callbacks=[epoch_counter], verbose=run.verbose)
+    return training.fit(
+        model,
+        train_ds,
+        val_ds,
+        validation_steps=validation_steps,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+        run_dir=run_dir,
+        is_chief=is_chief,
+        callbacks=[epoch_counter],
+        verbose=run.verbose,
+    )
 
 
 # Stage 4: evaluate (`evaluate` subcommand; training ends with image_classification.save_and_report)
 
+
 def evaluate_command(argv):
     """`evaluate --model=PATH --data=PATH [--tta=N]`: one JSON line with accuracy on unseen data."""
-    return image_classification.evaluate_command(argv, pipeline=PIPELINE, class_names=CLASS_NAMES,
-                                                 image_shape=IMAGE_SHAPE)
+    return image_classification.evaluate_command(
+        argv, pipeline=PIPELINE, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE
+    )
 
 
 def compress_command(argv):
     """`compress --model=PATH --stages=prune,pqat,...`: TFMOT stages and TFLite variants, measured
     (core/compress.py); the report goes to compress/ beside the model."""
-    return image_classification.compress_command(argv, pipeline=PIPELINE, class_names=CLASS_NAMES,
-                                                 image_shape=IMAGE_SHAPE, tfds_name="cifar10")
+    return image_classification.compress_command(
+        argv, pipeline=PIPELINE, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE, tfds_name="cifar10"
+    )
 
 
 # Main: the stages in order -----------------------------------------------------------------
 
+
 def main(argv):
     run, cfg, strategy, precision, run_dir, is_chief = image_classification.start_run(
-        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE)
-    data = image_classification.prepare_data(cfg, run, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE,
-                                             tfds_name="cifar10")
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE
+    )
+    data = image_classification.prepare_data(
+        cfg, run, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE, tfds_name="cifar10"
+    )
     steps_per_epoch, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
     epoch_counter = image_classification.EpochCounter()
     datasets = make_datasets(cfg, run, data, strategy, epoch_counter)
-    model = make_model(cfg, run, image_classification.first_train_images(data), strategy,
-                       steps_per_epoch, total_steps)
+    model = make_model(cfg, run, image_classification.first_train_images(data), strategy, steps_per_epoch, total_steps)
     result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, epoch_counter)
     model = training.unreplicated(model)  # every worker, together (a collective read)
 
     if is_chief:
         image_classification.save_and_report(
-            model, data, run_dir, tta=cfg.tta, evaluate_test=run.evaluate_test, pipeline=PIPELINE,
-            strategy=strategy, precision=precision, result=result, model_name=cfg.model, epochs=cfg.epochs,
-            global_batch=cfg.batch_size, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+            model,
+            data,
+            run_dir,
+            tta=cfg.tta,
+            evaluate_test=run.evaluate_test,
+            pipeline=PIPELINE,
+            strategy=strategy,
+            precision=precision,
+            result=result,
+            model_name=cfg.model,
+            epochs=cfg.epochs,
+            global_batch=cfg.batch_size,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+        )
     strategies.barrier(strategy)  # workers leave together, after the chief's report
     return run_dir
 
@@ -204,17 +263,24 @@ def bench_input_command(argv):
     """`bench-input [--data=PATH]`: how fast the training input is, against the storage read bound
     and the train step's own rate (core/input_bench.py); writes input_bench.{json,md,png}."""
     return image_classification.bench_input_command(
-        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, class_names=CLASS_NAMES,
-        image_shape=IMAGE_SHAPE, augment_batch=augment_batch, make_model=make_model)
+        argv,
+        pipeline=PIPELINE,
+        config_class=Config,
+        smoke=SMOKE,
+        class_names=CLASS_NAMES,
+        image_shape=IMAGE_SHAPE,
+        augment_batch=augment_batch,
+        make_model=make_model,
+    )
 
 
 def tune_command(argv):
     """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
     this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
-    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE,
-                               search_space=SEARCH_SPACE)
+    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE)
 
 
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command,
-                       tune=tune_command)
+    config_lib.run_cli(
+        main, evaluate_command, compress=compress_command, bench_input=bench_input_command, tune=tune_command
+    )

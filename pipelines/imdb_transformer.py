@@ -35,16 +35,18 @@ import tensorflow as tf
 import tf_keras as keras
 
 import strategies
-from core import config as config_lib
 from core import compress, evaluation, input_bench, input_pipeline, optim, text_data, training, tuning
+from core import config as config_lib
 from core.errors import UserError
 from models import text_preprocessing, transformer
 
 PIPELINE = "imdb_transformer"
 CLASS_NAMES = text_data.CLASS_NAMES  # ("neg", "pos")
-COMMANDS = ["evaluate --model=PATH --data=PATH",  # besides training, for --help
-            "compress --model=PATH --stages=prune,pqat,...",
-            "tune --tuner=hyperband|bayesian|random --trials=N"]
+COMMANDS = [
+    "evaluate --model=PATH --data=PATH",  # besides training, for --help
+    "compress --model=PATH --stages=prune,pqat,...",
+    "tune --tuner=hyperband|bayesian|random --trials=N",
+]
 TOKENIZERS = ("words", "wordpiece")
 
 
@@ -53,7 +55,9 @@ class Config:
     # model
     model: str = "small"  # transformer size variant: tiny | small | base (models/transformer.VARIANTS)
     tokenizer: str = "words"  # words (TextVectorization) | wordpiece (tensorflow-text subwords)
-    vocab_size: int = 20000  # tokenizer vocabulary (most frequent words, or WordPiece's target size), padding and OOV included
+    vocab_size: int = (
+        20000  # tokenizer vocabulary (most frequent words, or WordPiece's target size), padding and OOV included
+    )
     max_length: int = 400  # tokens per review; longer ones keep their first and last halves
     bigram_buckets: int = 0  # hashed (word, next word) embeddings, e.g. 262144; 0 = words only (measured better so far)
     dropout: float = 0.1  # in the encoder, on the embeddings and before the head
@@ -72,8 +76,16 @@ class Config:
     def __post_init__(self):
         config_lib.check_choice("model", self.model, tuple(transformer.VARIANTS))
         config_lib.check_choice("tokenizer", self.tokenizer, TOKENIZERS)
-        config_lib.check_positive(self, "vocab_size", "max_length", "batch_size", "epochs",
-                                  "learning_rate", "examples_per_shard", "length_bucket")
+        config_lib.check_positive(
+            self,
+            "vocab_size",
+            "max_length",
+            "batch_size",
+            "epochs",
+            "learning_rate",
+            "examples_per_shard",
+            "length_bucket",
+        )
         config_lib.check_positive(self, "max_examples", "bigram_buckets", "weight_decay", allow_zero=True)
         for name in ("val_fraction", "warmup_fraction"):
             if not 0 < getattr(self, name) < 1:
@@ -81,7 +93,9 @@ class Config:
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout={self.dropout}: expected a number in [0, 1)")
         if self.vocab_size < 3:
-            raise UserError(f"--vocab_size={self.vocab_size}: expected at least 3 (padding, out-of-vocabulary, one word)")
+            raise UserError(
+                f"--vocab_size={self.vocab_size}: expected at least 3 (padding, out-of-vocabulary, one word)"
+            )
         if self.bigram_buckets == 1:
             raise UserError("--bigram_buckets=1: expected 0 (off) or at least 2")
 
@@ -89,6 +103,7 @@ class Config:
 @dataclasses.dataclass(frozen=True)
 class EvaluateOptions:
     """Flags of `python -m pipelines.imdb_transformer evaluate`."""
+
     model: str = ""  # path to model.keras from a training run (it takes raw strings)
     data: str = ""  # aclImdb folder or .tar.gz (its test split is used), a folder of pos/ and neg/ text files, or tfds
     batch_size: int = 500  # reviews per inference batch
@@ -107,18 +122,36 @@ SEARCH_SPACE = {
     "model": tuning.Choice("tiny", "small"),  # width and depth (models/transformer.VARIANTS)
 }
 
-SMOKE = dict(data="synthetic", model="tiny", vocab_size=200, max_length=64, bigram_buckets=512,
-             batch_size=32, epochs=2, max_examples=512, learning_rate=5e-3, examples_per_shard=64, length_bucket=16,
-             verbose=2)
+SMOKE = dict(
+    data="synthetic",
+    model="tiny",
+    vocab_size=200,
+    max_length=64,
+    bigram_buckets=512,
+    batch_size=32,
+    epochs=2,
+    max_examples=512,
+    learning_rate=5e-3,
+    examples_per_shard=64,
+    length_bucket=16,
+    verbose=2,
+)
 
 
 # Stage 1: data -----------------------------------------------------------------------------
 
+
 def prepare_data(cfg, run):
     """Converts the source (--data) once into the sharded cache; later runs reuse it."""
-    return text_data.prepare(run.data, cache_root=run.cache_dir, val_fraction=cfg.val_fraction,
-                             seed=run.seed, max_examples=cfg.max_examples or None,
-                             examples_per_shard=cfg.examples_per_shard, skip_corrupt=run.skip_corrupt)
+    return text_data.prepare(
+        run.data,
+        cache_root=run.cache_dir,
+        val_fraction=cfg.val_fraction,
+        seed=run.seed,
+        max_examples=cfg.max_examples or None,
+        examples_per_shard=cfg.examples_per_shard,
+        skip_corrupt=run.skip_corrupt,
+    )
 
 
 def fit_tokenizer(cfg, data):
@@ -142,19 +175,23 @@ def fit_tokenizer(cfg, data):
 
 def tokenized(vectorizer, truncate):
     """Record -> (token ids of one review, label): tokenized once, before the input cache."""
+
     def parse(serialized):
         text, label = text_data.parse_example(serialized)
         return truncate(vectorizer(text[tf.newaxis]))[0], label
+
     return parse
 
 
 def tokenized_batch(vectorizer, truncate):
     """`tokenized` for a batch of records at once (one tokenizer call per batch: input_pipeline's
     parse_batch_fn); rows are ragged, each exactly the ids `tokenized` gives its review."""
+
     def parse(serialized):
         texts, labels = text_data.parse_examples(serialized)
         # Id 0 is padding only (1 is out-of-vocabulary), so stripping zeros restores each row.
         return tf.RaggedTensor.from_tensor(truncate(vectorizer(texts)), padding=0), labels
+
     return parse
 
 
@@ -170,9 +207,13 @@ def length_bucketed(cfg):
 
     def batcher(ds, batch_size, drop_remainder):
         return ds.bucket_by_sequence_length(
-            lambda ids, label: tf.shape(ids)[0], bucket_boundaries=boundaries,
-            bucket_batch_sizes=[batch_size] * (len(boundaries) + 1), pad_to_bucket_boundary=True,
-            drop_remainder=drop_remainder)
+            lambda ids, label: tf.shape(ids)[0],
+            bucket_boundaries=boundaries,
+            bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
+            pad_to_bucket_boundary=True,
+            drop_remainder=drop_remainder,
+        )
+
     return batcher
 
 
@@ -187,60 +228,95 @@ def fixed_length(max_length):
     XLA compiles one TPU program per input shape, and a shape unknown when the step is traced
     makes TPUStrategy pad or recompile at run time; the padding costs compute a TPU has to spare.
     """
+
     def batcher(ds, batch_size, drop_remainder):
         return ds.padded_batch(batch_size, padded_shapes=([max_length], []), drop_remainder=drop_remainder)
+
     return batcher
 
 
 def train_input(cfg, run, data, vectorizer, truncate, static_shapes=False):
     """`input_pipeline.make_dataset` arguments of the training split: one place, so training and
     `bench-input` build the very same pipeline."""
-    return dict(training=True, parse_fn=tokenized(vectorizer, truncate),
-                parse_batch_fn=tokenized_batch(vectorizer, truncate),
-                batcher=fixed_length(cfg.max_length) if static_shapes else length_bucketed(cfg),
-                seed=run.seed, num_examples=data.splits["train"].num_examples)
+    return dict(
+        training=True,
+        parse_fn=tokenized(vectorizer, truncate),
+        parse_batch_fn=tokenized_batch(vectorizer, truncate),
+        batcher=fixed_length(cfg.max_length) if static_shapes else length_bucketed(cfg),
+        seed=run.seed,
+        num_examples=data.splits["train"].num_examples,
+    )
 
 
 def make_datasets(cfg, run, data, strategy, vectorizer, truncate):
     static_shapes = strategies.resolved_name(strategy) == "tpu"
     train_ds = input_pipeline.distributed_dataset(
-        strategy, data.splits["train"].files, global_batch=cfg.batch_size,
-        **train_input(cfg, run, data, vectorizer, truncate, static_shapes))
+        strategy,
+        data.splits["train"].files,
+        global_batch=cfg.batch_size,
+        **train_input(cfg, run, data, vectorizer, truncate, static_shapes),
+    )
     val_ds, validation_steps = input_pipeline.validation_dataset(
-        strategy, data.splits["val"].files, global_batch=cfg.batch_size, parse_fn=tokenized(vectorizer, truncate),
-        parse_batch_fn=tokenized_batch(vectorizer, truncate), seed=run.seed,
+        strategy,
+        data.splits["val"].files,
+        global_batch=cfg.batch_size,
+        parse_fn=tokenized(vectorizer, truncate),
+        parse_batch_fn=tokenized_batch(vectorizer, truncate),
+        seed=run.seed,
         num_examples=data.splits["val"].num_examples,
         batcher=fixed_length(cfg.max_length) if static_shapes else padded,
-        multi_worker=strategies.resolved_name(strategy) == "multiworker")
+        multi_worker=strategies.resolved_name(strategy) == "multiworker",
+    )
     return train_ds, val_ds, validation_steps
 
 
 # Stage 2: model ----------------------------------------------------------------------------
 
+
 def make_model(cfg, run, strategy, total_steps):
     """Builds and compiles the token-id classifier under the strategy's scope."""
     with strategy.scope():
         model = transformer.text_classifier(
-            cfg.model, vocab_size=cfg.vocab_size, max_length=cfg.max_length, num_classes=len(CLASS_NAMES),
-            dropout=cfg.dropout, embedding_dropout=cfg.dropout, bigram_buckets=cfg.bigram_buckets)
+            cfg.model,
+            vocab_size=cfg.vocab_size,
+            max_length=cfg.max_length,
+            num_classes=len(CLASS_NAMES),
+            dropout=cfg.dropout,
+            embedding_dropout=cfg.dropout,
+            bigram_buckets=cfg.bigram_buckets,
+        )
         model.compile(
-            optimizer=optim.adamw_warmup_cosine(cfg.learning_rate, total_steps, warmup_fraction=cfg.warmup_fraction,
-                                                weight_decay=cfg.weight_decay),
+            optimizer=optim.adamw_warmup_cosine(
+                cfg.learning_rate, total_steps, warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay
+            ),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"], jit_compile=run.jit_compile, steps_per_execution=training.steps_per_execution(run, strategy))
+            metrics=["accuracy"],
+            jit_compile=run.jit_compile,
+            steps_per_execution=training.steps_per_execution(run, strategy),
+        )
     return model
 
 
 # Stage 3: train ----------------------------------------------------------------------------
 
+
 def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch):
     train_ds, val_ds, validation_steps = datasets
-    return training.fit(model, train_ds, val_ds, validation_steps=validation_steps,
-                        epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                        run_dir=run_dir, is_chief=is_chief, verbose=run.verbose)
+    return training.fit(
+        model,
+        train_ds,
+        val_ds,
+        validation_steps=validation_steps,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+        run_dir=run_dir,
+        is_chief=is_chief,
+        verbose=run.verbose,
+    )
 
 
 # Stage 4: export and evaluate --------------------------------------------------------------
+
 
 def export(vectorizer, truncate, classifier):
     """The served model: raw strings in, logits out (tokenizer and truncation inside)."""
@@ -260,10 +336,14 @@ def save_and_report(model, data, run_dir, evaluate_test=True, **report):
     metrics.json."""
     model.save(os.path.join(run_dir, "model.keras"))
     splits = ("val", "test") if evaluate_test else ("val",)
-    scores = {split: accuracy_on_texts(model, *text_data.read_texts(data.splits[split]))
-              for split in splits if split in data.splits}
-    return training.write_report(run_dir, data=data, val=scores["val"], val_no_tta=scores["val"],
-                                 test=scores.get("test"), **report)
+    scores = {
+        split: accuracy_on_texts(model, *text_data.read_texts(data.splits[split]))
+        for split in splits
+        if split in data.splits
+    }
+    return training.write_report(
+        run_dir, data=data, val=scores["val"], val_no_tta=scores["val"], test=scores.get("test"), **report
+    )
 
 
 def evaluate_command(argv):
@@ -279,9 +359,13 @@ def evaluate_command(argv):
     splits = text_data.read_source_texts(opts.data)
     split = "test" if "test" in splits else next(iter(splits))
     texts, labels = splits[split]
-    return {"pipeline": PIPELINE, "model": opts.model, "data": opts.data,
-            "split": split if split == "test" else "all",
-            **accuracy_on_texts(model, texts, labels, opts.batch_size)}
+    return {
+        "pipeline": PIPELINE,
+        "model": opts.model,
+        "data": opts.data,
+        "split": split if split == "test" else "all",
+        **accuracy_on_texts(model, texts, labels, opts.batch_size),
+    }
 
 
 def compression_task(model, run_config, opts):
@@ -292,13 +376,20 @@ def compression_task(model, run_config, opts):
     scored on the run's validation split (or --eval_split=test: the 25,000 test reviews); int8
     ranges come from 256 training reviews."""
     if len(model.layers) != 4 or model.inputs[0].dtype != tf.string:
-        raise UserError(f"--model={opts.model}: not an {PIPELINE} model; expected the raw-string model.keras its training writes")
+        raise UserError(
+            f"--model={opts.model}: not an {PIPELINE} model; expected the raw-string model.keras its training writes"
+        )
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in run_config.items() if k in fields})
-    data = text_data.prepare(run_config["data"], cache_root=run_config["cache_dir"], val_fraction=cfg.val_fraction,
-                             seed=run_config["seed"], max_examples=cfg.max_examples or None,
-                             examples_per_shard=cfg.examples_per_shard,
-                             skip_corrupt=run_config.get("skip_corrupt", False))  # runs from before the flag: off
+    data = text_data.prepare(
+        run_config["data"],
+        cache_root=run_config["cache_dir"],
+        val_fraction=cfg.val_fraction,
+        seed=run_config["seed"],
+        max_examples=cfg.max_examples or None,
+        examples_per_shard=cfg.examples_per_shard,
+        skip_corrupt=run_config.get("skip_corrupt", False),
+    )  # runs from before the flag: off
     _, vectorizer, truncate, classifier = model.layers  # end_to_end: text input, tokenizer, truncation, classifier
 
     def padded_ids(texts):
@@ -306,19 +397,34 @@ def compression_task(model, run_config, opts):
         return np.pad(ids, [[0, 0], [0, cfg.max_length - ids.shape[1]]])
 
     train = input_pipeline.make_dataset(
-        data.splits["train"].files, batch_size=opts.batch_size, training=True, seed=run_config["seed"],
-        parse_fn=tokenized(vectorizer, truncate), batcher=length_bucketed(cfg),
-        num_examples=data.splits["train"].num_examples)
+        data.splits["train"].files,
+        batch_size=opts.batch_size,
+        training=True,
+        seed=run_config["seed"],
+        parse_fn=tokenized(vectorizer, truncate),
+        batcher=length_bucketed(cfg),
+        num_examples=data.splits["train"].num_examples,
+    )
     split = compress.evaluation_split(data.splits, opts)
     texts, labels = text_data.read_texts(data.splits[split])
     if opts.eval_examples:
-        texts, labels = texts[:opts.eval_examples], labels[:opts.eval_examples]
-    eval_ids = np.concatenate([padded_ids(texts[i:i + 1000]) for i in range(0, len(texts), 1000)])
+        texts, labels = texts[: opts.eval_examples], labels[: opts.eval_examples]
+    eval_ids = np.concatenate([padded_ids(texts[i : i + 1000]) for i in range(0, len(texts), 1000)])
     train_ids = padded_ids(text_data.read_texts(data.splits["train"])[0][:256])
-    tune = compress.fine_tune(train, data.splits["train"].num_examples, opts,
-                              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return compress.Task(model=classifier, tune=tune, eval_inputs=eval_ids, eval_labels=np.asarray(labels),
-                         representative=[train_ids[i:i + 32] for i in range(0, 256, 32)], eval_split=split)
+    tune = compress.fine_tune(
+        train,
+        data.splits["train"].num_examples,
+        opts,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return compress.Task(
+        model=classifier,
+        tune=tune,
+        eval_inputs=eval_ids,
+        eval_labels=np.asarray(labels),
+        representative=[train_ids[i : i + 32] for i in range(0, 256, 32)],
+        eval_split=split,
+    )
 
 
 def compress_command(argv):
@@ -330,8 +436,9 @@ def compress_command(argv):
 def parse_token_ids(serialized):
     """A record of token ids (the stored-format comparison of `bench-input`) -> (ids, label), as
     `tokenized` gives them from text."""
-    features = tf.io.parse_single_example(serialized, {"ids": tf.io.VarLenFeature(tf.int64),
-                                                       "label": tf.io.FixedLenFeature([], tf.int64)})
+    features = tf.io.parse_single_example(
+        serialized, {"ids": tf.io.VarLenFeature(tf.int64), "label": tf.io.FixedLenFeature([], tf.int64)}
+    )
     return tf.sparse.to_dense(features["ids"]), features["label"]
 
 
@@ -344,29 +451,39 @@ def bench_input_task(cfg, run):
 
     def train_consumption(batches, steps):
         _, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
-        return input_bench.time_train_steps(make_model(cfg, run, input_bench.one_device(run), total_steps), batches, steps)
+        return input_bench.time_train_steps(
+            make_model(cfg, run, input_bench.one_device(run), total_steps), batches, steps
+        )
 
-    token_ids = input_bench.StoredFormat("token ids", parse=parse_token_ids,
-                                         encode=lambda ids, label: {"ids": ids, "label": label})
+    token_ids = input_bench.StoredFormat(
+        "token ids", parse=parse_token_ids, encode=lambda ids, label: {"ids": ids, "label": label}
+    )
     return input_bench.InputBenchTask(
-        files=data.splits["train"].files, num_examples=data.splits["train"].num_examples,
-        stored_format="review text (UTF-8)", parse=args["parse_fn"],
-        build=input_bench.build_like_training(cfg.batch_size, args), train_consumption=train_consumption,
-        other_formats=(token_ids,))
+        files=data.splits["train"].files,
+        num_examples=data.splits["train"].num_examples,
+        stored_format="review text (UTF-8)",
+        parse=args["parse_fn"],
+        build=input_bench.build_like_training(cfg.batch_size, args),
+        train_consumption=train_consumption,
+        other_formats=(token_ids,),
+    )
 
 
 def bench_input_command(argv):
     """`bench-input [--data=PATH]`: how fast the training input is, against the storage read bound
     and the train step's own rate (core/input_bench.py); writes input_bench.{json,md,png}."""
-    return input_bench.bench_input_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE,
-                                           make_task=bench_input_task)
+    return input_bench.bench_input_command(
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, make_task=bench_input_task
+    )
 
 
 # Main: the stages in order -----------------------------------------------------------------
 
+
 def main(argv):
     run, cfg, strategy, precision, run_dir, is_chief = training.start_run(
-        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, commands=COMMANDS)
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, commands=COMMANDS
+    )
     data = prepare_data(cfg, run)
     vectorizer = fit_tokenizer(cfg, data)
     truncate = text_preprocessing.HeadTailTruncate(cfg.max_length)
@@ -378,10 +495,20 @@ def main(argv):
 
     if is_chief:
         save_and_report(
-            export(vectorizer, truncate, model), data, run_dir, evaluate_test=run.evaluate_test,
-            pipeline=PIPELINE, strategy=strategy,
-            precision=precision, result=result, model_name=cfg.model, epochs=cfg.epochs,
-            global_batch=cfg.batch_size, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+            export(vectorizer, truncate, model),
+            data,
+            run_dir,
+            evaluate_test=run.evaluate_test,
+            pipeline=PIPELINE,
+            strategy=strategy,
+            precision=precision,
+            result=result,
+            model_name=cfg.model,
+            epochs=cfg.epochs,
+            global_batch=cfg.batch_size,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+        )
     strategies.barrier(strategy)  # workers leave together, after the chief's report
     return run_dir
 
@@ -389,10 +516,10 @@ def main(argv):
 def tune_command(argv):
     """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
     this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
-    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE,
-                               search_space=SEARCH_SPACE)
+    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE)
 
 
 if __name__ == "__main__":
-    config_lib.run_cli(main, evaluate_command, compress=compress_command, bench_input=bench_input_command,
-                       tune=tune_command)
+    config_lib.run_cli(
+        main, evaluate_command, compress=compress_command, bench_input=bench_input_command, tune=tune_command
+    )

@@ -110,6 +110,7 @@ def barrier(strategy) -> None:
     """
     if resolved_name(strategy) != "multiworker":
         return
+
     # Inside a tf.function: run eagerly, MultiWorkerMirroredStrategy warns of its overhead.
     @tf.function(autograph=False)
     def all_reduce_one():
@@ -177,9 +178,7 @@ def _mirrored(tpu):
     # With no GPU, MirroredStrategy() would use CPU:0 only; name every logical CPU explicitly.
     # NCCL is GPU-only, so reduce through one device.
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(
-        devices=cpus, cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
+    return tf.distribute.MirroredStrategy(devices=cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
 def _multiworker(tpu):
@@ -200,9 +199,7 @@ def _multiworker(tpu):
     )
     return tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=tf.distribute.cluster_resolver.TFConfigClusterResolver(),
-        communication_options=tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation
-        ),
+        communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation),
     )
 
 
@@ -278,9 +275,7 @@ def _split_cpu(n):
     if len(tf.config.get_logical_device_configuration(cpus[0]) or []) == n:
         return
     try:
-        tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
-        )
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
     except RuntimeError:
         raise UserError(
             f"cannot split the CPU into {n} devices: TF's runtime is already initialised; make "

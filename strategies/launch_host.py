@@ -27,13 +27,13 @@ import sys
 from core.errors import UserError
 from strategies import tf_config
 
-USAGE = ("usage: python -m strategies.launch_host --workers=HOST:PORT,... (--index=I -- COMMAND... | --write=DIR)")
+USAGE = "usage: python -m strategies.launch_host --workers=HOST:PORT,... (--index=I -- COMMAND... | --write=DIR)"
 
 
 def parse_args(argv):
     """Returns (workers, index, write_dir, command); one-line `UserError` when malformed."""
     split = argv.index("--") if "--" in argv else len(argv)
-    options, command = argv[:split], argv[split + 1:]
+    options, command = argv[:split], argv[split + 1 :]
     values = {}
     for option in options:
         key, has_value, value = option.partition("=")
@@ -45,7 +45,9 @@ def parse_args(argv):
     workers = values["workers"].split(",")
     if "write" in values:
         if "index" in values or command:
-            raise UserError(f"--write writes every host's TF_CONFIG and runs nothing: drop --index and the command ({USAGE})")
+            raise UserError(
+                f"--write writes every host's TF_CONFIG and runs nothing: drop --index and the command ({USAGE})"
+            )
         return workers, None, values["write"], []
     if "index" not in values or not command:
         raise UserError(f"expected --index=I and a command after '--': {USAGE}")

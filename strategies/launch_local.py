@@ -113,8 +113,11 @@ def launch(workers, command, in_private_network=False):
     if status and in_private_network and unreachable and not forwarded:
         # The likeliest surprise: a download or a gs:// read failing with a DNS error deep in a
         # traceback, because the namespace has no way out.
-        print("note: the workers ran in a private network namespace, with no network beyond this machine; "
-              "if they needed to download data or read gs:// paths, run with --network=host", file=sys.stderr)
+        print(
+            "note: the workers ran in a private network namespace, with no network beyond this machine; "
+            "if they needed to download data or read gs:// paths, run with --network=host",
+            file=sys.stderr,
+        )
     return status
 
 
@@ -128,7 +131,8 @@ def private_network_unavailable():
         lines = probe.stderr.strip().splitlines()
         return (lines[-1] if lines else f"unshare exited with status {probe.returncode}") + (
             "; unprivileged user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone, "
-            "or AppArmor's kernel.apparmor_restrict_unprivileged_userns)")
+            "or AppArmor's kernel.apparmor_restrict_unprivileged_userns)"
+        )
     return None
 
 
@@ -187,8 +191,14 @@ _print_lock = threading.Lock()
 
 # How a failed name lookup or connection outside the namespace shows in a worker's output
 # (requests/urllib3 for TFDS downloads, curl and gRPC for gs://).
-_UNREACHABLE = ("NameResolutionError", "Temporary failure in name resolution", "Name or service not known",
-                "Could not resolve host", "Network is unreachable", "nodename nor servname")
+_UNREACHABLE = (
+    "NameResolutionError",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Could not resolve host",
+    "Network is unreachable",
+    "nodename nor servname",
+)
 
 
 def _pump(stream, prefix, unreachable):
@@ -218,15 +228,21 @@ def main(argv=None):
             # exec, not a child: the pid, the signals and the exit status stay the launcher's.
             os.environ[_INSIDE] = "1"
             os.execvp(_UNSHARE[0], [*_UNSHARE, "--", sys.executable, "-m", "strategies.launch_local", *argv])
-        print(f"warning: the workers' ports listen on all interfaces (TensorFlow binds 0.0.0.0, not the "
-              f"TF_CONFIG host): no private network namespace ({reason})", file=sys.stderr)
+        print(
+            f"warning: the workers' ports listen on all interfaces (TensorFlow binds 0.0.0.0, not the "
+            f"TF_CONFIG host): no private network namespace ({reason})",
+            file=sys.stderr,
+        )
         network = "host"
     if inside:
         try:
             bring_up_loopback()
         except OSError as e:
-            print(f"error: cannot bring up loopback in the private network namespace ({e.strerror}); "
-                  "expected it to work after unshare, else use --network=host", file=sys.stderr)
+            print(
+                f"error: cannot bring up loopback in the private network namespace ({e.strerror}); "
+                "expected it to work after unshare, else use --network=host",
+                file=sys.stderr,
+            )
             sys.exit(2)
     try:
         sys.exit(launch(workers, command, in_private_network=network == "private"))

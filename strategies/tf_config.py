@@ -53,13 +53,10 @@ def validate(raw: str | dict) -> dict:
         _check_task_type(task_type, where="cluster")
         if not isinstance(addresses, list) or not addresses:
             raise UserError(
-                f'TF_CONFIG cluster["{task_type}"] is {addresses!r}: expected a non-empty list '
-                'of "host:port" strings'
+                f'TF_CONFIG cluster["{task_type}"] is {addresses!r}: expected a non-empty list of "host:port" strings'
             )
         if task_type == "chief" and len(addresses) != 1:
-            raise UserError(
-                f'TF_CONFIG cluster["chief"] has {len(addresses)} addresses: expected exactly 1'
-            )
+            raise UserError(f'TF_CONFIG cluster["chief"] has {len(addresses)} addresses: expected exactly 1')
         for i, address in enumerate(addresses):
             _split_address(address, where=f'cluster["{task_type}"][{i}]')
             where = f"{task_type}:{i}"
@@ -80,8 +77,7 @@ def validate(raw: str | dict) -> dict:
     _check_task_type(task_type, where="task")
     if task_type not in cluster:
         raise UserError(
-            f"TF_CONFIG task type '{task_type}' is not in the cluster: expected one of "
-            f"{', '.join(cluster)}"
+            f"TF_CONFIG task type '{task_type}' is not in the cluster: expected one of {', '.join(cluster)}"
         )
     index = task.get("index", 0)
     count = len(cluster[task_type])
@@ -160,17 +156,12 @@ def _check_task_type(task_type, where):
             f"expected one of {', '.join(TASK_TYPES)}"
         )
     if task_type not in TASK_TYPES:
-        raise UserError(
-            f"TF_CONFIG {where} has task type {task_type!r}: "
-            f"expected one of {', '.join(TASK_TYPES)}"
-        )
+        raise UserError(f"TF_CONFIG {where} has task type {task_type!r}: expected one of {', '.join(TASK_TYPES)}")
 
 
 def _split_address(address, where):
     """Returns (host, port) from 'host:port' or '[v6]:port', or raises UserError."""
-    bad = UserError(
-        f"TF_CONFIG {where} is {address!r}: expected 'host:port' with a port from 1 to 65535"
-    )
+    bad = UserError(f"TF_CONFIG {where} is {address!r}: expected 'host:port' with a port from 1 to 65535")
     if not isinstance(address, str) or ":" not in address:
         raise bad
     host, _, port = address.rpartition(":")

@@ -105,10 +105,14 @@ def _kill_in_save(where, call):
         functional_saver._single_shard_save = after_data
     elif where == "inside_merge":
         from tensorflow.python.ops import gen_io_ops
+
         merge = gen_io_ops.merge_v2_checkpoints
 
         def inside_merge(checkpoint_prefixes, destination_prefix, *args, **kwargs):
-            tick(_text(destination_prefix), before_kill=lambda: first_half_of_merge(checkpoint_prefixes, destination_prefix))
+            tick(
+                _text(destination_prefix),
+                before_kill=lambda: first_half_of_merge(checkpoint_prefixes, destination_prefix),
+            )
             return merge(checkpoint_prefixes, destination_prefix, *args, **kwargs)
 
         gen_io_ops.merge_v2_checkpoints = inside_merge

@@ -16,14 +16,21 @@ def _module_env(env):
 
 def run_module(*args, timeout=300, env=None):
     """Runs `python -m <args>` from the repo root; returns the CompletedProcess (text)."""
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_module_env(env), text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=_module_env(env), text=True, capture_output=True, timeout=timeout
+    )
 
 
 def run_python(code, *args, timeout=300, env=None):
     """Runs `python -c code args...` from the repo root, as `run_module` runs a module."""
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=_module_env(env), text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env=_module_env(env),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 def start_module(*args, env=None, **popen_kwargs):
@@ -35,6 +42,7 @@ def start_module(*args, env=None, **popen_kwargs):
 
 def last_json_line(text):
     import json
+
     return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
 
 
@@ -51,8 +59,14 @@ def write_image_folder(root, class_names, per_class=2, size=(32, 32), seed=0):
 
 def smoke_run(root, pipeline):
     """Trains `pipeline --smoke` under the default strategy into `root`; returns the run folder."""
-    result = run_module(f"pipelines.{pipeline}", "--smoke", f"--output_dir={root}/runs",
-                        f"--cache_dir={root}/cache", "--name=smoke", "--strategy=default")
+    result = run_module(
+        f"pipelines.{pipeline}",
+        "--smoke",
+        f"--output_dir={root}/runs",
+        f"--cache_dir={root}/cache",
+        "--name=smoke",
+        "--strategy=default",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / pipeline / "smoke"
 

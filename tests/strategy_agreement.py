@@ -31,8 +31,10 @@ STEPS = 4
 PIPELINES = {
     "cifar10_cnn": (cifar10_cnn, dict(model="tiny", lookahead_every=0, learning_rate=0.5)),
     "cifar10_vit": (cifar10_vit, dict(model="tiny", stem=(8,), patch_size=4, learning_rate=0.5)),
-    "imdb_transformer": (imdb_transformer, dict(model="tiny", vocab_size=500, max_length=32,
-                                                bigram_buckets=256, dropout=0.0, learning_rate=0.05)),
+    "imdb_transformer": (
+        imdb_transformer,
+        dict(model="tiny", vocab_size=500, max_length=32, bigram_buckets=256, dropout=0.0, learning_rate=0.05),
+    ),
 }
 TEXT_PIPELINES = ("imdb_transformer",)
 
@@ -77,8 +79,15 @@ def main(argv):
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
     model = build_model(name, pipeline, cfg, run, inputs, strategy)
     history = model.fit(dataset, epochs=STEPS, steps_per_epoch=1, verbose=0)
-    print(json.dumps({"strategy": strategies.describe(strategy)["strategy"],
-                      "replicas": strategy.num_replicas_in_sync, "loss": history.history["loss"]}))
+    print(
+        json.dumps(
+            {
+                "strategy": strategies.describe(strategy)["strategy"],
+                "replicas": strategy.num_replicas_in_sync,
+                "loss": history.history["loss"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,16 @@ from pipelines import cifar10_cnn
 from tests import helpers
 from tests.helpers import last_json_line, run_module, write_image_folder
 
-METRIC_KEYS = {"pipeline", "strategy", "replicas", "epochs", "train_seconds", "examples_per_second",
-               "val_accuracy", "test_accuracy"}
+METRIC_KEYS = {
+    "pipeline",
+    "strategy",
+    "replicas",
+    "epochs",
+    "train_seconds",
+    "examples_per_second",
+    "val_accuracy",
+    "test_accuracy",
+}
 # Per-step losses of the same global batches: mirrored/multiworker vs default. They differ only
 # because BatchNorm normalises each replica's half-batch with its own statistics (measured:
 # 4e-4 relative); a doubled or halved gradient would differ by >1e-2 by the second step.
@@ -26,8 +34,14 @@ LOSS_RTOL = 2e-3
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
-    result = run_module("pipelines.cifar10_cnn", "--smoke", f"--output_dir={root}/runs",
-                        f"--cache_dir={root}/cache", "--name=smoke", "--strategy=default")
+    result = run_module(
+        "pipelines.cifar10_cnn",
+        "--smoke",
+        f"--output_dir={root}/runs",
+        f"--cache_dir={root}/cache",
+        "--name=smoke",
+        "--strategy=default",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / "cifar10_cnn" / "smoke", result
 
@@ -58,8 +72,13 @@ def test_smoke_run_learns(smoke_run):
 def test_finished_run_is_never_overwritten(smoke_run):
     run_dir, _ = smoke_run
     before = (run_dir / "metrics.json").read_text()
-    result = run_module("pipelines.cifar10_cnn", "--smoke", f"--output_dir={run_dir.parent.parent}",
-                        "--name=smoke", "--strategy=default")
+    result = run_module(
+        "pipelines.cifar10_cnn",
+        "--smoke",
+        f"--output_dir={run_dir.parent.parent}",
+        "--name=smoke",
+        "--strategy=default",
+    )
     assert result.returncode == 2
     assert "a finished run is already there" in result.stderr.strip().splitlines()[-1]
     assert (run_dir / "metrics.json").read_text() == before
@@ -68,8 +87,9 @@ def test_finished_run_is_never_overwritten(smoke_run):
 def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
     run_dir, _ = smoke_run
     folder = write_image_folder(tmp_path / "test", cifar10_cnn.CLASS_NAMES, per_class=3)
-    result = run_module("pipelines.cifar10_cnn", "evaluate", f"--model={run_dir}/model.keras",
-                        f"--data={folder}", "--tta=2")
+    result = run_module(
+        "pipelines.cifar10_cnn", "evaluate", f"--model={run_dir}/model.keras", f"--data={folder}", "--tta=2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = last_json_line(result.stdout)
     assert report["examples"] == 30 and report["split"] == "all"
@@ -77,10 +97,13 @@ def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
     assert 0.0 <= report["accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--data=/no/such/folder"], "/no/such/folder"),
-    (["--model=/no/model.keras"], "/no/model.keras: no such file"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data=/no/such/folder"], "/no/such/folder"),
+        (["--model=/no/model.keras"], "/no/model.keras: no such file"),
+    ],
+)
 def test_evaluate_bad_input_exits_nonzero_with_one_line(smoke_run, tmp_path, args, expected):
     run_dir, _ = smoke_run
     defaults = {"--model": f"--model={run_dir}/model.keras", "--data": f"--data={tmp_path}"}
@@ -98,16 +121,19 @@ def test_evaluate_rejects_classes_the_model_does_not_know(smoke_run, tmp_path):
     assert result.returncode == 2 and "airplane" in result.stderr
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--strategy=gpu"], "unknown strategy 'gpu': expected one of auto, default, mirrored, multiworker, tpu"),
-    (["--precision=fp8"], "--precision=fp8: expected one of auto, float32, mixed_float16, mixed_bfloat16"),
-    (["--epochs=two"], "--epochs=two: expected an integer"),
-    (["--learning-rat=1"], "unknown flag --learning_rat"),
-    (["--strategy=multiworker"], "TF_CONFIG is not set"),
-    (["--strategy=tpu"], "no TPU found"),
-    (["--data=/no/such/data"], "/no/such/data: no such file or folder"),
-    (["--name=../escape"], "--name=../escape: expected letters"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--strategy=gpu"], "unknown strategy 'gpu': expected one of auto, default, mirrored, multiworker, tpu"),
+        (["--precision=fp8"], "--precision=fp8: expected one of auto, float32, mixed_float16, mixed_bfloat16"),
+        (["--epochs=two"], "--epochs=two: expected an integer"),
+        (["--learning-rat=1"], "unknown flag --learning_rat"),
+        (["--strategy=multiworker"], "TF_CONFIG is not set"),
+        (["--strategy=tpu"], "no TPU found"),
+        (["--data=/no/such/data"], "/no/such/data: no such file or folder"),
+        (["--name=../escape"], "--name=../escape: expected letters"),
+    ],
+)
 def test_bad_input_ends_in_one_line_error(argv, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     argv = ["--smoke", f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache", *argv]
@@ -119,8 +145,7 @@ def test_bad_input_ends_in_one_line_error(argv, expected, tmp_path, capsys, monk
 
 
 def test_batch_not_divisible_by_replicas_is_refused():
-    result = run_module("pipelines.cifar10_cnn", "--smoke", "--strategy=mirrored", "--cpu_devices=2",
-                        "--batch_size=63")
+    result = run_module("pipelines.cifar10_cnn", "--smoke", "--strategy=mirrored", "--cpu_devices=2", "--batch_size=63")
     assert result.returncode == 2
     assert "63" in result.stderr.strip().splitlines()[-1]
 
@@ -128,8 +153,16 @@ def test_batch_not_divisible_by_replicas_is_refused():
 def test_tfds_source_trains_and_reports_test_accuracy(tmp_path):
     # No internet here: TFDS is exercised through its mock, which fakes the download.
     with tfds.testing.mock_data(num_examples=80):
-        run_dir = cifar10_cnn.main(["--smoke", "--data=tfds", "--strategy=default", "--name=tfds",
-                                    f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache"])
+        run_dir = cifar10_cnn.main(
+            [
+                "--smoke",
+                "--data=tfds",
+                "--strategy=default",
+                "--name=tfds",
+                f"--output_dir={tmp_path}/runs",
+                f"--cache_dir={tmp_path}/cache",
+            ]
+        )
     keras.mixed_precision.set_global_policy("float32")
     metrics = json.loads(open(os.path.join(run_dir, "metrics.json")).read())
     assert metrics["data"]["source"].startswith("tfds")
@@ -155,11 +188,23 @@ def test_multiworker_matches_default_loss(default_losses):
 
 def test_make_train_multiworker_runs_two_local_workers(tmp_path):
     import subprocess
+
     from tests.helpers import REPO
+
     result = subprocess.run(
-        ["make", "--no-print-directory", "train", "STRATEGY=multiworker", "WORKERS=2",
-         f"ARGS=--smoke --name=mw --output_dir={tmp_path}/runs --cache_dir={tmp_path}/cache"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            "make",
+            "--no-print-directory",
+            "train",
+            "STRATEGY=multiworker",
+            "WORKERS=2",
+            f"ARGS=--smoke --name=mw --output_dir={tmp_path}/runs --cache_dir={tmp_path}/cache",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "[worker 0]" in result.stdout and "[worker 1]" in result.stdout
     metrics = json.loads((tmp_path / "runs/cifar10_cnn/mw/metrics.json").read_text())
@@ -173,10 +218,21 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
     import signal
     import subprocess
     import time
+
     from tests.helpers import REPO
+
     epochs = 25
-    args = [sys.executable, "-m", "pipelines.cifar10_cnn", "--smoke", "--strategy=default", "--name=preempted",
-            f"--epochs={epochs}", f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines.cifar10_cnn",
+        "--smoke",
+        "--strategy=default",
+        "--name=preempted",
+        f"--epochs={epochs}",
+        f"--output_dir={tmp_path}/runs",
+        f"--cache_dir={tmp_path}/cache",
+    ]
     run_dir = tmp_path / "runs" / "cifar10_cnn" / "preempted"
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -199,6 +255,7 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
 
 def test_resuming_with_a_different_config_is_refused(tmp_path):
     from core import training
+
     run_dir = tmp_path / "run"
     (run_dir / "backup").mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"model": "small", "epochs": 10, "verbose": 1}))
@@ -206,23 +263,32 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"resuming with a different config \(model: 'small' -> 'large'\)"):
         training.check_resume(str(run_dir), {"model": "large", "epochs": 10, "verbose": 1})
     # A field added to the code since the run started counts as its default, not as a change.
-    training.check_resume(str(run_dir), {"model": "small", "epochs": 10, "verbose": 1, "skip_corrupt": False},
-                          defaults={"skip_corrupt": False})
+    training.check_resume(
+        str(run_dir),
+        {"model": "small", "epochs": 10, "verbose": 1, "skip_corrupt": False},
+        defaults={"skip_corrupt": False},
+    )
     with pytest.raises(UserError, match=r"skip_corrupt: False -> True"):
-        training.check_resume(str(run_dir), {"model": "small", "epochs": 10, "verbose": 1, "skip_corrupt": True},
-                              defaults={"skip_corrupt": False})
+        training.check_resume(
+            str(run_dir),
+            {"model": "small", "epochs": 10, "verbose": 1, "skip_corrupt": True},
+            defaults={"skip_corrupt": False},
+        )
 
 
 def test_multiworker_needs_a_run_name(tmp_path):
     from core import training
+
     with pytest.raises(UserError, match="--strategy=multiworker needs --name=NAME"):
         training.run_directory(str(tmp_path), "cifar10_cnn", "", multi_worker=True)
 
 
 def test_saved_copy_is_float32_and_computes_the_same(tmp_path):
     import numpy as np
+
     from core import training
     from models import cnn
+
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         model = cnn.cnn("tiny")

@@ -40,8 +40,9 @@ def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
 
 def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
     folder = write_image_folder(tmp_path / "test", cifar10_vit.CLASS_NAMES, per_class=3)
-    result = run_module("pipelines.cifar10_vit", "evaluate", f"--model={smoke_run}/model.keras",
-                        f"--data={folder}", "--tta=2")
+    result = run_module(
+        "pipelines.cifar10_vit", "evaluate", f"--model={smoke_run}/model.keras", f"--data={folder}", "--tta=2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = last_json_line(result.stdout)
     assert report["pipeline"] == "cifar10_vit" and report["examples"] == 30 and report["split"] == "all"
@@ -56,15 +57,21 @@ def test_mirrored_matches_default_loss():
     assert mirrored["loss"] == pytest.approx(default["loss"], rel=LOSS_RTOL)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--model=huge"], "--model=huge: expected one of tiny, small, base, vit_small"),
-    (["--stem=64,0"], "--stem=64,0: expected positive channel counts"),
-    (["--stem=", "--patch_size=3"], "--patch_size=3 with 0 stem stages: expected a patch size that divides the 32x32"),
-    (["--stem=8,8,8,8,8,8"], "6 stages halve a 32-pixel image to nothing"),
-    (["--flip=sideways"], "--flip=sideways: expected one of alternate, random, none"),
-    (["--warmup_fraction=1"], "--warmup_fraction=1.0: expected a number between 0 and 1"),
-    (["--learning_rate=fast"], "--learning_rate=fast: expected a number"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--model=huge"], "--model=huge: expected one of tiny, small, base, vit_small"),
+        (["--stem=64,0"], "--stem=64,0: expected positive channel counts"),
+        (
+            ["--stem=", "--patch_size=3"],
+            "--patch_size=3 with 0 stem stages: expected a patch size that divides the 32x32",
+        ),
+        (["--stem=8,8,8,8,8,8"], "6 stages halve a 32-pixel image to nothing"),
+        (["--flip=sideways"], "--flip=sideways: expected one of alternate, random, none"),
+        (["--warmup_fraction=1"], "--warmup_fraction=1.0: expected a number between 0 and 1"),
+        (["--learning_rate=fast"], "--learning_rate=fast: expected a number"),
+    ],
+)
 def test_bad_flag_ends_in_one_line_error(argv, expected, tmp_path, capsys):
     argv = ["--smoke", f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache", *argv]
     with pytest.raises(SystemExit) as exit_info:
@@ -76,23 +83,29 @@ def test_bad_flag_ends_in_one_line_error(argv, expected, tmp_path, capsys):
 
 # models/transformer.image_classifier ---------------------------------------------------------
 
-@pytest.mark.parametrize("stem, patch_size, tokens", [
-    ((), 4, 64),  # plain ViT: 4x4 patches
-    ((8, 16), 1, 64),  # convolutional tokenizer, two stages: 32 -> 16 -> 8
-    ((8,), 2, 64),  # one stage, then 2x2 patches
-])
+
+@pytest.mark.parametrize(
+    "stem, patch_size, tokens",
+    [
+        ((), 4, 64),  # plain ViT: 4x4 patches
+        ((8, 16), 1, 64),  # convolutional tokenizer, two stages: 32 -> 16 -> 8
+        ((8,), 2, 64),  # one stage, then 2x2 patches
+    ],
+)
 def test_image_classifier_tokens_and_logits(stem, patch_size, tokens):
     model = transformer.image_classifier("tiny", stem=stem, patch_size=patch_size, num_classes=7)
     assert model.get_layer("position_embedding").output_shape == (None, tokens, transformer.VARIANTS["tiny"][0])
-    assert [layer.name for layer in model.layers if layer.name.startswith("stem_conv")] == \
-        [f"stem_conv{i + 1}" for i in range(len(stem))]
+    assert [layer.name for layer in model.layers if layer.name.startswith("stem_conv")] == [
+        f"stem_conv{i + 1}" for i in range(len(stem))
+    ]
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     assert model(images).shape == (2, 7)
 
 
 def test_image_classifier_config_round_trip_computes_the_same():
-    model = transformer.image_classifier("tiny", stem=(8, 16), patch_size=1, pixel_mean=(120.0, 115.0, 100.0),
-                                         pixel_std=(60.0, 60.0, 65.0))
+    model = transformer.image_classifier(
+        "tiny", stem=(8, 16), patch_size=1, pixel_mean=(120.0, 115.0, 100.0), pixel_std=(60.0, 60.0, 65.0)
+    )
     copy = keras.Model.from_config(model.get_config())
     copy.set_weights(model.get_weights())
     assert copy.get_config() == model.get_config()

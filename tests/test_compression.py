@@ -29,36 +29,54 @@ def _images(n=128, seed=0):
 def _token_ids(n=128, seed=0, vocab=500, length=24):
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, vocab, (n, length)).astype(np.int32)
-    ids[:, length // 2 + rng.integers(0, length // 2):] = 0  # trailing padding
+    ids[:, length // 2 + rng.integers(0, length // 2) :] = 0  # trailing padding
     return ids, rng.integers(0, 2, n)
 
 
 def _tune(inputs, labels, steps=4):
     ds = tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(32).repeat()
-    return compression.FineTune(ds, steps_per_epoch=steps, epochs=1, learning_rate=1e-3, verbose=0,
-                                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return compression.FineTune(
+        ds,
+        steps_per_epoch=steps,
+        epochs=1,
+        learning_rate=1e-3,
+        verbose=0,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
 
 
 def _tiny_text_model():
     return transformer.text_classifier("tiny", vocab_size=500, max_length=24)
 
 
-@pytest.mark.parametrize("chain", [["prune", "pqat"], ["cluster", "cqat"], ["prune", "cluster", "cqat"],
-                                   ["prune_2x4", "ptq_int8", "pqat"], ["ptq_dynamic", "ptq_float16", "ptq_int8"], ["qat"]])
+@pytest.mark.parametrize(
+    "chain",
+    [
+        ["prune", "pqat"],
+        ["cluster", "cqat"],
+        ["prune", "cluster", "cqat"],
+        ["prune_2x4", "ptq_int8", "pqat"],
+        ["ptq_dynamic", "ptq_float16", "ptq_int8"],
+        ["qat"],
+    ],
+)
 def test_valid_chains_pass(chain):
     assert compression.check_chain(chain) == chain
 
 
-@pytest.mark.parametrize("chain, message", [
-    ([], "empty"),
-    (["prune", "sparsify"], "unknown stage 'sparsify'"),
-    (["pqat"], "expected prune or prune_2x4 before it"),
-    (["prune", "cqat"], "expected cluster before it"),
-    (["qat", "prune"], "after quantization-aware training"),
-    (["qat", "ptq_int8"], "already gives an int8 model"),
-    (["prune", "prune_2x4"], "already pruned"),
-    (["ptq_int8", "ptq_int8"], "twice"),
-])
+@pytest.mark.parametrize(
+    "chain, message",
+    [
+        ([], "empty"),
+        (["prune", "sparsify"], "unknown stage 'sparsify'"),
+        (["pqat"], "expected prune or prune_2x4 before it"),
+        (["prune", "cqat"], "expected cluster before it"),
+        (["qat", "prune"], "after quantization-aware training"),
+        (["qat", "ptq_int8"], "already gives an int8 model"),
+        (["prune", "prune_2x4"], "already pruned"),
+        (["ptq_int8", "ptq_int8"], "twice"),
+    ],
+)
 def test_invalid_chains_are_refused_with_the_reason(chain, message):
     with pytest.raises(UserError, match=message):
         compression.check_chain(chain)
@@ -108,7 +126,7 @@ def test_float32_tflite_matches_keras():
 def test_int8_tflite_has_int8_weights_and_stays_close_to_keras():
     images, labels = _images(256)
     model = compression.prune(cnn.cnn("tiny"), _tune(images, labels), target_sparsity=0.5)
-    int8 = tflite.convert(model, "int8", representative=[images[i:i + 32] for i in range(0, 256, 32)])
+    int8 = tflite.convert(model, "int8", representative=[images[i : i + 32] for i in range(0, 256, 32)])
     types = tflite.weight_tensor_types(int8)
     assert types.get("int8", 0) >= 6 and "float32" not in types, types
     expected = model.predict(images, verbose=0)
@@ -150,9 +168,14 @@ def test_qat_starts_from_calibrated_ranges_not_tfmots_initial_plus_minus_6():
     hidden = keras.layers.Dense(16, kernel_initializer=keras.initializers.RandomUniform(0.0, 0.2), name="wide")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
     x = np.random.default_rng(0).uniform(0, 255, (128, 8)).astype(np.float32)
-    tune = compression.FineTune(tf.data.Dataset.from_tensor_slices((x, np.zeros(128))).batch(32).repeat(),
-                                steps_per_epoch=1, epochs=1, learning_rate=1e-12, verbose=0,
-                                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    tune = compression.FineTune(
+        tf.data.Dataset.from_tensor_slices((x, np.zeros(128))).batch(32).repeat(),
+        steps_per_epoch=1,
+        epochs=1,
+        learning_rate=1e-12,
+        verbose=0,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     expected = model.predict(x, verbose=0)
     quantized = compression.qat(model, tune)
     error = np.abs(quantized.predict(x, verbose=0) - expected).mean()
@@ -164,12 +187,17 @@ def test_transformer_prune_and_pqat_cover_attention_mlp_and_embedding():
     tune = _tune(ids, labels)
     pruned = compression.prune(_tiny_text_model(), tune, target_sparsity=0.5)
     kernels = compression.kernels(pruned)
-    assert {"token_embedding", "encoder_block1_qkv", "encoder_block1_attention_output",
-            "encoder_block1_mlp_hidden", "encoder_block1_mlp_output"} <= set(kernels)
+    assert {
+        "token_embedding",
+        "encoder_block1_qkv",
+        "encoder_block1_attention_output",
+        "encoder_block1_mlp_hidden",
+        "encoder_block1_mlp_output",
+    } <= set(kernels)
     quantized = compression.pqat(pruned, tune)
     for name, kernel in compression.kernels(quantized).items():
         assert (kernel == 0).mean() >= 0.5 - 0.01, name
-    converted = tflite.convert(quantized, "qat", representative=[ids[i:i + 32] for i in range(0, 128, 32)])
+    converted = tflite.convert(quantized, "qat", representative=[ids[i : i + 32] for i in range(0, 128, 32)])
     assert set(tflite.float_ops(converted)) <= {"CAST"}  # attention, MLP, norms: all int8
     logits = tflite.predict(converted, ids)
     assert logits.shape == (len(ids), 2) and np.isfinite(logits).all()
@@ -178,7 +206,7 @@ def test_transformer_prune_and_pqat_cover_attention_mlp_and_embedding():
 def test_transformer_int8_tflite_is_integer_but_for_the_mask_cast():
     ids, _ = _token_ids()
     model = _tiny_text_model()
-    int8 = tflite.convert(model, "int8", representative=[ids[i:i + 32] for i in range(0, 128, 32)])
+    int8 = tflite.convert(model, "int8", representative=[ids[i : i + 32] for i in range(0, 128, 32)])
     assert set(tflite.float_ops(int8)) <= {"CAST"}
     assert tflite.predict(int8, ids).shape == (len(ids), 2)
 
@@ -208,8 +236,10 @@ def test_int8_batch_matmul_with_an_asymmetric_right_operand_is_computed_right():
     # weights x values in [-0.2, 1.5] came out ~0.56 too low everywhere. `tflite.interpreter`
     # runs such models on TFLite's own kernels; through XNNPack this test fails.
     rng = np.random.default_rng(0)
-    batches = [[rng.normal(0, 2, (8, 4, 8)).astype(np.float32), rng.uniform(-0.2, 1.5, (8, 8, 16)).astype(np.float32)]
-               for _ in range(4)]
+    batches = [
+        [rng.normal(0, 2, (8, 4, 8)).astype(np.float32), rng.uniform(-0.2, 1.5, (8, 8, 16)).astype(np.float32)]
+        for _ in range(4)
+    ]
 
     @tf.function(input_signature=[tf.TensorSpec((None, 4, 8)), tf.TensorSpec((None, 8, 16))])
     def attend(scores, values):
@@ -246,11 +276,19 @@ def test_latency_and_sizes_are_measured():
 
 
 def test_compress_command_writes_the_report(tmp_path):
-    from tests.helpers import smoke_run
     from pipelines import cifar10_cnn
+    from tests.helpers import smoke_run
+
     run_dir = smoke_run(tmp_path, "cifar10_cnn")
-    summary = cifar10_cnn.compress_command([f"--model={run_dir}/model.keras", "--stages=prune,ptq_int8",
-                                            "--latency_runs=3", "--eval_examples=64", "--verbose=0"])
+    summary = cifar10_cnn.compress_command(
+        [
+            f"--model={run_dir}/model.keras",
+            "--stages=prune,ptq_int8",
+            "--latency_runs=3",
+            "--eval_examples=64",
+            "--verbose=0",
+        ]
+    )
     report = json.loads((run_dir / "compress" / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
     assert names == ["float32", "prune", "prune+ptq_int8"] and summary["report"].endswith("report.json")
@@ -267,10 +305,20 @@ def test_compress_command_writes_the_report(tmp_path):
 
 def test_compress_command_fine_tunes_under_mirrored_on_two_cpus(tmp_path):
     from tests.helpers import run_module, smoke_run
+
     run_dir = smoke_run(tmp_path, "cifar10_cnn")
-    result = run_module("pipelines.cifar10_cnn", "compress", f"--model={run_dir}/model.keras", "--stages=prune,pqat",
-                        "--strategy=mirrored", "--cpu_devices=2", "--sparsity=0.5", "--latency_runs=3",
-                        "--eval_examples=64", "--verbose=0")
+    result = run_module(
+        "pipelines.cifar10_cnn",
+        "compress",
+        f"--model={run_dir}/model.keras",
+        "--stages=prune,pqat",
+        "--strategy=mirrored",
+        "--cpu_devices=2",
+        "--sparsity=0.5",
+        "--latency_runs=3",
+        "--eval_examples=64",
+        "--verbose=0",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "compress" / "report.json").read_text())
     assert report["strategy"]["strategy"] == "mirrored" and report["strategy"]["replicas"] == 2
@@ -282,6 +330,7 @@ def test_compress_command_fine_tunes_under_mirrored_on_two_cpus(tmp_path):
 
 def test_compress_command_refuses_bad_input(tmp_path):
     from pipelines import cifar10_cnn
+
     with pytest.raises(UserError, match="no such file"):
         cifar10_cnn.compress_command([f"--model={tmp_path}/missing/model.keras"])
     with pytest.raises(UserError, match="unknown stage"):
@@ -297,8 +346,9 @@ def test_compress_command_refuses_bad_input(tmp_path):
 
 
 def test_imdb_compress_refuses_an_image_model(tmp_path):
-    from tests.helpers import smoke_run
     from pipelines import imdb_transformer
+    from tests.helpers import smoke_run
+
     run_dir = smoke_run(tmp_path, "cifar10_cnn")
     with pytest.raises(UserError, match="not an imdb_transformer model") as error:
         imdb_transformer.compress_command([f"--model={run_dir}/model.keras", "--stages=ptq_int8"])
@@ -306,11 +356,19 @@ def test_imdb_compress_refuses_an_image_model(tmp_path):
 
 
 def test_imdb_compress_command_compresses_the_classifier_inside_the_text_model(tmp_path):
-    from tests.helpers import smoke_run
     from pipelines import imdb_transformer
+    from tests.helpers import smoke_run
+
     run_dir = smoke_run(tmp_path, "imdb_transformer")
-    imdb_transformer.compress_command([f"--model={run_dir}/model.keras", "--stages=prune,ptq_int8,pqat",
-                                       "--sparsity=0.5", "--latency_runs=3", "--verbose=0"])
+    imdb_transformer.compress_command(
+        [
+            f"--model={run_dir}/model.keras",
+            "--stages=prune,ptq_int8,pqat",
+            "--sparsity=0.5",
+            "--latency_runs=3",
+            "--verbose=0",
+        ]
+    )
     report = json.loads((run_dir / "compress" / "report.json").read_text())
     variants = {v["name"]: v for v in report["variants"]}
     assert list(variants) == ["float32", "prune", "prune+ptq_int8", "prune+pqat"]
@@ -320,8 +378,16 @@ def test_imdb_compress_command_compresses_the_classifier_inside_the_text_model(t
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert variants["float32"]["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=0.01)
     # --eval_split=test scores on the data's test split (synthetic reviews: 128), never on val
-    imdb_transformer.compress_command([f"--model={run_dir}/model.keras", "--stages=ptq_dynamic", "--eval_split=test",
-                                       f"--output_dir={run_dir}/on_test", "--latency_runs=3", "--verbose=0"])
+    imdb_transformer.compress_command(
+        [
+            f"--model={run_dir}/model.keras",
+            "--stages=ptq_dynamic",
+            "--eval_split=test",
+            f"--output_dir={run_dir}/on_test",
+            "--latency_runs=3",
+            "--verbose=0",
+        ]
+    )
     report = json.loads((run_dir / "on_test" / "report.json").read_text())
     assert report["eval_split"] == "test" and report["eval_examples"] == 128
 
@@ -333,6 +399,6 @@ def test_int8_text_model_runs_on_every_review_length():
     rng = np.random.default_rng(0)
     lengths = np.arange(1, 401)
     ids = np.where(np.arange(400)[None, :] < lengths[:, None], rng.integers(1, 500, (400, 400)), 0).astype(np.int32)
-    int8 = tflite.convert(model, "int8", representative=[ids[i:i + 50] for i in range(0, 400, 50)])
+    int8 = tflite.convert(model, "int8", representative=[ids[i : i + 50] for i in range(0, 400, 50)])
     logits = tflite.predict(int8, ids, batch_size=100)
     assert np.isfinite(logits).all()

@@ -30,24 +30,28 @@ def test_skip_corrupt_is_off_unless_asked_for():
 
 
 def test_flags_parse_to_field_types():
-    run, cfg = config_lib.parse_flags(["--strategy=mirrored", "--epochs=3", "--learning_rate=0.5",
-                                       "--flip=random", "--smoke"], CLASSES)
+    run, cfg = config_lib.parse_flags(
+        ["--strategy=mirrored", "--epochs=3", "--learning_rate=0.5", "--flip=random", "--smoke"], CLASSES
+    )
     assert (run.strategy, run.smoke, cfg.epochs, cfg.learning_rate, cfg.flip) == ("mirrored", True, 3, 0.5, "random")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--epoch=3"], "unknown flag --epoch: expected one of"),
-    (["--epochs=three"], "--epochs=three: expected an integer"),
-    (["--learning_rate=fast"], "--learning_rate=fast: expected a number"),
-    (["--flip=maybe"], "--flip=maybe: expected one of alternate, random, none"),
-    (["--smoke=maybe"], "--smoke=maybe: expected a boolean"),
-    (["epochs=3"], "unexpected argument 'epochs=3'"),
-    (["--epochs"], "--epochs: expected --epochs=VALUE"),
-    (["--epochs=0"], "--epochs=0: expected a number > 0"),
-    (["--batch_size=-8"], "--batch_size=-8: expected a number > 0"),
-    (["--model=huge"], "--model=huge: expected one of tiny, small, large"),
-    (["--val_fraction=1.5"], "--val_fraction=1.5: expected a number between 0 and 1"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--epoch=3"], "unknown flag --epoch: expected one of"),
+        (["--epochs=three"], "--epochs=three: expected an integer"),
+        (["--learning_rate=fast"], "--learning_rate=fast: expected a number"),
+        (["--flip=maybe"], "--flip=maybe: expected one of alternate, random, none"),
+        (["--smoke=maybe"], "--smoke=maybe: expected a boolean"),
+        (["epochs=3"], "unexpected argument 'epochs=3'"),
+        (["--epochs"], "--epochs: expected --epochs=VALUE"),
+        (["--epochs=0"], "--epochs=0: expected a number > 0"),
+        (["--batch_size=-8"], "--batch_size=-8: expected a number > 0"),
+        (["--model=huge"], "--model=huge: expected one of tiny, small, large"),
+        (["--val_fraction=1.5"], "--val_fraction=1.5: expected a number between 0 and 1"),
+    ],
+)
 def test_bad_flags_give_one_line_errors(argv, expected):
     with pytest.raises(UserError) as error:
         config_lib.parse_flags(argv, CLASSES)
@@ -68,12 +72,15 @@ def test_config_file_round_trips_and_flags_override_it(tmp_path):
     assert (cfg.learning_rate, cfg.epochs, cfg.model) == (2.0, 6, "large")
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ('{"epochs": "ten"}', "epochs='ten': expected int, got str"),
-    ('{"nope": 1}', "unknown key in"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"epochs": "ten"}', "epochs='ten': expected int, got str"),
+        ('{"nope": 1}', "unknown key in"),
+    ],
+)
 def test_bad_config_files_give_one_line_errors(tmp_path, content, expected):
     path = tmp_path / "c.json"
     path.write_text(content)
@@ -86,15 +93,18 @@ def test_missing_config_file_is_named():
         config_lib.parse_flags(["--config=/no/such.json"], CLASSES)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--tta=3"], "--tta=3: expected one of 0, 1, 2"),
-    (["--momentum=1.2"], "--momentum=1.2: expected a number between 0 and 1"),
-    (["--translate=16"], "--translate=16: expected fewer than 16 pixels"),
-    (["--seed=-1"], "--seed=-1: expected a number >= 0"),
-    (["--steps_per_execution=-1"], "--steps_per_execution=-1: expected a number >= 0"),
-    (["--verbose=5"], "--verbose=5: expected one of 0, 1, 2"),
-    (["--precision=fp8"], "--precision=fp8: expected one of auto, float32"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--tta=3"], "--tta=3: expected one of 0, 1, 2"),
+        (["--momentum=1.2"], "--momentum=1.2: expected a number between 0 and 1"),
+        (["--translate=16"], "--translate=16: expected fewer than 16 pixels"),
+        (["--seed=-1"], "--seed=-1: expected a number >= 0"),
+        (["--steps_per_execution=-1"], "--steps_per_execution=-1: expected a number >= 0"),
+        (["--verbose=5"], "--verbose=5: expected one of 0, 1, 2"),
+        (["--precision=fp8"], "--precision=fp8: expected one of auto, float32"),
+    ],
+)
 def test_out_of_range_values_are_refused_before_training(argv, expected):
     with pytest.raises(UserError, match=expected.replace("(", r"\(")):
         config_lib.parse_flags(argv, CLASSES)

@@ -20,18 +20,38 @@ from tests.helpers import REPO, run_module, start_module
 
 
 def _launch(workers, index, command, **popen_kwargs):
-    return start_module("strategies.launch_host", f"--workers={','.join(workers)}", f"--index={index}", "--",
-                        *command, stderr=subprocess.STDOUT, **popen_kwargs)
+    return start_module(
+        "strategies.launch_host",
+        f"--workers={','.join(workers)}",
+        f"--index={index}",
+        "--",
+        *command,
+        stderr=subprocess.STDOUT,
+        **popen_kwargs,
+    )
 
 
 def test_two_hosts_on_localhost_train_one_multiworker_run(tmp_path):
     workers = [f"localhost:{port}" for port in tf_config.free_ports(2)]
     logs = [open(tmp_path / f"host{index}.log", "w") for index in range(2)]
-    hosts = [_launch(workers, index, [sys.executable, "-m", "pipelines.cifar10_cnn", "--strategy=multiworker",
-                                      "--smoke", "--name=hosts", f"--output_dir={tmp_path}/runs",
-                                      f"--cache_dir={tmp_path}/cache-host{index}"],  # each host its own cache
-                     stdout=logs[index])
-             for index in range(2)]
+    hosts = [
+        _launch(
+            workers,
+            index,
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cifar10_cnn",
+                "--strategy=multiworker",
+                "--smoke",
+                "--name=hosts",
+                f"--output_dir={tmp_path}/runs",
+                f"--cache_dir={tmp_path}/cache-host{index}",
+            ],  # each host its own cache
+            stdout=logs[index],
+        )
+        for index in range(2)
+    ]
     ended = {}
     deadline = time.time() + 600
     while len(ended) < 2 and time.time() < deadline:
@@ -58,15 +78,18 @@ def test_write_gives_every_host_its_tf_config(tmp_path):
         assert tf_config.validate(config) == config
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--index=0", "--", "true"], "missing --workers=HOST:PORT"),
-    (["--workers=a:1,b:2", "--", "true"], "expected --index=I and a command"),
-    (["--workers=a:1,b:2", "--index=x", "--", "true"], "--index=x: expected an integer from 0 to 1"),
-    (["--workers=a:1,b:2", "--index=2", "--", "true"], "task index 2 is out of range"),
-    (["--workers=a:1,b", "--index=0", "--", "true"], "expected 'host:port'"),
-    (["--workers=a:1", "--write=d", "--index=0"], "--write writes every host's TF_CONFIG and runs nothing"),
-    (["--hosts=a:1", "--index=0", "--", "true"], "unexpected argument '--hosts=a:1'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--index=0", "--", "true"], "missing --workers=HOST:PORT"),
+        (["--workers=a:1,b:2", "--", "true"], "expected --index=I and a command"),
+        (["--workers=a:1,b:2", "--index=x", "--", "true"], "--index=x: expected an integer from 0 to 1"),
+        (["--workers=a:1,b:2", "--index=2", "--", "true"], "task index 2 is out of range"),
+        (["--workers=a:1,b", "--index=0", "--", "true"], "expected 'host:port'"),
+        (["--workers=a:1", "--write=d", "--index=0"], "--write writes every host's TF_CONFIG and runs nothing"),
+        (["--hosts=a:1", "--index=0", "--", "true"], "unexpected argument '--hosts=a:1'"),
+    ],
+)
 def test_bad_clusters_exit_2_with_one_line(argv, message):
     result = run_module("strategies.launch_host", *argv)
     assert result.returncode == 2
@@ -80,8 +103,9 @@ def test_own_port_in_use_is_refused_before_the_command_runs(tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         marker = tmp_path / "ran"
-        result = run_module("strategies.launch_host", f"--workers=localhost:{port},localhost:1", "--index=0", "--",
-                            "touch", str(marker))
+        result = run_module(
+            "strategies.launch_host", f"--workers=localhost:{port},localhost:1", "--index=0", "--", "touch", str(marker)
+        )
     assert result.returncode == 2 and f"port {port}" in result.stderr and "already in use" in result.stderr
     assert not marker.exists()
 
@@ -101,7 +125,7 @@ def _tfjob():
 def _readme_cluster_section():
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
-    return text[text.index("## Run on a cluster"):].split("\n## ", 1)[0]
+    return text[text.index("## Run on a cluster") :].split("\n## ", 1)[0]
 
 
 def test_tfjob_manifest_names_the_image_command_replicas_and_port_the_readme_gives():

@@ -39,21 +39,38 @@ LOSS_TOLERANCE = 0.05
 VAL_LOSS_TOLERANCE = 0.07
 VAL_ACCURACY_TOLERANCE = 0.12  # 6 of the 50 validation images
 
+
 def _kill_steps(count=3):
     """Random global steps inside an epoch, seeded by FAULT_SEED so a failure reproduces. The
     kill lands in the step after the one chosen, so that step is never the epoch's last: the
     epoch must still be running when the kill comes, whatever the step time."""
     rng = random.Random(int(os.environ.get("FAULT_SEED", "0")))
-    inside = [s for s in range(STEPS_PER_EPOCH, TOTAL_STEPS - STEPS_PER_EPOCH) if 0 < s % STEPS_PER_EPOCH < STEPS_PER_EPOCH - 2]
+    inside = [
+        s
+        for s in range(STEPS_PER_EPOCH, TOTAL_STEPS - STEPS_PER_EPOCH)
+        if 0 < s % STEPS_PER_EPOCH < STEPS_PER_EPOCH - 2
+    ]
     return sorted(rng.sample(inside, count))
 
 
 def _launch(tmp_path, name, fault=None):
     """One 2-worker job on localhost, every worker under tests.fault_injection."""
     env = {"FAULT": json.dumps(fault or {})}
-    return run_module("strategies.launch_local", "--workers=2", "--", sys.executable, "-m", "tests.fault_injection",
-                      "pipelines.cifar10_cnn", *JOB_FLAGS, f"--name={name}", f"--output_dir={tmp_path}/runs",
-                      f"--cache_dir={tmp_path}/cache", env=env, timeout=600)
+    return run_module(
+        "strategies.launch_local",
+        "--workers=2",
+        "--",
+        sys.executable,
+        "-m",
+        "tests.fault_injection",
+        "pipelines.cifar10_cnn",
+        *JOB_FLAGS,
+        f"--name={name}",
+        f"--output_dir={tmp_path}/runs",
+        f"--cache_dir={tmp_path}/cache",
+        env=env,
+        timeout=600,
+    )
 
 
 def _report(run_dir):
@@ -72,8 +89,9 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("worker, step", [(1, s) for s in _kill_steps()[:2]] + [(0, _kill_steps()[2])],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "worker, step", [(1, s) for s in _kill_steps()[:2]] + [(0, _kill_steps()[2])], ids=lambda v: str(v)
+)
 def test_a_worker_killed_mid_epoch_resumes_to_the_same_final_step(tmp_path, uninterrupted, worker, step):
     reference, reference_rows, cache = uninterrupted
     shutil.copytree(cache, tmp_path / "cache")  # the same converted data; saves the conversion
@@ -106,15 +124,22 @@ SINGLE_FLAGS = ["--strategy=default", "--smoke", f"--epochs={SINGLE_EPOCHS}", "-
 
 
 def _run_single(tmp_path, name, fault=None, module="tests.fault_injection"):
-    return run_module(module, "pipelines.cifar10_cnn", *SINGLE_FLAGS, f"--name={name}",
-                      f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache",
-                      env={"FAULT": json.dumps(fault or {})})
+    return run_module(
+        module,
+        "pipelines.cifar10_cnn",
+        *SINGLE_FLAGS,
+        f"--name={name}",
+        f"--output_dir={tmp_path}/runs",
+        f"--cache_dir={tmp_path}/cache",
+        env={"FAULT": json.dumps(fault or {})},
+    )
 
 
 def _check_loads(directory):
     """The checkpoint `directory`'s pointer names is whole: every tensor reads back (TF checks
     each one's checksum). Returns its path."""
     import tensorflow as tf
+
     path = tf.train.latest_checkpoint(str(directory))
     assert path is not None, f"no checkpoint pointer in {directory}"
     reader = tf.train.load_checkpoint(path)
@@ -154,8 +179,17 @@ def test_why_checkpoints_rotate_a_fixed_name_killed_inside_the_merge_does_not_lo
 # when val_accuracy improved). Call 4 is epoch 2's backup, call 5 epoch 2's latest (epoch 1's
 # best is always saved: it is the first).
 @pytest.mark.slow
-@pytest.mark.parametrize("where, call", [("after_data", 4), ("after_data", 5), ("inside_merge", 4),
-                                         ("inside_merge", 5), ("before_pointer", 4), ("before_pointer", 5)])
+@pytest.mark.parametrize(
+    "where, call",
+    [
+        ("after_data", 4),
+        ("after_data", 5),
+        ("inside_merge", 4),
+        ("inside_merge", 5),
+        ("before_pointer", 4),
+        ("before_pointer", 5),
+    ],
+)
 def test_a_kill_inside_a_checkpoint_save_keeps_the_previous_one(tmp_path, where, call):
     killed = _run_single(tmp_path, "killed", {"kill_in_save": where, "call": call})
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -178,15 +212,21 @@ def test_a_kill_inside_a_checkpoint_save_keeps_the_previous_one(tmp_path, where,
 
 def _unshare_works():
     try:
-        return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
-                              capture_output=True, timeout=30).returncode == 0
+        return (
+            subprocess.run(
+                ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, timeout=30
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
 
 # A really full disk: a small tmpfs, mounted in a private mount namespace so that no root is
 # needed and nothing outside the test sees it.
-needs_unshare = pytest.mark.skipif(not _unshare_works(), reason="needs `unshare --user --mount` (user namespaces) to mount a small tmpfs")
+needs_unshare = pytest.mark.skipif(
+    not _unshare_works(), reason="needs `unshare --user --mount` (user namespaces) to mount a small tmpfs"
+)
 
 
 def _in_small_tmpfs(mount_point, size, script):
@@ -194,10 +234,21 @@ def _in_small_tmpfs(mount_point, size, script):
     namespace; the mount is gone when it returns."""
     mount_point.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-         f"mount -t tmpfs -o size={size} tmpfs {mount_point} && {script}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO})
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size={size} tmpfs {mount_point} && {script}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO},
+    )
 
 
 @pytest.fixture
@@ -227,15 +278,21 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(disk_an
     # Epochs 1 and 2 save normally; then the disk is full, epoch 3's saves fail. After the
     # filler is deleted (space freed), the same command resumes. Snapshots of the run folder
     # are copied out of the tmpfs for the checks below.
-    command = (f"{sys.executable} -m tests.fault_injection pipelines.cifar10_cnn {' '.join(SINGLE_FLAGS)} --name=full "
-               f"--output_dir={disk}/runs --cache_dir={out}/cache")
+    command = (
+        f"{sys.executable} -m tests.fault_injection pipelines.cifar10_cnn {' '.join(SINGLE_FLAGS)} --name=full "
+        f"--output_dir={disk}/runs --cache_dir={out}/cache"
+    )
     fault = json.dumps({"fill_disk_after_epoch": 3, "path": str(disk)})
-    result = _in_small_tmpfs(disk, "16m", f"""
+    result = _in_small_tmpfs(
+        disk,
+        "16m",
+        f"""
         FAULT='{fault}' {command} > {out}/failed.log 2>&1; echo $? > {out}/failed.rc
         cp -a {disk}/runs {out}/after_failure
         rm {disk}/filler
         {command} > {out}/resumed.log 2>&1; echo $? > {out}/resumed.rc
-        cp -a {disk}/runs {out}/final""")
+        cp -a {disk}/runs {out}/final""",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     status, output = _outcome(out, "failed")
     assert status == 2 and "filled the disk" in output, output[-3000:]
@@ -259,16 +316,26 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(disk_an
 def test_a_full_disk_while_converting_data_is_one_line_and_keeps_other_caches(disk_and_out):
     disk, out = disk_and_out
     # A small cache fits (16 images); the whole synthetic set (1.6 MB converted) does not.
-    first = (f"{sys.executable} -c \"from core import image_data; "
-             f"print(image_data.prepare('synthetic', cache_root='{disk}', max_examples=16).cache_dir)\"")
-    second = (f"{sys.executable} -m pipelines.cifar10_cnn --smoke --strategy=default --max_examples=0 "
-              f"--cache_dir={disk} --output_dir={out}/runs --name=big")
-    check = (f"{sys.executable} -c \"import os, sys; from core import records; "
-             f"print(sorted(os.listdir('{disk}'))); records.read_meta(sys.argv[1])\"")
-    result = _in_small_tmpfs(disk, "512k", f"""
+    first = (
+        f'{sys.executable} -c "from core import image_data; '
+        f"print(image_data.prepare('synthetic', cache_root='{disk}', max_examples=16).cache_dir)\""
+    )
+    second = (
+        f"{sys.executable} -m pipelines.cifar10_cnn --smoke --strategy=default --max_examples=0 "
+        f"--cache_dir={disk} --output_dir={out}/runs --name=big"
+    )
+    check = (
+        f'{sys.executable} -c "import os, sys; from core import records; '
+        f"print(sorted(os.listdir('{disk}'))); records.read_meta(sys.argv[1])\""
+    )
+    result = _in_small_tmpfs(
+        disk,
+        "512k",
+        f"""
         small=$({first}) || exit 1
         {second} > {out}/failed.log 2>&1; echo $? > {out}/failed.rc
-        {check} "$small" > {out}/check.log 2>&1; echo $? > {out}/check.rc""")
+        {check} "$small" > {out}/check.log 2>&1; echo $? > {out}/check.rc""",
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     status, output = _outcome(out, "failed")
     assert status == 2, output[-3000:]

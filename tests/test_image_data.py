@@ -223,8 +223,10 @@ def test_truncated_cache_shard_is_named_before_any_training(tmp_path):
         f.truncate(size // 2)
     with pytest.raises(UserError) as e:
         image_data.prepare(str(tmp_path / "pets"), **kwargs)
-    assert str(e.value) == (f"{shard}: shard is {size // 2} bytes, expected {size} (truncated or overwritten); "
-                            f"delete {data.cache_dir} to rebuild it")
+    assert str(e.value) == (
+        f"{shard}: shard is {size // 2} bytes, expected {size} (truncated or overwritten); "
+        f"delete {data.cache_dir} to rebuild it"
+    )
 
 
 def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
@@ -461,6 +463,8 @@ def test_tfds_that_cannot_download_points_to_offline_data(tmp_path, monkeypatch)
         raise ConnectionError("Max retries exceeded (NameResolutionError)")
 
     monkeypatch.setattr(tfds, "load", offline)
-    with pytest.raises(UserError, match=r"tfds:cifar10: cannot download or prepare the train split \(ConnectionError: .*--data=PATH"):
+    with pytest.raises(
+        UserError, match=r"tfds:cifar10: cannot download or prepare the train split \(ConnectionError: .*--data=PATH"
+    ):
         image_data.prepare("tfds", cache_root=str(tmp_path), class_names=image_data.CIFAR10_CLASSES)
     assert not any(tmp_path.iterdir())  # no half-written cache left behind

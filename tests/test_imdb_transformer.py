@@ -55,11 +55,16 @@ def test_saved_model_classifies_raw_strings(smoke_run):
 
 
 def test_evaluate_a_pos_neg_folder(smoke_run, tmp_path):
-    folder = write_review_folder(tmp_path / "reviews", {
-        "pos": ["A great, wonderful film.", "Wonderful! Great acting."],
-        "neg": ["Awful and boring.", "Boring, awful plot."]})
-    result = run_module("pipelines.imdb_transformer", "evaluate", f"--model={smoke_run}/model.keras",
-                        f"--data={folder}")
+    folder = write_review_folder(
+        tmp_path / "reviews",
+        {
+            "pos": ["A great, wonderful film.", "Wonderful! Great acting."],
+            "neg": ["Awful and boring.", "Boring, awful plot."],
+        },
+    )
+    result = run_module(
+        "pipelines.imdb_transformer", "evaluate", f"--model={smoke_run}/model.keras", f"--data={folder}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = last_json_line(result.stdout)
     assert report["split"] == "all" and report["examples"] == 4
@@ -91,11 +96,14 @@ def _run_cli(argv, tmp_path, capsys):
     return err[0]
 
 
-@pytest.mark.parametrize("reviews, expected", [
-    ({}, "no .txt reviews"),
-    ({"pos": ["good"], "neg": [b"caf\xe9 is latin-1, not UTF-8"]}, "UTF-8"),
-    ({"pos": ["good"], "neg": ["bad"], "funny": ["ha"]}, "funny"),
-])
+@pytest.mark.parametrize(
+    "reviews, expected",
+    [
+        ({}, "no .txt reviews"),
+        ({"pos": ["good"], "neg": [b"caf\xe9 is latin-1, not UTF-8"]}, "UTF-8"),
+        ({"pos": ["good"], "neg": ["bad"], "funny": ["ha"]}, "funny"),
+    ],
+)
 def test_bad_data_ends_in_one_line_error(reviews, expected, tmp_path, capsys):
     folder = write_review_folder(tmp_path / "data", reviews)
     os.makedirs(folder, exist_ok=True)
@@ -103,14 +111,17 @@ def test_bad_data_ends_in_one_line_error(reviews, expected, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "runs" / "imdb_transformer" / "x" / "model.keras")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--model=huge"], "--model=huge: expected one of"),
-    (["--vocab_size=2"], "--vocab_size=2: expected at least 3"),
-    (["--tokenizer=bpe"], "--tokenizer=bpe: expected one of words, wordpiece"),
-    (["--bigram_buckets=1"], "--bigram_buckets=1: expected 0 (off) or at least 2"),
-    (["--dropout=1.5"], "--dropout=1.5: expected a number in [0, 1)"),
-    (["--data=/no/such/reviews"], "/no/such/reviews"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--model=huge"], "--model=huge: expected one of"),
+        (["--vocab_size=2"], "--vocab_size=2: expected at least 3"),
+        (["--tokenizer=bpe"], "--tokenizer=bpe: expected one of words, wordpiece"),
+        (["--bigram_buckets=1"], "--bigram_buckets=1: expected 0 (off) or at least 2"),
+        (["--dropout=1.5"], "--dropout=1.5: expected a number in [0, 1)"),
+        (["--data=/no/such/reviews"], "/no/such/reviews"),
+    ],
+)
 def test_bad_flag_ends_in_one_line_error(argv, expected, tmp_path, capsys):
     assert expected in _run_cli(argv, tmp_path, capsys)
 
@@ -119,10 +130,12 @@ def test_tpu_batches_have_one_fully_static_shape():
     # Under TPUStrategy both training and validation batches are padded to max_length, so the
     # compiled TPU program has one input shape; elsewhere widths follow the reviews' lengths.
     import tensorflow as tf
+
     lengths = [3, 17, 40, 9, 64, 1, 30, 12]
     reviews = tf.data.Dataset.from_generator(
         lambda: ((np.arange(1, n + 1, dtype=np.int64), np.int64(n % 2)) for n in lengths),
-        output_signature=(tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64)))
+        output_signature=(tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64)),
+    )
     static = imdb_transformer.fixed_length(64)(reviews, 4, True)
     assert static.element_spec[0].shape.as_list() == [4, 64]
     batches = list(static.as_numpy_iterator())

@@ -25,15 +25,24 @@ def _write_ids(directory, count=EXAMPLES, per_shard=16, compression=""):
 
 
 def _parse_id(record):
-    features = tf.io.parse_single_example(record, {"id": tf.io.FixedLenFeature([], tf.int64),
-                                                   "label": tf.io.FixedLenFeature([], tf.int64)})
+    features = tf.io.parse_single_example(
+        record, {"id": tf.io.FixedLenFeature([], tf.int64), "label": tf.io.FixedLenFeature([], tf.int64)}
+    )
     return features["id"], features["label"]
 
 
 def _epoch_ids(files, knobs, batch=8):
     """One training epoch (shuffled, as training reads) of ids, every example kept."""
-    ds = input_pipeline.make_dataset(files, batch_size=batch, training=True, parse_fn=_parse_id,
-                                     repeat=False, drop_remainder=False, num_examples=EXAMPLES, knobs=knobs)
+    ds = input_pipeline.make_dataset(
+        files,
+        batch_size=batch,
+        training=True,
+        parse_fn=_parse_id,
+        repeat=False,
+        drop_remainder=False,
+        num_examples=EXAMPLES,
+        knobs=knobs,
+    )
     return collections.Counter(int(i) for ids, _ in ds for i in ids.numpy())
 
 
@@ -55,8 +64,9 @@ def test_every_knob_setting_reads_each_example_once_per_epoch(tmp_path, knob, se
 
 def test_rewritten_caches_hold_the_same_examples(tmp_path):
     files = _write_ids(tmp_path / "cache")
-    task = input_bench.InputBenchTask(files=files, num_examples=EXAMPLES, stored_format="ids", parse=_parse_id,
-                                      build=None, train_consumption=None)
+    task = input_bench.InputBenchTask(
+        files=files, num_examples=EXAMPLES, stored_format="ids", parse=_parse_id, build=None, train_consumption=None
+    )
     for per_shard in input_bench.shard_sizes(EXAMPLES):
         resharded = input_bench.rewrite_cache(task, tmp_path / f"s{per_shard}", examples_per_shard=per_shard)
         assert len(resharded) == -(-EXAMPLES // per_shard)
@@ -70,11 +80,19 @@ def test_rewritten_caches_hold_the_same_examples(tmp_path):
 def test_jpeg_format_keeps_labels_and_images_up_to_jpeg_loss(tmp_path):
     data = image_data.prepare("synthetic", cache_root=str(tmp_path), examples_per_shard=64)
     parse = lambda record: image_data.parse_example(record, data.image_shape)  # noqa: E731
-    task = input_bench.InputBenchTask(files=data.splits["train"].files, num_examples=data.splits["train"].num_examples,
-                                      stored_format="raw", parse=parse, build=None, train_consumption=None)
-    jpeg = input_bench.StoredFormat("jpeg", parse=lambda r: image_data.parse_jpeg_example(r, data.image_shape),
-                                    encode=lambda image, label: {"image": tf.io.encode_jpeg(image, quality=75),
-                                                                 "label": tf.cast(label, tf.int64)})
+    task = input_bench.InputBenchTask(
+        files=data.splits["train"].files,
+        num_examples=data.splits["train"].num_examples,
+        stored_format="raw",
+        parse=parse,
+        build=None,
+        train_consumption=None,
+    )
+    jpeg = input_bench.StoredFormat(
+        "jpeg",
+        parse=lambda r: image_data.parse_jpeg_example(r, data.image_shape),
+        encode=lambda image, label: {"image": tf.io.encode_jpeg(image, quality=75), "label": tf.cast(label, tf.int64)},
+    )
     files = input_bench.rewrite_cache(task, tmp_path / "jpeg", examples_per_shard=64, stored=jpeg)
     raw = list(tf.data.TFRecordDataset(list(task.files)).map(parse).as_numpy_iterator())
     decoded = list(tf.data.TFRecordDataset(list(files)).map(jpeg.parse).as_numpy_iterator())
@@ -90,9 +108,16 @@ def test_jpeg_format_keeps_labels_and_images_up_to_jpeg_loss(tmp_path):
 
 def test_token_id_format_equals_tokenizing_the_text(tmp_path):
     from pipelines import imdb_transformer
-    cfg = imdb_transformer.Config(**{k: v for k, v in imdb_transformer.SMOKE.items()
-                                     if k in {f.name for f in dataclasses.fields(imdb_transformer.Config)}})
+
+    cfg = imdb_transformer.Config(
+        **{
+            k: v
+            for k, v in imdb_transformer.SMOKE.items()
+            if k in {f.name for f in dataclasses.fields(imdb_transformer.Config)}
+        }
+    )
     from core import config as config_lib
+
     run = config_lib.RunOptions(data="synthetic", cache_dir=str(tmp_path / "cache"))
     task = imdb_transformer.bench_input_task(cfg, run)
     (token_ids,) = task.other_formats
@@ -108,11 +133,13 @@ def test_token_id_format_equals_tokenizing_the_text(tmp_path):
 def test_simulated_remote_storage_delays_every_open_and_caps_bandwidth(tmp_path):
     files = _write_ids(tmp_path, per_shard=32)  # 3 files
     slept = []
-    remote = input_bench.SimulatedRemoteStorage(open_latency_s=0.02, bytes_per_second=1e3, block_records=4,
-                                                sleep=slept.append)
+    remote = input_bench.SimulatedRemoteStorage(
+        open_latency_s=0.02, bytes_per_second=1e3, block_records=4, sleep=slept.append
+    )
     knobs = InputKnobs(cache=False, open_records=remote.open_records)
-    ds = input_pipeline.make_dataset(files, batch_size=8, training=True, parse_fn=_parse_id, repeat=False,
-                                     num_examples=EXAMPLES, knobs=knobs)
+    ds = input_pipeline.make_dataset(
+        files, batch_size=8, training=True, parse_fn=_parse_id, repeat=False, num_examples=EXAMPLES, knobs=knobs
+    )
     for epoch in range(2):
         assert collections.Counter(int(i) for ids, _ in ds for i in ids.numpy()) == ALL_IDS
     assert remote.opens == 2 * len(files)  # no cache: every epoch opens every file again
@@ -138,6 +165,7 @@ def _slow(seconds):
     def fn(*element):
         tf.py_function(lambda: __import__("time").sleep(seconds), [], [])
         return element
+
     return fn
 
 
@@ -158,8 +186,9 @@ def test_input_wait_meter_sees_a_slow_producer_and_not_a_slow_consumer():
 def test_distributed_training_input_carries_its_meter(tmp_path):
     files = _write_ids(tmp_path)
     strategy = tf.distribute.get_strategy()
-    ds = input_pipeline.distributed_dataset(strategy, files, global_batch=8, training=True, parse_fn=_parse_id,
-                                            num_examples=EXAMPLES)
+    ds = input_pipeline.distributed_dataset(
+        strategy, files, global_batch=8, training=True, parse_fn=_parse_id, num_examples=EXAMPLES
+    )
     assert isinstance(ds.input_wait, input_pipeline.InputWaitMeter)
     batches = iter(ds)
     for _ in range(3):
@@ -174,11 +203,19 @@ def test_any_number_of_workers_reads_disjoint_and_complete_shards(tmp_path, work
     replicas_per_worker = 2
     seen = collections.Counter()
     for worker in range(workers):
-        context = tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=worker,
-                                             num_replicas_in_sync=workers * replicas_per_worker)
+        context = tf.distribute.InputContext(
+            num_input_pipelines=workers, input_pipeline_id=worker, num_replicas_in_sync=workers * replicas_per_worker
+        )
         per_replica = context.get_per_replica_batch_size(4 * workers * replicas_per_worker)
-        ds = input_pipeline.make_dataset(files, batch_size=per_replica, training=True, parse_fn=_parse_id,
-                                         input_context=context, repeat=False, drop_remainder=False)
+        ds = input_pipeline.make_dataset(
+            files,
+            batch_size=per_replica,
+            training=True,
+            parse_fn=_parse_id,
+            input_context=context,
+            repeat=False,
+            drop_remainder=False,
+        )
         seen.update(int(i) for ids, _ in ds for i in ids.numpy())
     assert seen == ALL_IDS
 
@@ -189,8 +226,12 @@ def test_cache_on_a_gfile_url_is_built_locally_and_read_through_gfile():
     assert data.cache_dir.startswith("ram://bench-cache/")
     assert all(f.startswith("ram://") for f in data.splits["train"].files)
     assert tf.io.gfile.exists(f"{data.cache_dir}/{records.META_FILE}")
-    ds = input_pipeline.make_dataset(data.splits["train"].files, batch_size=32, training=False,
-                                     parse_fn=lambda r: image_data.parse_example(r, data.image_shape))
+    ds = input_pipeline.make_dataset(
+        data.splits["train"].files,
+        batch_size=32,
+        training=False,
+        parse_fn=lambda r: image_data.parse_example(r, data.image_shape),
+    )
     assert sum(int(images.shape[0]) for images, _ in ds) == data.splits["train"].num_examples
     again = image_data.prepare("synthetic", cache_root="ram://bench-cache", examples_per_shard=64)
     assert again.cache_dir == data.cache_dir  # reused, not rebuilt
@@ -198,8 +239,15 @@ def test_cache_on_a_gfile_url_is_built_locally_and_read_through_gfile():
 
 @pytest.mark.parametrize("pipeline", ["cifar10_cnn", "imdb_transformer"])
 def test_bench_input_tiny_mode_writes_its_report(tmp_path, pipeline):
-    result = run_module(f"pipelines.{pipeline}", "bench-input", "--smoke", f"--output_dir={tmp_path}/runs",
-                        f"--cache_dir={tmp_path}/cache", "--name=tiny", timeout=600)
+    result = run_module(
+        f"pipelines.{pipeline}",
+        "bench-input",
+        "--smoke",
+        f"--output_dir={tmp_path}/runs",
+        f"--cache_dir={tmp_path}/cache",
+        "--name=tiny",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = last_json_line(result.stdout)
     assert result.stdout.strip().splitlines()[-1].startswith("{")  # the JSON is the last line
@@ -207,8 +255,16 @@ def test_bench_input_tiny_mode_writes_its_report(tmp_path, pipeline):
         assert set(report[key]) >= {"examples_per_second", "mb_per_second"}
         assert report[key]["examples_per_second"] > 0
     knobs = {row["knob"] for row in report["ablation"]}
-    assert {"interleave_cycle", "cache", "prefetch", "deterministic", "shard size", "compression",
-            "stored format", "remote: interleave_cycle"} <= knobs
+    assert {
+        "interleave_cycle",
+        "cache",
+        "prefetch",
+        "deterministic",
+        "shard size",
+        "compression",
+        "stored format",
+        "remote: interleave_cycle",
+    } <= knobs
     assert all(row["examples_per_second"] > 0 for row in report["ablation"])
     out = tmp_path / "runs" / pipeline / "tiny"
     assert json.loads((out / "input_bench.json").read_text())["tuned"] == report["tuned"]
@@ -218,31 +274,53 @@ def test_bench_input_tiny_mode_writes_its_report(tmp_path, pipeline):
 
 
 def test_bench_input_bad_flag_is_one_line(tmp_path):
-    result = run_module("pipelines.cifar10_cnn", "bench-input", "--smoke", "--repeats=0",
-                        f"--output_dir={tmp_path}", f"--cache_dir={tmp_path}/cache")
+    result = run_module(
+        "pipelines.cifar10_cnn",
+        "bench-input",
+        "--smoke",
+        "--repeats=0",
+        f"--output_dir={tmp_path}",
+        f"--cache_dir={tmp_path}/cache",
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: --repeats=0: expected a number > 0"
 
 
 def _in_order(files, parse_fn, parse_batch_fn, vectorized, batcher=None):
     knobs = InputKnobs(vectorized_parse=vectorized, deterministic=True)
-    ds = input_pipeline.make_dataset(files, batch_size=1, training=False, parse_fn=parse_fn,
-                                     parse_batch_fn=parse_batch_fn, batcher=batcher, knobs=knobs)
+    ds = input_pipeline.make_dataset(
+        files,
+        batch_size=1,
+        training=False,
+        parse_fn=parse_fn,
+        parse_batch_fn=parse_batch_fn,
+        batcher=batcher,
+        knobs=knobs,
+    )
     return [tuple(t.numpy() for t in example) for example in ds]
 
 
 def test_vectorized_parse_gives_what_parsing_one_record_at_a_time_gives(tmp_path):
     from core import config as config_lib
     from pipelines import imdb_transformer
-    smoke = {k: v for k, v in imdb_transformer.SMOKE.items()
-             if k in {f.name for f in dataclasses.fields(imdb_transformer.Config)}}
+
+    smoke = {
+        k: v
+        for k, v in imdb_transformer.SMOKE.items()
+        if k in {f.name for f in dataclasses.fields(imdb_transformer.Config)}
+    }
     cfg = imdb_transformer.Config(**smoke)
     data = imdb_transformer.prepare_data(cfg, config_lib.RunOptions(data="synthetic", cache_dir=str(tmp_path)))
     vectorizer = imdb_transformer.fit_tokenizer(cfg, data)
     from models.text_preprocessing import HeadTailTruncate
+
     truncate = HeadTailTruncate(cfg.max_length)
     files = data.splits["train"].files
-    args = (files, imdb_transformer.tokenized(vectorizer, truncate), imdb_transformer.tokenized_batch(vectorizer, truncate))
+    args = (
+        files,
+        imdb_transformer.tokenized(vectorizer, truncate),
+        imdb_transformer.tokenized_batch(vectorizer, truncate),
+    )
     one_by_one, vectorized = _in_order(*args, False), _in_order(*args, True)
     assert len(one_by_one) == len(vectorized) == data.splits["train"].num_examples
     for (ids_a, label_a), (ids_b, label_b) in zip(one_by_one, vectorized):
@@ -250,8 +328,11 @@ def test_vectorized_parse_gives_what_parsing_one_record_at_a_time_gives(tmp_path
         assert label_a == label_b
 
     images = image_data.prepare("synthetic", cache_root=str(tmp_path), examples_per_shard=64)
-    args = (images.splits["train"].files, lambda r: image_data.parse_example(r, images.image_shape),
-            lambda r: image_data.parse_examples(r, images.image_shape))
+    args = (
+        images.splits["train"].files,
+        lambda r: image_data.parse_example(r, images.image_shape),
+        lambda r: image_data.parse_examples(r, images.image_shape),
+    )
     one_by_one, vectorized = _in_order(*args, False), _in_order(*args, True)
     assert len(one_by_one) == len(vectorized) == images.splits["train"].num_examples
     for (a, label_a), (b, label_b) in zip(one_by_one, vectorized):

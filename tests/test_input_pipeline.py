@@ -21,10 +21,12 @@ def _parse_id(record):
 
 
 def _ids(files, workers, worker, training=False, batch=1):
-    context = tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=worker,
-                                         num_replicas_in_sync=workers)
-    ds = input_pipeline.make_dataset(files, batch_size=batch, training=training, parse_fn=_parse_id,
-                                     input_context=context, repeat=False)
+    context = tf.distribute.InputContext(
+        num_input_pipelines=workers, input_pipeline_id=worker, num_replicas_in_sync=workers
+    )
+    ds = input_pipeline.make_dataset(
+        files, batch_size=batch, training=training, parse_fn=_parse_id, input_context=context, repeat=False
+    )
     return [int(i) for batch_ids in ds for i in np.atleast_1d(batch_ids.numpy())]
 
 
@@ -52,6 +54,7 @@ def test_training_batches_have_static_shapes(tmp_path):
 
 def test_empty_split_is_a_clear_error():
     from core.errors import UserError
+
     with pytest.raises(UserError, match="no TFRecord shards"):
         input_pipeline.make_dataset([], batch_size=8, training=True, parse_fn=_parse_id)
 
@@ -74,9 +77,12 @@ def test_augmentation_is_a_flip_and_a_reflect_padded_shift():
     out = _augment(images, flip="random", translate=2)
     padded = np.pad(images, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
     for original, padded_one, augmented in zip(images, padded, out):
-        candidates = [padded_one[dy:dy + 32, dx:dx + 32] for dy in range(5) for dx in range(5)]
-        candidates += [np.pad(original[:, ::-1], [(2, 2), (2, 2), (0, 0)], mode="reflect")[dy:dy + 32, dx:dx + 32]
-                       for dy in range(5) for dx in range(5)]
+        candidates = [padded_one[dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5)]
+        candidates += [
+            np.pad(original[:, ::-1], [(2, 2), (2, 2), (0, 0)], mode="reflect")[dy : dy + 32, dx : dx + 32]
+            for dy in range(5)
+            for dx in range(5)
+        ]
         assert any(np.array_equal(augmented, c) for c in candidates)
     assert not np.array_equal(out, images)  # something moved
 

@@ -24,17 +24,26 @@ NOTEBOOKS = ("colab_tpu.ipynb", "colab_gpu.ipynb")
 
 
 def ci_parameters(tmp_path, stages):
-    return {"STRATEGY": "auto", "DATA": "synthetic", "NAME": "ci",
-            "ARGS": f"--smoke --verbose=2 --cache_dir={tmp_path}/cache", "OUTPUT_DIR": str(tmp_path / "runs"),
-            "STAGES": stages, "COMPRESS_ARGS": "--latency_runs=2", "INSTALL": "", "SHOW_TENSORBOARD": False}
+    return {
+        "STRATEGY": "auto",
+        "DATA": "synthetic",
+        "NAME": "ci",
+        "ARGS": f"--smoke --verbose=2 --cache_dir={tmp_path}/cache",
+        "OUTPUT_DIR": str(tmp_path / "runs"),
+        "STAGES": stages,
+        "COMPRESS_ARGS": "--latency_runs=2",
+        "INSTALL": "",
+        "SHOW_TENSORBOARD": False,
+    }
 
 
 def execute(name, parameters, tmp_path, monkeypatch):
     # Jupyter's and IPython's state go under tmp_path: CI's home may be read-only.
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter"))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "IPYTHONDIR": str(tmp_path / "ipython")}
-    return run_notebook.execute(os.path.join(REPO, "notebooks", name), parameters, str(tmp_path / name),
-                                timeout=600, env=env)
+    return run_notebook.execute(
+        os.path.join(REPO, "notebooks", name), parameters, str(tmp_path / name), timeout=600, env=env
+    )
 
 
 def outputs_text(book):
@@ -55,8 +64,9 @@ def test_notebook_runs_on_cpu_with_the_make_targets(name, stages, tmp_path, monk
     chosen = next(line for line in text.splitlines() if ".tflite: accuracy" in line)
     assert os.path.isfile(chosen.split(": accuracy")[0])
     # The report cell displayed the curves and the metrics table.
-    kinds = {key for cell in book.cells if cell.cell_type == "code" for out in cell.outputs
-             for key in out.get("data", {})}
+    kinds = {
+        key for cell in book.cells if cell.cell_type == "code" for out in cell.outputs for key in out.get("data", {})
+    }
     assert {"image/png", "text/markdown"} <= kinds
 
 
@@ -64,11 +74,19 @@ def test_a_failing_make_target_stops_the_notebook(tmp_path, monkeypatch):
     # Through the command line, as a user runs it: exit 1, the executed copy kept with the error.
     parameters = {**ci_parameters(tmp_path, "ptq_int8"), "STRATEGY": "no-such-strategy"}
     output = tmp_path / "executed.ipynb"
-    result = subprocess.run([sys.executable, "notebooks/run_notebook.py", "notebooks/colab_gpu.ipynb",
-                             f"--output={output}", *(f"{k}={v}" for k, v in parameters.items())],
-                            cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter"),
-                                 "IPYTHONDIR": str(tmp_path / "ipython")})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "notebooks/run_notebook.py",
+            "notebooks/colab_gpu.ipynb",
+            f"--output={output}",
+            *(f"{k}={v}" for k, v in parameters.items()),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter"), "IPYTHONDIR": str(tmp_path / "ipython")},
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "a cell failed" in result.stderr and "failed with exit status 2" in result.stderr
     executed = nbformat.read(str(output), as_version=4)
@@ -76,25 +94,35 @@ def test_a_failing_make_target_stops_the_notebook(tmp_path, monkeypatch):
     assert not (tmp_path / "runs" / "cifar10_cnn" / "ci" / "compress").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["notebooks/none.ipynb", "--output=x.ipynb"], "notebooks/none.ipynb: no such file"),
-    (["notebooks/colab_gpu.ipynb", "--output=x.ipynb", "not a pair"], "'not a pair': expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["notebooks/none.ipynb", "--output=x.ipynb"], "notebooks/none.ipynb: no such file"),
+        (["notebooks/colab_gpu.ipynb", "--output=x.ipynb", "not a pair"], "'not a pair': expected KEY=VALUE"),
+    ],
+)
 def test_run_notebook_bad_arguments_exit_2_with_one_line(argv, message):
-    result = subprocess.run([sys.executable, "notebooks/run_notebook.py", *argv], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "notebooks/run_notebook.py", *argv], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert message in result.stderr.strip().splitlines()[-1]
 
 
 def test_parameters_are_python_literals_or_strings():
-    assert run_notebook.parse_parameters(["A=False", "B=3", "C=--smoke --verbose=2", "D='x'", "E="]) == \
-        {"A": False, "B": 3, "C": "--smoke --verbose=2", "D": "x", "E": ""}
+    assert run_notebook.parse_parameters(["A=False", "B=3", "C=--smoke --verbose=2", "D='x'", "E="]) == {
+        "A": False,
+        "B": 3,
+        "C": "--smoke --verbose=2",
+        "D": "x",
+        "E": "",
+    }
 
 
 def test_committed_notebooks_match_their_generator():
-    result = subprocess.run([sys.executable, "notebooks/build_notebooks.py", "--check"], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "notebooks/build_notebooks.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -105,5 +133,7 @@ def test_notebook_is_valid_and_uses_make_targets_only(name):
     source = "\n".join(cell.source for cell in book.cells if cell.cell_type == "code")
     for target in ("install", "train", "compress"):
         assert f"{{MAKE}} {target}" in source
-    assert not any(word in source for word in ("import tensorflow", "from pipelines", "from core"))  # no copy of the code
+    assert not any(
+        word in source for word in ("import tensorflow", "from pipelines", "from core")
+    )  # no copy of the code
     assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code")  # committed clean

@@ -18,9 +18,13 @@ def _one_step(groups, l2=0.0, steps=1, lr=0.1):
 
 
 def test_groups_scale_freeze_and_decay():
-    deltas, before = _one_step([optim.ParamGroup("frozen/", lr_multiplier=0.0),
-                                optim.ParamGroup("fast/bias", lr_multiplier=4.0, weight_decay_multiplier=0.25)],
-                               l2=0.5)
+    deltas, before = _one_step(
+        [
+            optim.ParamGroup("frozen/", lr_multiplier=0.0),
+            optim.ParamGroup("fast/bias", lr_multiplier=4.0, weight_decay_multiplier=0.25),
+        ],
+        l2=0.5,
+    )
     assert not np.any(deltas["frozen/kernel:0"]) and not np.any(deltas["frozen/bias:0"])
     np.testing.assert_allclose(deltas["fast/bias:0"], -0.1 * (4.0 + 0.125 * before["fast/bias:0"]), rtol=1e-6)
     np.testing.assert_allclose(deltas["fast/kernel:0"], -0.1 * (1.0 + 0.5 * before["fast/kernel:0"]), rtol=1e-6)

@@ -5,7 +5,6 @@ through tf.io.gfile, like gs://, so anything that still calls `open` or `os.make
 path fails here. It lives inside one process, so each test runs its whole scenario in one child.
 """
 
-import json
 import tarfile
 
 from pipelines import cifar10_cnn
@@ -71,4 +70,3 @@ def test_a_url_source_that_is_not_an_archive_is_one_line():
     result = run_module("pipelines.cifar10_cnn", "--smoke", "--data=ram://bucket/images/")
     assert result.returncode == 2
     assert "must be a .tar.gz/.tgz/.tar archive" in result.stderr.strip().splitlines()[-1]
-

@@ -47,8 +47,10 @@ def _sources():
             for index, cell in enumerate(cells):
                 source = "".join(cell["source"])
                 # `!shell` and `%magic` lines are IPython, not Python: keep the indentation, drop the rest.
-                lines = [line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("!", "%"))
-                         else line for line in source.splitlines()]
+                lines = [
+                    line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("!", "%")) else line
+                    for line in source.splitlines()
+                ]
                 found.append((f"{path.relative_to(REPO)} code cell {index}", ast.parse("\n".join(lines))))
     assert len(found) > 30, found  # the walk found the repository
     return found
@@ -68,8 +70,9 @@ def _unsafe_uses(tree):
     problems = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            problems += [f"line {node.lineno}: import {a.name}" for a in node.names
-                         if a.name.split(".")[0] in UNSAFE_MODULES]
+            problems += [
+                f"line {node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in UNSAFE_MODULES:
             problems.append(f"line {node.lineno}: from {node.module} import ...")
         elif isinstance(node, ast.Call):
@@ -79,8 +82,11 @@ def _unsafe_uses(tree):
                 problems.append(f"line {node.lineno}: {name}(...)")
             elif name.startswith("yaml.") and name.split(".")[-1] in UNSAFE_YAML:
                 problems.append(f"line {node.lineno}: {name}(...); expected yaml.safe_load")
-            elif name.split(".")[-1] == "load" and isinstance(keywords.get("allow_pickle"), ast.Constant) \
-                    and keywords["allow_pickle"].value is True:
+            elif (
+                name.split(".")[-1] == "load"
+                and isinstance(keywords.get("allow_pickle"), ast.Constant)
+                and keywords["allow_pickle"].value is True
+            ):
                 problems.append(f"line {node.lineno}: {name}(..., allow_pickle=True)")
             elif name.split(".")[-1] in ("extractall", "extract"):
                 # Archives are read member by member through sources.safe_member_parts, never
@@ -122,17 +128,24 @@ tar.extractfile(member).read()
 
 def _load_model_calls(tree):
     """Every keras/tf.keras `load_model` call (not our evaluation.load_model wrapper)."""
-    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)
-            and _dotted(node.func).split(".")[-1] == "load_model"
-            and _dotted(node.func).split(".")[-2:-1] in (["models"], ["saving"])]
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and _dotted(node.func).split(".")[-1] == "load_model"
+        and _dotted(node.func).split(".")[-2:-1] in (["models"], ["saving"])
+    ]
 
 
 def test_every_keras_load_model_call_passes_safe_mode_true():
     calls = {}
     for name, tree in _sources():
         # A bare `load_model(...)` would escape the check below.
-        assert not [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                    and any(a.name == "load_model" for a in node.names)], name
+        assert not [
+            node.lineno
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and any(a.name == "load_model" for a in node.names)
+        ], name
         for call in _load_model_calls(tree):
             safe_mode = {k.arg: k.value for k in call.keywords}.get("safe_mode")
             calls[f"{name} line {call.lineno}"] = isinstance(safe_mode, ast.Constant) and safe_mode.value is True
@@ -168,10 +181,14 @@ def test_a_lambda_layer_is_refused_with_one_line_and_never_runs(tmp_path, monkey
     assert not os.path.exists(marker)
 
 
-@pytest.mark.parametrize("tf_op, layer_class", [
-    (lambda x: x[:, :1], "SlicingOpLambda"),  # a slice in a functional graph
-    (lambda x: tf.math.sin(x), "TFOpLambda"),  # a raw tf.* call
-], ids=["slice", "tf.math.sin"])
+@pytest.mark.parametrize(
+    "tf_op, layer_class",
+    [
+        (lambda x: x[:, :1], "SlicingOpLambda"),  # a slice in a functional graph
+        (lambda x: tf.math.sin(x), "TFOpLambda"),  # a raw tf.* call
+    ],
+    ids=["slice", "tf.math.sin"],
+)
 def test_tf_op_layers_are_refused_because_they_name_any_tf_function(tmp_path, tf_op, layer_class):
     # Their config names a tf.* function that loading looks up by name (tf.io.write_file would do).
     inputs = keras.Input((3,))
@@ -232,8 +249,9 @@ def test_our_own_saved_models_still_load(tmp_path):
     # The checks refuse nothing the pipelines write: custom layers and a registered function.
     from models import text_preprocessing, transformer  # noqa: F401  (registers the custom objects)
 
-    vectorize = keras.layers.TextVectorization(max_tokens=20, output_sequence_length=4,
-                                               standardize=text_preprocessing.standardize_review)
+    vectorize = keras.layers.TextVectorization(
+        max_tokens=20, output_sequence_length=4, standardize=text_preprocessing.standardize_review
+    )
     vectorize.adapt(["a good film", "a bad film"])
     inputs = keras.Input((1,), dtype="string")
     model = keras.Model(inputs, keras.layers.Embedding(20, 2)(vectorize(inputs)))
@@ -250,16 +268,19 @@ def _member(name, kind, linkname=""):
     return info
 
 
-@pytest.mark.parametrize("member, why", [
-    (_member("pets/cat/0.png", tarfile.LNKTYPE, "etc/passwd"), "link to 'etc/passwd'"),
-    (_member("pets/cat/0.png", tarfile.SYMTYPE, "/etc/passwd"), "link to '/etc/passwd'"),
-    (_member("pets/cat/tty", tarfile.CHRTYPE), "device, fifo or special file"),
-    (_member("pets/cat/sda", tarfile.BLKTYPE), "device, fifo or special file"),
-    (_member("pets/cat/pipe", tarfile.FIFOTYPE), "device, fifo or special file"),
-    (_member("/etc/cron.d/evil", tarfile.REGTYPE), "absolute or '..' path"),
-    (_member("pets/../../evil.png", tarfile.REGTYPE), "absolute or '..' path"),
-    (_member("./../evil.png", tarfile.REGTYPE), "absolute or '..' path"),
-])
+@pytest.mark.parametrize(
+    "member, why",
+    [
+        (_member("pets/cat/0.png", tarfile.LNKTYPE, "etc/passwd"), "link to 'etc/passwd'"),
+        (_member("pets/cat/0.png", tarfile.SYMTYPE, "/etc/passwd"), "link to '/etc/passwd'"),
+        (_member("pets/cat/tty", tarfile.CHRTYPE), "device, fifo or special file"),
+        (_member("pets/cat/sda", tarfile.BLKTYPE), "device, fifo or special file"),
+        (_member("pets/cat/pipe", tarfile.FIFOTYPE), "device, fifo or special file"),
+        (_member("/etc/cron.d/evil", tarfile.REGTYPE), "absolute or '..' path"),
+        (_member("pets/../../evil.png", tarfile.REGTYPE), "absolute or '..' path"),
+        (_member("./../evil.png", tarfile.REGTYPE), "absolute or '..' path"),
+    ],
+)
 def test_unsafe_archive_members_are_refused_naming_them(member, why):
     with pytest.raises(UserError) as error:
         sources.safe_member_parts("data.tar.gz", member)
@@ -278,12 +299,22 @@ def _tar_with_hardlink(path, regular, link):
     return str(path)
 
 
-@pytest.mark.parametrize("prepare, regular, link", [
-    (lambda source, cache: image_data.prepare(source, cache_root=cache, image_shape=(8, 8, 3)),
-     "pets/cat/0.png", "pets/dog/0.png"),
-    (lambda source, cache: text_data.prepare(source, cache_root=cache),
-     "aclImdb/train/pos/0_9.txt", "aclImdb/train/neg/0_1.txt"),
-], ids=["image_data", "text_data"])
+@pytest.mark.parametrize(
+    "prepare, regular, link",
+    [
+        (
+            lambda source, cache: image_data.prepare(source, cache_root=cache, image_shape=(8, 8, 3)),
+            "pets/cat/0.png",
+            "pets/dog/0.png",
+        ),
+        (
+            lambda source, cache: text_data.prepare(source, cache_root=cache),
+            "aclImdb/train/pos/0_9.txt",
+            "aclImdb/train/neg/0_1.txt",
+        ),
+    ],
+    ids=["image_data", "text_data"],
+)
 def test_a_hardlink_member_stops_the_import_before_any_cache_is_written(tmp_path, prepare, regular, link):
     archive = _tar_with_hardlink(tmp_path / "data.tar.gz", regular, link)
     with pytest.raises(UserError) as error:

@@ -79,10 +79,13 @@ def test_tpu_without_tpu_fails_fast_with_user_error(monkeypatch):
     assert time.monotonic() - start < 5
 
 
-@pytest.mark.parametrize("installed, expected", [
-    ({}, "tensorflow-tpu is not installed"),
-    ({"tensorflow-tpu": "2.21.0"}, "the libtpu runtime is not installed"),
-])
+@pytest.mark.parametrize(
+    "installed, expected",
+    [
+        ({}, "tensorflow-tpu is not installed"),
+        ({"tensorflow-tpu": "2.21.0"}, "the libtpu runtime is not installed"),
+    ],
+)
 def test_tpu_vm_without_the_tpu_runtime_says_what_to_install(monkeypatch, installed, expected):
     # A TPU VM (chips under /dev/vfio) with the plain tensorflow wheel, as on Colab's TPU
     # runtime before the install step.
@@ -98,7 +101,9 @@ def test_tpu_vm_without_the_tpu_runtime_says_what_to_install(monkeypatch, instal
     monkeypatch.setattr(strategies, "_tpu_detectable", lambda: True)
     monkeypatch.setattr(strategies, "_local_tpu_devices", lambda: ["/dev/vfio/0"])
     monkeypatch.setattr(importlib.metadata, "version", version)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a)
+    )
     with pytest.raises(UserError) as e:
         strategies.make_strategy("tpu")
     message = str(e.value)
@@ -118,9 +123,7 @@ def test_tpu_at_unreachable_grpc_address_fails_fast():
 def test_unknown_strategy_lists_valid_names():
     with pytest.raises(UserError) as e:
         strategies.make_strategy("mirored")
-    assert str(e.value) == (
-        "unknown strategy 'mirored': expected one of auto, default, mirrored, multiworker, tpu"
-    )
+    assert str(e.value) == ("unknown strategy 'mirored': expected one of auto, default, mirrored, multiworker, tpu")
 
 
 def test_cpu_split_after_runtime_start_is_user_error():
@@ -148,9 +151,7 @@ def test_mirrored_with_two_cpu_devices_has_two_replicas():
 
 
 _DESCRIBE_MULTIWORKER = (
-    "import json, strategies\n"
-    "s = strategies.make_strategy('multiworker')\n"
-    "print(json.dumps(strategies.describe(s)))\n"
+    "import json, strategies\ns = strategies.make_strategy('multiworker')\nprint(json.dumps(strategies.describe(s)))\n"
 )
 
 
@@ -258,18 +259,23 @@ _TASK0 = {"type": "worker", "index": 0}
         ({"cluster": {"worker": ["a:1"]}}, r'TF_CONFIG has no "task"'),
         ({"cluster": {"worker": ["a:1"]}, "task": {"type": "chief"}}, r"'chief' is not in the"),
         ({"cluster": {"worker": ["a:1"]}, "task": {"type": "boss"}}, r"expected one of chief, w"),
-        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 2}},
-         r"index 2 is out of range: expected an integer from 0 to 1"),
+        (
+            {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 2}},
+            r"index 2 is out of range: expected an integer from 0 to 1",
+        ),
         ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": -1}}, r"index -1"),
         ({"cluster": {"worker": ["a1"]}, "task": _TASK0}, r"'a1': expected 'host:port'"),
         ({"cluster": {"worker": ["a:99999"]}, "task": _TASK0}, r"'a:99999': expected 'host:p"),
         ({"cluster": {"worker": []}, "task": _TASK0}, r"expected a non-empty list"),
-        ({"cluster": {"worker": ["a:1", "a:1"]}, "task": _TASK0},
-         r"address a:1 appears twice \(worker:0 and worker:1\)"),
-        ({"cluster": {"chief": ["a:1", "b:1"], "worker": ["c:1"]}, "task": _TASK0},
-         r"has 2 addresses: expected exactly 1"),
-        ({"cluster": {"ps": ["a:1"], "worker": ["b:1"]}, "task": _TASK0},
-         r"ParameterServerStrategy is not supported"),
+        (
+            {"cluster": {"worker": ["a:1", "a:1"]}, "task": _TASK0},
+            r"address a:1 appears twice \(worker:0 and worker:1\)",
+        ),
+        (
+            {"cluster": {"chief": ["a:1", "b:1"], "worker": ["c:1"]}, "task": _TASK0},
+            r"has 2 addresses: expected exactly 1",
+        ),
+        ({"cluster": {"ps": ["a:1"], "worker": ["b:1"]}, "task": _TASK0}, r"ParameterServerStrategy is not supported"),
     ],
 )
 def test_malformed_tf_config_is_one_line_user_error(raw, message):
@@ -292,8 +298,7 @@ _PRINT_TASK = (
 
 
 def test_launch_local_gives_each_worker_its_own_index_and_port():
-    result = run_python(["-m", "strategies.launch_local", "--workers=2", "--",
-                         sys.executable, "-c", _PRINT_TASK])
+    result = run_python(["-m", "strategies.launch_local", "--workers=2", "--", sys.executable, "-c", _PRINT_TASK])
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split() for line in result.stdout.splitlines() if " index " in line]
     # ['[worker', '0]', 'index', '0', 'address', 'localhost:PORT']
@@ -337,8 +342,7 @@ def test_launch_local_exits_with_failing_workers_status_and_stops_the_rest():
         "time.sleep(60)\n"
     )
     start = time.monotonic()
-    result = run_python(["-m", "strategies.launch_local", "--workers=2", "--",
-                         sys.executable, "-c", code])
+    result = run_python(["-m", "strategies.launch_local", "--workers=2", "--", sys.executable, "-c", code])
     assert result.returncode == 3
     assert time.monotonic() - start < 40
 
@@ -366,8 +370,7 @@ def test_launch_local_bad_arguments_exit_2_with_one_line(argv, message, capsys):
 def test_launch_local_forwards_sigint_to_workers():
     code = "import os, time; print('ready', os.getpid(), flush=True); time.sleep(60)"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "strategies.launch_local", "--workers=2", "--",
-         sys.executable, "-c", code],
+        [sys.executable, "-m", "strategies.launch_local", "--workers=2", "--", sys.executable, "-c", code],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"},
         stdout=subprocess.PIPE,
@@ -426,10 +429,23 @@ def _ports_seen_from_outside_while_serving(tmp_path, network):
     """Runs a 2-worker job; returns {port: listening addresses seen from here} and the result."""
     checked = tmp_path / "checked"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "strategies.launch_local", "--workers=2", f"--network={network}", "--",
-         sys.executable, "-c", _SERVE_UNTIL_CHECKED, str(checked)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "strategies.launch_local",
+            "--workers=2",
+            f"--network={network}",
+            "--",
+            sys.executable,
+            "-c",
+            _SERVE_UNTIL_CHECKED,
+            str(checked),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         output, ports = [], []
@@ -458,18 +474,35 @@ def test_launch_local_worker_ports_are_not_reachable_from_outside_its_network_na
     assert output.count("] done") == 2 and "warning:" not in output  # the collective ran over loopback
 
 
-@pytest.mark.parametrize("worker_output, hinted", [
-    ("urllib3.exceptions.NameResolutionError: Failed to resolve 'storage.googleapis.com'", True),
-    ("error: --epochs=0: expected a number > 0", False),
-], ids=["name-lookup-failed", "other-failure"])
+@pytest.mark.parametrize(
+    "worker_output, hinted",
+    [
+        ("urllib3.exceptions.NameResolutionError: Failed to resolve 'storage.googleapis.com'", True),
+        ("error: --epochs=0: expected a number > 0", False),
+    ],
+    ids=["name-lookup-failed", "other-failure"],
+)
 def test_launch_local_suggests_the_host_network_only_when_a_worker_could_not_reach_a_host(worker_output, hinted):
     reason = launch_local.private_network_unavailable()
     if reason:
         pytest.skip(f"this machine cannot make a private network namespace: {reason}")
     result = subprocess.run(
-        [sys.executable, "-m", "strategies.launch_local", "--workers=2", "--", sys.executable, "-c",
-         f"import sys; print({worker_output!r}); sys.exit(1)"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "strategies.launch_local",
+            "--workers=2",
+            "--",
+            sys.executable,
+            "-c",
+            f"import sys; print({worker_output!r}); sys.exit(1)",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert ("run with --network=host" in result.stderr) == hinted, result.stderr
 
@@ -477,23 +510,32 @@ def test_launch_local_suggests_the_host_network_only_when_a_worker_could_not_rea
 def test_launch_local_host_network_leaves_worker_ports_open_on_every_interface(tmp_path):
     # What the private namespace is for: TensorFlow binds 0.0.0.0 though TF_CONFIG says localhost.
     seen, output = _ports_seen_from_outside_while_serving(tmp_path, "host")
-    assert all(addresses and set(addresses) <= {"tcp:00000000", "tcp6:" + "0" * 32}
-               for addresses in seen.values()), seen
+    assert all(addresses and set(addresses) <= {"tcp:00000000", "tcp6:" + "0" * 32} for addresses in seen.values()), (
+        seen
+    )
     assert output.count("] done") == 2
 
 
-@pytest.mark.parametrize("unshare, reason", [
-    (None, "the unshare command (util-linux) is not installed"),
-    # What util-linux prints where unprivileged user namespaces are disabled.
-    ("echo 'unshare: unshare failed: Operation not permitted' >&2; exit 1",
-     "unshare: unshare failed: Operation not permitted; unprivileged user namespaces may be disabled"),
-], ids=["missing", "not-permitted"])
+@pytest.mark.parametrize(
+    "unshare, reason",
+    [
+        (None, "the unshare command (util-linux) is not installed"),
+        # What util-linux prints where unprivileged user namespaces are disabled.
+        (
+            "echo 'unshare: unshare failed: Operation not permitted' >&2; exit 1",
+            "unshare: unshare failed: Operation not permitted; unprivileged user namespaces may be disabled",
+        ),
+    ],
+    ids=["missing", "not-permitted"],
+)
 def test_launch_local_without_user_namespaces_warns_once_and_uses_the_host_network(tmp_path, unshare, reason):
     if unshare:
         (tmp_path / "unshare").write_text(f"#!/bin/sh\n{unshare}\n")
         (tmp_path / "unshare").chmod(0o755)
-    result = run_python(["-m", "strategies.launch_local", "--workers=2", "--",
-                         sys.executable, "-c", _PRINT_TASK], env={"PATH": str(tmp_path)})
+    result = run_python(
+        ["-m", "strategies.launch_local", "--workers=2", "--", sys.executable, "-c", _PRINT_TASK],
+        env={"PATH": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "listen on all interfaces (TensorFlow binds 0.0.0.0" in warnings[0]

@@ -30,7 +30,9 @@ def _write_reviews(root, per_class=4, split="train", seed=0):
         for i in range(per_class):
             text = f"{split} {cls} review {i} {rng.integers(10**6)}: {ODD_TEXTS[i % len(ODD_TEXTS)]}"
             rating = 8 if cls == "pos" else 2
-            with open(os.path.join(root, split or "", cls, f"{i}_{rating}.txt"), "w", encoding="utf-8", newline="") as f:
+            with open(
+                os.path.join(root, split or "", cls, f"{i}_{rating}.txt"), "w", encoding="utf-8", newline=""
+            ) as f:
                 f.write(text)
             written[text] = cls
     return written
@@ -95,7 +97,7 @@ def test_pos_neg_folder_is_one_split_carved_for_training_and_whole_for_evaluatio
     data = text_data.prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), val_fraction=0.2)
     assert {s: data.splits[s].num_examples for s in data.splits} == {"train": 8, "val": 2}
     _assert_round_trip(data, written)
-    (split, (texts, labels)), = text_data.read_source_texts(str(tmp_path / "reviews")).items()
+    ((split, (texts, labels)),) = text_data.read_source_texts(str(tmp_path / "reviews")).items()
     assert split == "train" and sorted(texts) == sorted(written)
     assert [text_data.CLASS_NAMES[label] for label in labels] == [written[text] for text in texts]
 
@@ -104,7 +106,9 @@ def test_val_carve_is_per_class_sized_and_depends_only_on_seed(tmp_path):
     written = _write_reviews(tmp_path / "reviews", per_class=10, split=None)
 
     def val(seed):
-        data = text_data.prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), val_fraction=0.3, seed=seed)
+        data = text_data.prepare(
+            str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), val_fraction=0.3, seed=seed
+        )
         assert (data.splits["train"].num_examples, data.splits["val"].num_examples) == (14, 6)
         texts, labels = text_data.read_texts(data.splits["val"])
         assert np.bincount(labels).tolist() == [3, 3]
@@ -116,7 +120,9 @@ def test_val_carve_is_per_class_sized_and_depends_only_on_seed(tmp_path):
 
 def test_max_examples_caps_each_split_before_the_carve(tmp_path):
     _write_acl_imdb(tmp_path / "aclImdb", per_class=6)
-    data = text_data.prepare(str(tmp_path / "aclImdb"), cache_root=str(tmp_path / "cache"), max_examples=5, val_fraction=0.25)
+    data = text_data.prepare(
+        str(tmp_path / "aclImdb"), cache_root=str(tmp_path / "cache"), max_examples=5, val_fraction=0.25
+    )
     sizes = {s: data.splits[s].num_examples for s in data.splits}
     assert sizes["train"] + sizes["val"] == 5 and sizes["test"] == 5
 
@@ -185,14 +191,19 @@ def test_parse_example_gives_string_text_and_int64_label_eagerly():
 def test_skip_corrupt_leaves_out_non_utf8_reviews_and_counts_them(tmp_path, capsys, archived):
     written = _write_acl_imdb(tmp_path / "aclImdb")
     (tmp_path / "aclImdb" / "train" / "neg" / "7_1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    source = _tar(tmp_path / "aclImdb", str(tmp_path / "imdb.tar.gz"), "aclImdb") if archived else str(tmp_path / "aclImdb")
+    source = (
+        _tar(tmp_path / "aclImdb", str(tmp_path / "imdb.tar.gz"), "aclImdb") if archived else str(tmp_path / "aclImdb")
+    )
     data = text_data.prepare(source, cache_root=str(tmp_path / "cache"), skip_corrupt=True)
     assert data.skipped_corrupt == 1
     _assert_round_trip(data, written["train"])  # the 8 UTF-8 reviews, across train and val
     _assert_round_trip(data, written["test"], splits=("test",))
     with open(os.path.join(data.cache_dir, "meta.json")) as f:
         skipped = json.load(f)["skipped_corrupt"]
-    assert skipped["count"] == 1 and "train/neg/7_1.txt (not UTF-8: unexpected end of data at byte 3)" in skipped["first"][0]
+    assert (
+        skipped["count"] == 1
+        and "train/neg/7_1.txt (not UTF-8: unexpected end of data at byte 3)" in skipped["first"][0]
+    )
     assert "warning: skipped 1 corrupt records while converting" in capsys.readouterr().out
 
 
@@ -214,7 +225,9 @@ def test_skip_corrupt_class_of_only_non_utf8_reviews_is_a_one_line_error(tmp_pat
     with pytest.raises(UserError) as error:
         text_data.prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), skip_corrupt=True)
     message = str(error.value)
-    assert "reviews/pos/: all 2 records are corrupt and were skipped (--skip_corrupt)" in message and "\n" not in message
+    assert (
+        "reviews/pos/: all 2 records are corrupt and were skipped (--skip_corrupt)" in message and "\n" not in message
+    )
 
 
 # --- bad inputs: each one a UserError whose single line names the offending thing ----------------
@@ -267,7 +280,9 @@ def _bad_empty_class_folder_in_tar(tmp):
     _write_reviews(tmp / "aclImdb")
     shutil.rmtree(tmp / "aclImdb" / "train" / "pos")
     os.makedirs(tmp / "aclImdb" / "train" / "pos")
-    return _tar(tmp / "aclImdb", str(tmp / "imdb.tar.gz"), "aclImdb"), "imdb.tar.gz:aclImdb/train/pos/: empty class folder"
+    return _tar(
+        tmp / "aclImdb", str(tmp / "imdb.tar.gz"), "aclImdb"
+    ), "imdb.tar.gz:aclImdb/train/pos/: empty class folder"
 
 
 def _bad_non_review_file(tmp):

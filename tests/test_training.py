@@ -36,9 +36,21 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(
     x, y = np.ones((64, 2), np.float32), np.zeros((64, 1), np.float32)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
     model = _model()
-    with pytest.raises(training.TrainingDiverged, match=r"NaN/inf at epoch 3, step 1; the last finite weights are in .*checkpoints/latest"):
-        training.fit(model, ds, ds.take(2), epochs=5, steps_per_epoch=8, run_dir=str(tmp_path),
-                     is_chief=True, callbacks=[PoisonWeightsAfter(1)], verbose=0)
+    with pytest.raises(
+        training.TrainingDiverged,
+        match=r"NaN/inf at epoch 3, step 1; the last finite weights are in .*checkpoints/latest",
+    ):
+        training.fit(
+            model,
+            ds,
+            ds.take(2),
+            epochs=5,
+            steps_per_epoch=8,
+            run_dir=str(tmp_path),
+            is_chief=True,
+            callbacks=[PoisonWeightsAfter(1)],
+            verbose=0,
+        )
     for name in ("latest", "best"):
         restored = _model()
         restored.load_weights(tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / name))).expect_partial()

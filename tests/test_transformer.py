@@ -5,8 +5,8 @@ accepted by TFMOT's pruning wrapper (the reason the blocks are split the way the
 import numpy as np
 import pytest
 import tensorflow as tf
-import tf_keras as keras
 import tensorflow_model_optimization as tfmot
+import tf_keras as keras
 
 from models import text_preprocessing, transformer
 
@@ -38,14 +38,17 @@ def test_image_classifier_variant_shapes(variant):
     assert model(np.zeros((2, 32, 32, 3), "float32")).shape == (2, 10)
 
 
-@pytest.mark.parametrize("layer, inputs", [
-    (transformer.PositionEmbedding(16), tf.zeros((2, 5, 8))),
-    (transformer.PaddingMask(), tf.constant([[3, 4, 0]])),
-    (transformer.BigramIds(64), tf.constant([[3, 4, 0]])),
-    (transformer.DotProductAttention(2), tf.random.normal((2, 5, 24))),
-    (transformer.MaskedMeanPooling(), tf.random.normal((2, 5, 8))),
-    (text_preprocessing.HeadTailTruncate(4), tf.constant([[1, 2, 3, 4, 5, 0]])),
-])
+@pytest.mark.parametrize(
+    "layer, inputs",
+    [
+        (transformer.PositionEmbedding(16), tf.zeros((2, 5, 8))),
+        (transformer.PaddingMask(), tf.constant([[3, 4, 0]])),
+        (transformer.BigramIds(64), tf.constant([[3, 4, 0]])),
+        (transformer.DotProductAttention(2), tf.random.normal((2, 5, 24))),
+        (transformer.MaskedMeanPooling(), tf.random.normal((2, 5, 8))),
+        (text_preprocessing.HeadTailTruncate(4), tf.constant([[1, 2, 3, 4, 5, 0]])),
+    ],
+)
 def test_each_custom_layer_round_trips_its_config(layer, inputs):
     out = layer(inputs)
     copy = type(layer).from_config(layer.get_config())
@@ -55,8 +58,9 @@ def test_each_custom_layer_round_trips_its_config(layer, inputs):
 
 
 def test_trailing_padding_does_not_change_the_logits():
-    model = transformer.text_classifier("tiny", vocab_size=100, max_length=32, dropout=0.0,
-                                        embedding_dropout=0.0, bigram_buckets=64)
+    model = transformer.text_classifier(
+        "tiny", vocab_size=100, max_length=32, dropout=0.0, embedding_dropout=0.0, bigram_buckets=64
+    )
     model.get_layer("head_logits").kernel.assign(tf.random.normal((32, 2), seed=1))  # zero-init otherwise
     ids = np.random.default_rng(1).integers(1, 100, (2, 10)).astype("int32")
     padded = np.pad(ids, [(0, 0), (0, 6)])
@@ -109,7 +113,8 @@ def float32_policy():
 def test_pruning_wraps_the_text_classifier(float32_policy):
     model = transformer.text_classifier("tiny", vocab_size=100, max_length=16, bigram_buckets=64)
     pruned = tfmot.sparsity.keras.prune_low_magnitude(
-        model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.5, 0))
+        model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.5, 0)
+    )
     wrapped = {l.layer.name for l in pruned.layers if hasattr(l, "layer")}
     assert {"token_embedding", "encoder_block1_qkv", "encoder_block1_mlp_hidden", "head_logits"} <= wrapped
     assert pruned(_token_ids(np.random.default_rng(2))).shape == (3, 2)

@@ -30,8 +30,16 @@ def _space_file(tmp_path, space=SPACE):
 
 
 def _tune_args(tmp_path, *extra, pipeline="cifar10_cnn", trials=2):
-    return (f"pipelines.{pipeline}", "tune", "--smoke", "--tuner=random", f"--trials={trials}",
-            f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache", *extra)
+    return (
+        f"pipelines.{pipeline}",
+        "tune",
+        "--smoke",
+        "--tuner=random",
+        f"--trials={trials}",
+        f"--output_dir={tmp_path}/runs",
+        f"--cache_dir={tmp_path}/cache",
+        *extra,
+    )
 
 
 def _rows(search_dir):
@@ -56,11 +64,15 @@ def test_tiny_search_writes_table_plot_and_best_config(tiny_search):
     assert [r["trial"] for r in rows] == ["default", "0", "1"]
     assert all(r["status"] == "COMPLETED" for r in rows)
     for row in rows[1:]:  # each trial trained with the oracle's values: its own config.json says so
-        config = json.loads((search_dir / "trials" / "cifar10_cnn" / f"trial_{row['trial']}" / "config.json").read_text())
+        config = json.loads(
+            (search_dir / "trials" / "cifar10_cnn" / f"trial_{row['trial']}" / "config.json").read_text()
+        )
         assert config["learning_rate"] == pytest.approx(float(row["learning_rate"]))
         assert 0.5 <= config["learning_rate"] <= 3.0
         assert config["label_smoothing"] == float(row["label_smoothing"])
-        metrics = json.loads((search_dir / "trials" / "cifar10_cnn" / f"trial_{row['trial']}" / "metrics.json").read_text())
+        metrics = json.loads(
+            (search_dir / "trials" / "cifar10_cnn" / f"trial_{row['trial']}" / "metrics.json").read_text()
+        )
         assert float(row["val_accuracy"]) == pytest.approx(metrics["val_accuracy"])
     best = max(rows, key=lambda r: float(r["val_accuracy"]))
     assert summary["best_val_accuracy"] == pytest.approx(float(best["val_accuracy"]))
@@ -71,14 +83,27 @@ def test_tiny_search_writes_table_plot_and_best_config(tiny_search):
 def test_best_config_round_trips_into_training(tiny_search):
     tmp_path, search_dir, summary = tiny_search
     best_config = json.loads((search_dir / "best_config.json").read_text())
-    best_run = json.loads((search_dir / "trials" / "cifar10_cnn" / (
-        "default" if summary["best_trial"] == "default" else f"trial_{summary['best_trial']}") / "config.json").read_text())
+    best_run = json.loads(
+        (
+            search_dir
+            / "trials"
+            / "cifar10_cnn"
+            / ("default" if summary["best_trial"] == "default" else f"trial_{summary['best_trial']}")
+            / "config.json"
+        ).read_text()
+    )
     fields = [f for f in best_config if f != "pipeline"]
     assert {f: best_run[f] for f in fields} == {f: best_config[f] for f in fields}
     # As `make train CONFIG=best_config.json` passes it: --config=... and the run's own flags.
-    result = run_module("pipelines.cifar10_cnn", f"--config={search_dir}/best_config.json", "--data=synthetic",
-                        f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache", "--name=from-best",
-                        "--verbose=2")
+    result = run_module(
+        "pipelines.cifar10_cnn",
+        f"--config={search_dir}/best_config.json",
+        "--data=synthetic",
+        f"--output_dir={tmp_path}/runs",
+        f"--cache_dir={tmp_path}/cache",
+        "--name=from-best",
+        "--verbose=2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     trained = json.loads((tmp_path / "runs" / "cifar10_cnn" / "from-best" / "config.json").read_text())
     assert {f: trained[f] for f in fields} == {f: best_config[f] for f in fields}
@@ -93,7 +118,10 @@ def test_rerunning_a_finished_search_trains_nothing_and_a_changed_one_is_refused
     assert {p: p.stat().st_mtime for p in search_dir.glob("trials/cifar10_cnn/*/metrics.json")} == before
     changed = run_module(*_tune_args(tmp_path, f"--space={_space_file(tmp_path)}", "--name=tiny", "--factor=4"))
     assert changed.returncode == 2
-    assert changed.stderr.strip().splitlines()[-1].startswith("error: ") and "a different search is there (factor: 3 -> 4)" in changed.stderr
+    assert (
+        changed.stderr.strip().splitlines()[-1].startswith("error: ")
+        and "a different search is there (factor: 3 -> 4)" in changed.stderr
+    )
 
 
 @pytest.mark.slow  # in make test-faults and test-all
@@ -125,11 +153,28 @@ def test_killed_search_resumes_without_repeating_trials(tmp_path):
 
 def test_text_search_never_scores_the_test_split(tmp_path):
     space = {"learning_rate": {"float": [1e-3, 1e-2], "log": True}}
-    result = run_module(*_tune_args(tmp_path, f"--space={_space_file(tmp_path, space)}", "--baseline=false",
-                                    pipeline="imdb_transformer", trials=1))
+    result = run_module(
+        *_tune_args(
+            tmp_path,
+            f"--space={_space_file(tmp_path, space)}",
+            "--baseline=false",
+            pipeline="imdb_transformer",
+            trials=1,
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "runs" / "imdb_transformer" / "tune-random" / "trials" / "imdb_transformer"
-                          / "trial_0" / "metrics.json").read_text())
+    metrics = json.loads(
+        (
+            tmp_path
+            / "runs"
+            / "imdb_transformer"
+            / "tune-random"
+            / "trials"
+            / "imdb_transformer"
+            / "trial_0"
+            / "metrics.json"
+        ).read_text()
+    )
     assert metrics["test_accuracy"] is None and metrics["data"]["test_split"] == "not scored (--evaluate_test=false)"
     assert metrics["data"]["source"] == "synthetic"  # a source with a test split (128 reviews)
 
@@ -138,8 +183,14 @@ class FakeSearch(tuning.Search):
     """A Search whose trials return a made-up objective instead of training (no processes)."""
 
     def __init__(self, tmp_path, objective, base_epochs=9):
-        super().__init__(pipeline="cifar10_cnn", search_dir=str(tmp_path), pipeline_flags=[], seed=0,
-                         executions=1, base_epochs=base_epochs)
+        super().__init__(
+            pipeline="cifar10_cnn",
+            search_dir=str(tmp_path),
+            pipeline_flags=[],
+            seed=0,
+            executions=1,
+            base_epochs=base_epochs,
+        )
         self.objective = objective
         self.calls = []
 
@@ -150,8 +201,14 @@ class FakeSearch(tuning.Search):
 
 def _fake_tuner(tmp_path, search, opts, space):
     cfg = cifar10_cnn.Config()
-    return tuning.make_tuner(opts, search=search, hp=tuning.hyperparameters(space, cfg), max_epochs=9, seed=0,
-                             on_trial_done=lambda tuner: None)
+    return tuning.make_tuner(
+        opts,
+        search=search,
+        hp=tuning.hyperparameters(space, cfg),
+        max_epochs=9,
+        seed=0,
+        on_trial_done=lambda tuner: None,
+    )
 
 
 def test_hyperband_epoch_budgets_reach_the_trials(tmp_path):
@@ -187,6 +244,7 @@ def test_trial_count_tuners_run_their_trials_with_values_in_range(tmp_path, tune
 def test_failed_trials_are_recorded_and_three_in_a_row_stop_the_search(tmp_path):
     def objective(values):
         raise tuning.TrialFailed("trial_x: error: --learning_rate: diverged")
+
     search = FakeSearch(tmp_path, objective)
     space = {"learning_rate": tuning.Float(0.5, 3.0, log=True)}
     tuner = _fake_tuner(tmp_path, search, tuning.TuneOptions(tuner="random", trials=5), space)
@@ -196,19 +254,22 @@ def test_failed_trials_are_recorded_and_three_in_a_row_stop_the_search(tmp_path)
     assert [r["status"] for r in rows] == ["FAILED"] * 3
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"learnin_rate": tuning.Float(0.1, 1.0)}, "'learnin_rate' is not a field of pipelines.cifar10_cnn.Config"),
-    ({"batch_size": tuning.Float(256.0, 1024.0)}, "batch_size holds int values; expected Int"),
-    ({"learning_rate": tuning.Float(2.0, 1.0)}, "expected low < high"),
-    ({"learning_rate": tuning.Float(0.0, 1.0, log=True)}, "log sampling needs low > 0"),
-    ({"label_smoothing": tuning.Float(0.0, 1.5)}, None),  # accepted by Config (>= 0)
-    ({"momentum": tuning.Float(0.5, 1.0)}, "momentum=1.0: expected a number between 0 and 1"),
-    ({"flip": tuning.Choice("alternate", "sideways")}, "expected one of alternate, random, none"),
-    ({"model": tuning.Choice("small")}, "expected at least two different values"),
-    ({"batch_size": tuning.Choice(512, "1024")}, "expected values of type int"),
-    ({"epochs": tuning.Int(2, 10)}, "epochs is set by Hyperband itself"),
-    ({}, "expected at least one Config field"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"learnin_rate": tuning.Float(0.1, 1.0)}, "'learnin_rate' is not a field of pipelines.cifar10_cnn.Config"),
+        ({"batch_size": tuning.Float(256.0, 1024.0)}, "batch_size holds int values; expected Int"),
+        ({"learning_rate": tuning.Float(2.0, 1.0)}, "expected low < high"),
+        ({"learning_rate": tuning.Float(0.0, 1.0, log=True)}, "log sampling needs low > 0"),
+        ({"label_smoothing": tuning.Float(0.0, 1.5)}, None),  # accepted by Config (>= 0)
+        ({"momentum": tuning.Float(0.5, 1.0)}, "momentum=1.0: expected a number between 0 and 1"),
+        ({"flip": tuning.Choice("alternate", "sideways")}, "expected one of alternate, random, none"),
+        ({"model": tuning.Choice("small")}, "expected at least two different values"),
+        ({"batch_size": tuning.Choice(512, "1024")}, "expected values of type int"),
+        ({"epochs": tuning.Int(2, 10)}, "epochs is set by Hyperband itself"),
+        ({}, "expected at least one Config field"),
+    ],
+)
 def test_invalid_search_spaces_are_refused_with_one_line(space, message):
     check = lambda: tuning.check_space(space, cifar10_cnn.Config, cifar10_cnn.Config(), tuner="hyperband")  # noqa: E731
     if message is None:
@@ -221,8 +282,9 @@ def test_invalid_search_spaces_are_refused_with_one_line(space, message):
 
 def test_a_searched_field_also_given_as_a_flag_is_refused():
     with pytest.raises(UserError, match="--learning_rate is given as a flag and is also in the search space"):
-        tuning.check_space({"learning_rate": tuning.Float(0.5, 3.0)}, cifar10_cnn.Config, cifar10_cnn.Config(),
-                           fixed={"learning_rate"})
+        tuning.check_space(
+            {"learning_rate": tuning.Float(0.5, 3.0)}, cifar10_cnn.Config, cifar10_cnn.Config(), fixed={"learning_rate"}
+        )
 
 
 def test_declared_search_spaces_are_valid():
@@ -233,22 +295,29 @@ def test_declared_search_spaces_are_valid():
 
 def test_space_json_round_trips_and_bad_files_get_one_line(tmp_path):
     assert tuning.space_from_json(_space_file(tmp_path)) == {
-        "learning_rate": tuning.Float(0.5, 3.0, log=True), "label_smoothing": tuning.Choice(0.0, 0.1, 0.2)}
+        "learning_rate": tuning.Float(0.5, 3.0, log=True),
+        "label_smoothing": tuning.Choice(0.0, 0.1, 0.2),
+    }
     assert tuning.describe_space(tuning.space_from_json(_space_file(tmp_path))) == SPACE
-    for bad, message in ((["not", "an object"], "expected a JSON object of search space"),
-                         ({"learning_rate": [0.1, 1]}, 'expected an object with one of "float", "int" or "choice"'),
-                         ({"learning_rate": {"float": [0.1]}}, "is not a valid float range"),
-                         ({"learning_rate": {"float": [0.1, 1], "sampling": "log"}}, "is not a valid float range")):
+    for bad, message in (
+        (["not", "an object"], "expected a JSON object of search space"),
+        ({"learning_rate": [0.1, 1]}, 'expected an object with one of "float", "int" or "choice"'),
+        ({"learning_rate": {"float": [0.1]}}, "is not a valid float range"),
+        ({"learning_rate": {"float": [0.1, 1], "sampling": "log"}}, "is not a valid float range"),
+    ):
         with pytest.raises(UserError, match=message):
             tuning.space_from_json(_space_file(tmp_path, bad))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--tuner=grid"], "--tuner=grid: expected one of hyperband, bayesian, random"),
-    (["--strategy=multiworker"], "--strategy=multiworker: a tuning trial runs on one host"),
-    (["--trials=0"], "--trials=0: expected a number > 0"),
-    (["--space=missing.json"], "--space=missing.json: no such file"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tuner=grid"], "--tuner=grid: expected one of hyperband, bayesian, random"),
+        (["--strategy=multiworker"], "--strategy=multiworker: a tuning trial runs on one host"),
+        (["--trials=0"], "--trials=0: expected a number > 0"),
+        (["--space=missing.json"], "--space=missing.json: no such file"),
+    ],
+)
 def test_bad_tune_flags_exit_2_with_one_line(tmp_path, flags, message):
     result = run_module(*_tune_args(tmp_path, *flags))
     assert result.returncode == 2
@@ -258,8 +327,10 @@ def test_bad_tune_flags_exit_2_with_one_line(tmp_path, flags, message):
 
 
 def _start(args, tuner_id, port):
-    return start_module(*args, env={"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port),
-                                    "KERASTUNER_TUNER_ID": tuner_id})
+    return start_module(
+        *args,
+        env={"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port), "KERASTUNER_TUNER_ID": tuner_id},
+    )
 
 
 def test_distributed_search_chief_and_two_workers_on_localhost(tmp_path):
@@ -286,10 +357,13 @@ def test_distributed_chief_refuses_a_port_in_use(tmp_path):
         holder.bind(("", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        stdout, stderr = _start(_tune_args(tmp_path, f"--space={_space_file(tmp_path)}"), "chief", port).communicate(timeout=120)
+        stdout, stderr = _start(_tune_args(tmp_path, f"--space={_space_file(tmp_path)}"), "chief", port).communicate(
+            timeout=120
+        )
     assert stderr.strip().splitlines()[-1] == (
         f"error: KERASTUNER_ORACLE_PORT={port}: the port is already in use on this machine; "
-        "stop the process holding it (often an earlier chief) or pick another port")
+        "stop the process holding it (often an earlier chief) or pick another port"
+    )
 
 
 def test_tune_help_documents_every_option_and_make_tune_passes_them():
@@ -298,8 +372,12 @@ def test_tune_help_documents_every_option_and_make_tune_passes_them():
     helps = config_lib.field_help(tuning.TuneOptions)
     for field in dataclasses.fields(tuning.TuneOptions):
         assert helps.get(field.name) and f"--{field.name}=" in result.stdout, field.name
-    dry_run = subprocess.run(["make", "-n", "tune", "PIPELINE=imdb_transformer", "TUNER=random", "TRIALS=3",
-                              "ARGS=--initial_points=2"], cwd=REPO, text=True, capture_output=True)
+    dry_run = subprocess.run(
+        ["make", "-n", "tune", "PIPELINE=imdb_transformer", "TUNER=random", "TRIALS=3", "ARGS=--initial_points=2"],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+    )
     # (Under `make test`, the nested make also prints "Entering/Leaving directory" lines.)
     (command,) = [line for line in dry_run.stdout.splitlines() if "pipelines.imdb_transformer tune" in line]
     assert "-m pipelines.imdb_transformer tune --tuner=random --trials=3 --strategy=auto" in command
@@ -309,14 +387,23 @@ def test_tune_help_documents_every_option_and_make_tune_passes_them():
 def test_the_shipped_imdb_search_result_loads_as_a_config():
     """docs/tune_imdb_transformer/best_config.json (BENCHMARKS.md's search) is a valid --config."""
     path = os.path.join(REPO, "docs", "tune_imdb_transformer", "best_config.json")
-    _, cfg = config_lib.parse_flags([f"--config={path}"], [config_lib.RunOptions, imdb_transformer.Config],
-                                    pipeline="imdb_transformer")
+    _, cfg = config_lib.parse_flags(
+        [f"--config={path}"], [config_lib.RunOptions, imdb_transformer.Config], pipeline="imdb_transformer"
+    )
     assert (cfg.model, cfg.batch_size) == ("tiny", 32)
 
 
 def test_executions_per_trial_average_runs_with_consecutive_seeds(tmp_path):
-    result = run_module(*_tune_args(tmp_path, f"--space={_space_file(tmp_path)}", "--baseline=false",
-                                    "--executions_per_trial=2", "--seed=3", trials=1))
+    result = run_module(
+        *_tune_args(
+            tmp_path,
+            f"--space={_space_file(tmp_path)}",
+            "--baseline=false",
+            "--executions_per_trial=2",
+            "--seed=3",
+            trials=1,
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = tmp_path / "runs" / "cifar10_cnn" / "tune-random" / "trials" / "cifar10_cnn"
     metrics = [json.loads((runs / f"trial_0-seed{seed}" / "metrics.json").read_text()) for seed in (3, 4)]
@@ -324,13 +411,27 @@ def test_executions_per_trial_average_runs_with_consecutive_seeds(tmp_path):
     assert [c["seed"] for c in configs] == [3, 4] and configs[0]["learning_rate"] == configs[1]["learning_rate"]
     (row,) = _rows(runs.parent.parent)
     assert float(row["val_accuracy"]) == pytest.approx(sum(m["val_accuracy"] for m in metrics) / 2, abs=1e-4)
-    assert json.loads((runs.parent.parent / "best_config.json").read_text())["learning_rate"] == configs[0]["learning_rate"]
+    assert (
+        json.loads((runs.parent.parent / "best_config.json").read_text())["learning_rate"]
+        == configs[0]["learning_rate"]
+    )
 
 
 def test_trials_train_under_the_strategy_given(tmp_path):
-    result = run_module(*_tune_args(tmp_path, f"--space={_space_file(tmp_path)}", "--baseline=false",
-                                    "--strategy=mirrored", "--cpu_devices=2", trials=1))
+    result = run_module(
+        *_tune_args(
+            tmp_path,
+            f"--space={_space_file(tmp_path)}",
+            "--baseline=false",
+            "--strategy=mirrored",
+            "--cpu_devices=2",
+            trials=1,
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "runs" / "cifar10_cnn" / "tune-random" / "trials" / "cifar10_cnn" / "trial_0"
-                          / "metrics.json").read_text())
+    metrics = json.loads(
+        (
+            tmp_path / "runs" / "cifar10_cnn" / "tune-random" / "trials" / "cifar10_cnn" / "trial_0" / "metrics.json"
+        ).read_text()
+    )
     assert (metrics["strategy"], metrics["replicas"]) == ("mirrored", 2)
