@@ -51,8 +51,9 @@ import typing
 import keras_tuner as kt
 
 from core import config as config_lib
-from core import training
+from core import files
 from core.errors import UserError
+from core.training import runs
 from strategies import tf_config
 
 TUNERS = ("hyperband", "bayesian", "random")
@@ -461,7 +462,7 @@ def write_reports(tuner, search, space, config_class):
     writer = csv.DictWriter(table, columns)
     writer.writeheader()
     writer.writerows(rows)
-    training.write_text(os.path.join(search.search_dir, "trials.csv"), table.getvalue())
+    files.write_text(os.path.join(search.search_dir, "trials.csv"), table.getvalue())
     shown = [c for c in columns if c != "run"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]
@@ -473,7 +474,7 @@ def write_reports(tuner, search, space, config_class):
     if best:
         footer.append(f"Best: {best['trial']} with {OBJECTIVE}={best[OBJECTIVE]:.4f} ({best['run']}).")
     markdown = "\n".join(lines + footer) + "\n"
-    training.write_text(os.path.join(search.search_dir, "trials.md"), markdown)
+    files.write_text(os.path.join(search.search_dir, "trials.md"), markdown)
     plot_objective(rows, os.path.join(search.search_dir, "objective.png"), search.pipeline)
     if best:
         write_best_config(best, search, config_class)
@@ -492,7 +493,7 @@ def write_best_config(best, search, config_class):
     with open(os.path.join(search.run_dir(first_run), "config.json")) as f:
         run_config = json.load(f)
     fields = [f.name for f in dataclasses.fields(config_class)]
-    training.write_json(
+    files.write_json(
         os.path.join(search.search_dir, "best_config.json"),
         {"pipeline": search.pipeline, **{k: run_config[k] for k in fields}},
     )
@@ -526,7 +527,7 @@ def plot_objective(rows, path, pipeline):
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
-    training.save_figure(fig, path)
+    files.save_figure(fig, path)
 
 
 # Distributed search: keras-tuner's chief oracle over gRPC ---------------------------------------
@@ -595,7 +596,7 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
     max_epochs = tune_opts.max_epochs or cfg.epochs
 
     name = run.name or f"tune-{tune_opts.tuner}"
-    search_dir = training.run_directory(run.output_dir, pipeline, name)
+    search_dir = runs.run_directory(run.output_dir, pipeline, name)
     described = {
         "pipeline": pipeline,
         "tuner": tune_opts.tuner,
@@ -607,7 +608,7 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
         "max_epochs": max_epochs if tune_opts.tuner == "hyperband" else None,
     }
     _check_same_search(search_dir, described)
-    training.write_json(os.path.join(search_dir, "search.json"), described)
+    files.write_json(os.path.join(search_dir, "search.json"), described)
 
     search = Search(
         pipeline=pipeline,
@@ -671,7 +672,7 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
         f"default_{OBJECTIVE}": search.baseline and search.baseline[OBJECTIVE],
         "best_config": os.path.join(search_dir, "best_config.json") if best else None,
     }
-    training.write_json(os.path.join(search_dir, "summary.json"), summary)
+    files.write_json(os.path.join(search_dir, "summary.json"), summary)
     return summary
 
 

@@ -23,7 +23,8 @@ import tensorflow as tf
 import tf_keras as keras
 from tf_keras import layers
 
-from core import evaluation, optim, text_data
+from core.data import text_data
+from core.training import evaluation, optim
 from models import text_preprocessing, transformer
 
 

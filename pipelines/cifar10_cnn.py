@@ -16,8 +16,10 @@ import dataclasses
 
 import strategies
 from core import config as config_lib
-from core import image_classification, optim, training, tuning
+from core import tuning
 from core.errors import UserError
+from core.tasks import image_classification
+from core.training import optim, runs, trainer
 from models import cnn
 
 PIPELINE = "cifar10_cnn"
@@ -143,7 +145,7 @@ def make_model(cfg, run, stem_images, strategy, steps_per_epoch, total_steps):
             loss=optim.label_smoothing_loss(cfg.label_smoothing),
             metrics=["accuracy"],
             jit_compile=run.jit_compile,
-            steps_per_execution=training.steps_per_execution(run, strategy),
+            steps_per_execution=runs.steps_per_execution(run, strategy),
         )
     return model
 
@@ -156,7 +158,7 @@ def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_s
     if cfg.lookahead_every:
         callbacks.append(optim.Lookahead(total_steps, every=cfg.lookahead_every))
     train_ds, val_ds, validation_steps = datasets
-    return training.fit(
+    return trainer.fit(
         model,
         train_ds,
         val_ds,
@@ -203,7 +205,7 @@ def main(argv):
     datasets = make_datasets(cfg, run, data, strategy, epoch_counter)
     model = make_model(cfg, run, image_classification.first_train_images(data), strategy, steps_per_epoch, total_steps)
     result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_steps, epoch_counter)
-    model = training.unreplicated(model)  # every worker, together (a collective read)
+    model = trainer.unreplicated(model)  # every worker, together (a collective read)
 
     if is_chief:
         image_classification.save_and_report(

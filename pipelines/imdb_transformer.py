@@ -35,9 +35,12 @@ import tensorflow as tf
 import tf_keras as keras
 
 import strategies
-from core import compress, evaluation, input_bench, input_pipeline, optim, text_data, training, tuning
 from core import config as config_lib
+from core import files, tuning
+from core.compression import command
+from core.data import input_bench, input_pipeline, text_data
 from core.errors import UserError
+from core.training import evaluation, optim, report, runs, trainer
 from models import text_preprocessing, transformer
 
 PIPELINE = "imdb_transformer"
@@ -165,7 +168,7 @@ def fit_tokenizer(cfg, data):
         path = os.path.join(data.cache_dir, f"wordpiece-{cfg.vocab_size}.txt")
         if not os.path.exists(path):
             vocabulary = text_preprocessing.learn_wordpiece_vocabulary(texts, cfg.vocab_size)
-            training.write_text(path, "\n".join(vocabulary) + "\n")
+            files.write_text(path, "\n".join(vocabulary) + "\n")
         with open(path, encoding="utf-8") as f:
             return text_preprocessing.WordPieceTokenizer(f.read().splitlines(), name="tokenizer")
     vectorizer = text_preprocessing.make_vectorizer(cfg.vocab_size)
@@ -292,7 +295,7 @@ def make_model(cfg, run, strategy, total_steps):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
             jit_compile=run.jit_compile,
-            steps_per_execution=training.steps_per_execution(run, strategy),
+            steps_per_execution=runs.steps_per_execution(run, strategy),
         )
     return model
 
@@ -302,7 +305,7 @@ def make_model(cfg, run, strategy, total_steps):
 
 def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch):
     train_ds, val_ds, validation_steps = datasets
-    return training.fit(
+    return trainer.fit(
         model,
         train_ds,
         val_ds,
@@ -330,7 +333,7 @@ def accuracy_on_texts(model, texts, labels, batch_size=500):
     return evaluation.accuracy_report(logits, labels, CLASS_NAMES)
 
 
-def save_and_report(model, data, run_dir, evaluate_test=True, **report):
+def save_and_report(model, data, run_dir, evaluate_test=True, **fields):
     """The chief's last stage: model.keras, then its accuracy on val and test (when the source
     has one, and `evaluate_test`) measured on raw strings through the exported model, into
     metrics.json."""
@@ -341,8 +344,8 @@ def save_and_report(model, data, run_dir, evaluate_test=True, **report):
         for split in splits
         if split in data.splits
     }
-    return training.write_report(
-        run_dir, data=data, val=scores["val"], val_no_tta=scores["val"], test=scores.get("test"), **report
+    return report.write_report(
+        run_dir, data=data, val=scores["val"], val_no_tta=scores["val"], test=scores.get("test"), **fields
     )
 
 
@@ -405,19 +408,19 @@ def compression_task(model, run_config, opts):
         batcher=length_bucketed(cfg),
         num_examples=data.splits["train"].num_examples,
     )
-    split = compress.evaluation_split(data.splits, opts)
+    split = command.evaluation_split(data.splits, opts)
     texts, labels = text_data.read_texts(data.splits[split])
     if opts.eval_examples:
         texts, labels = texts[: opts.eval_examples], labels[: opts.eval_examples]
     eval_ids = np.concatenate([padded_ids(texts[i : i + 1000]) for i in range(0, len(texts), 1000)])
     train_ids = padded_ids(text_data.read_texts(data.splits["train"])[0][:256])
-    tune = compress.fine_tune(
+    tune = command.fine_tune(
         train,
         data.splits["train"].num_examples,
         opts,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    return compress.Task(
+    return command.Task(
         model=classifier,
         tune=tune,
         eval_inputs=eval_ids,
@@ -429,8 +432,8 @@ def compression_task(model, run_config, opts):
 
 def compress_command(argv):
     """`compress --model=PATH --stages=prune,pqat,...`: TFMOT stages and TFLite variants of the
-    classifier, measured (core/compress.py); the report goes to compress/ beside the model."""
-    return compress.compress_command(argv, pipeline=PIPELINE, make_task=compression_task)
+    classifier, measured (core/command.py); the report goes to compress/ beside the model."""
+    return command.compress_command(argv, pipeline=PIPELINE, make_task=compression_task)
 
 
 def parse_token_ids(serialized):
@@ -481,7 +484,7 @@ def bench_input_command(argv):
 
 
 def main(argv):
-    run, cfg, strategy, precision, run_dir, is_chief = training.start_run(
+    run, cfg, strategy, precision, run_dir, is_chief = runs.start_run(
         argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, commands=COMMANDS
     )
     data = prepare_data(cfg, run)
@@ -491,7 +494,7 @@ def main(argv):
     datasets = make_datasets(cfg, run, data, strategy, vectorizer, truncate)
     model = make_model(cfg, run, strategy, total_steps)
     result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch)
-    model = training.unreplicated(model)  # every worker, together (a collective read)
+    model = trainer.unreplicated(model)  # every worker, together (a collective read)
 
     if is_chief:
         save_and_report(

@@ -254,22 +254,22 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
 
 
 def test_resuming_with_a_different_config_is_refused(tmp_path):
-    from core import training
+    from core.training import runs
 
     run_dir = tmp_path / "run"
     (run_dir / "backup").mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"model": "small", "epochs": 10, "verbose": 1}))
-    training.check_resume(str(run_dir), {"model": "small", "epochs": 10, "verbose": 2})  # fine
+    runs.check_resume(str(run_dir), {"model": "small", "epochs": 10, "verbose": 2})  # fine
     with pytest.raises(UserError, match=r"resuming with a different config \(model: 'small' -> 'large'\)"):
-        training.check_resume(str(run_dir), {"model": "large", "epochs": 10, "verbose": 1})
+        runs.check_resume(str(run_dir), {"model": "large", "epochs": 10, "verbose": 1})
     # A field added to the code since the run started counts as its default, not as a change.
-    training.check_resume(
+    runs.check_resume(
         str(run_dir),
         {"model": "small", "epochs": 10, "verbose": 1, "skip_corrupt": False},
         defaults={"skip_corrupt": False},
     )
     with pytest.raises(UserError, match=r"skip_corrupt: False -> True"):
-        training.check_resume(
+        runs.check_resume(
             str(run_dir),
             {"model": "small", "epochs": 10, "verbose": 1, "skip_corrupt": True},
             defaults={"skip_corrupt": False},
@@ -277,16 +277,16 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
 
 
 def test_multiworker_needs_a_run_name(tmp_path):
-    from core import training
+    from core.training import runs
 
     with pytest.raises(UserError, match="--strategy=multiworker needs --name=NAME"):
-        training.run_directory(str(tmp_path), "cifar10_cnn", "", multi_worker=True)
+        runs.run_directory(str(tmp_path), "cifar10_cnn", "", multi_worker=True)
 
 
 def test_saved_copy_is_float32_and_computes_the_same(tmp_path):
     import numpy as np
 
-    from core import training
+    from core.training import trainer
     from models import cnn
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -294,7 +294,7 @@ def test_saved_copy_is_float32_and_computes_the_same(tmp_path):
         model = cnn.cnn("tiny")
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    copy = training.unreplicated(model)
+    copy = trainer.unreplicated(model)
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(model(x, training=False), copy(x, training=False), atol=0.05)

@@ -1,4 +1,4 @@
-"""Compression stages (core/compression.py), TFLite export and measurement (core/tflite.py) and
+"""Compression stages (core/stages.py), TFLite export and measurement (core/tflite.py) and
 the `compress` command (core/compress.py), on tiny models and random data."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from core import compression, tflite
+from core.compression import stages, tflite
 from core.errors import UserError
 from models import cnn, transformer
 
@@ -35,7 +35,7 @@ def _token_ids(n=128, seed=0, vocab=500, length=24):
 
 def _tune(inputs, labels, steps=4):
     ds = tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(32).repeat()
-    return compression.FineTune(
+    return stages.FineTune(
         ds,
         steps_per_epoch=steps,
         epochs=1,
@@ -61,7 +61,7 @@ def _tiny_text_model():
     ],
 )
 def test_valid_chains_pass(chain):
-    assert compression.check_chain(chain) == chain
+    assert stages.check_chain(chain) == chain
 
 
 @pytest.mark.parametrize(
@@ -79,21 +79,21 @@ def test_valid_chains_pass(chain):
 )
 def test_invalid_chains_are_refused_with_the_reason(chain, message):
     with pytest.raises(UserError, match=message):
-        compression.check_chain(chain)
+        stages.check_chain(chain)
 
 
 def test_small_layers_are_left_alone():
     model = cnn.cnn("tiny")
-    compressible = [l.name for l in model.layers if compression.is_compressible(l)]
+    compressible = [l.name for l in model.layers if stages.is_compressible(l)]
     assert "block1_conv1" in compressible and "logits" not in {l.name for l in model.layers if l.name in compressible}
-    assert all(model.get_layer(name).kernel.shape.num_elements() >= compression.MIN_WEIGHTS for name in compressible)
+    assert all(model.get_layer(name).kernel.shape.num_elements() >= stages.MIN_WEIGHTS for name in compressible)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.8])
 def test_prune_reaches_the_target_in_every_kernel(target):
     images, labels = _images()
-    pruned = compression.prune(cnn.cnn("tiny"), _tune(images, labels), target_sparsity=target)
-    kernels = compression.kernels(pruned)
+    pruned = stages.prune(cnn.cnn("tiny"), _tune(images, labels), target_sparsity=target)
+    kernels = stages.kernels(pruned)
     assert len(kernels) == 6
     for name, kernel in kernels.items():
         assert (kernel == 0).mean() == pytest.approx(target, abs=0.01), name
@@ -102,8 +102,8 @@ def test_prune_reaches_the_target_in_every_kernel(target):
 
 def test_prune_2x4_zeroes_two_of_every_four_input_weights():
     images, labels = _images()
-    pruned = compression.prune_2x4(cnn.cnn("tiny"), _tune(images, labels))
-    for name, kernel in compression.kernels(pruned).items():
+    pruned = stages.prune_2x4(cnn.cnn("tiny"), _tune(images, labels))
+    for name, kernel in stages.kernels(pruned).items():
         # Conv2D (h, w, in, out): the groups of 4 run along the input channels
         groups = np.moveaxis(kernel, 2, -1).reshape(-1, 4)
         assert ((groups == 0).sum(-1) >= 2).all(), name
@@ -111,8 +111,8 @@ def test_prune_2x4_zeroes_two_of_every_four_input_weights():
 
 def test_cluster_leaves_at_most_n_distinct_values_per_kernel():
     images, labels = _images()
-    clustered = compression.cluster(cnn.cnn("tiny"), _tune(images, labels), clusters=8)
-    for name, kernel in compression.kernels(clustered).items():
+    clustered = stages.cluster(cnn.cnn("tiny"), _tune(images, labels), clusters=8)
+    for name, kernel in stages.kernels(clustered).items():
         assert len(np.unique(kernel)) <= 8, name
 
 
@@ -125,7 +125,7 @@ def test_float32_tflite_matches_keras():
 
 def test_int8_tflite_has_int8_weights_and_stays_close_to_keras():
     images, labels = _images(256)
-    model = compression.prune(cnn.cnn("tiny"), _tune(images, labels), target_sparsity=0.5)
+    model = stages.prune(cnn.cnn("tiny"), _tune(images, labels), target_sparsity=0.5)
     int8 = tflite.convert(model, "int8", representative=[images[i : i + 32] for i in range(0, 256, 32)])
     types = tflite.weight_tensor_types(int8)
     assert types.get("int8", 0) >= 6 and "float32" not in types, types
@@ -141,10 +141,10 @@ def test_pruned_int8_model_is_smaller_gzipped():
     model = cnn.cnn("tiny")
     rng = np.random.default_rng(0)
     for layer in model.layers:  # trained-like kernels: the airbench init (partly identity) gzips well
-        if compression.is_compressible(layer):
+        if stages.is_compressible(layer):
             layer.kernel.assign(rng.normal(0, 0.05, layer.kernel.shape))
     dense = tflite.sizes(tflite.convert(model, "float32"))[1]
-    pruned = compression.prune(model, _tune(images, labels), target_sparsity=0.8)
+    pruned = stages.prune(model, _tune(images, labels), target_sparsity=0.8)
     small = tflite.sizes(tflite.convert(pruned, "int8", representative=[images[:32]]))[1]
     assert small * 5 < dense
 
@@ -152,8 +152,8 @@ def test_pruned_int8_model_is_smaller_gzipped():
 def test_pqat_keeps_the_zeros_and_converts_to_int8():
     images, labels = _images()
     tune = _tune(images, labels)
-    quantized = compression.pqat(compression.prune(cnn.cnn("tiny"), tune, target_sparsity=0.5), tune)
-    assert compression.sparsity(quantized) >= 0.5 - 0.01
+    quantized = stages.pqat(stages.prune(cnn.cnn("tiny"), tune, target_sparsity=0.5), tune)
+    assert stages.sparsity(quantized) >= 0.5 - 0.01
     converted = tflite.convert(quantized, "qat")
     assert tflite.weight_tensor_types(converted).get("int8", 0) >= 6
     agreement = (tflite.predict(converted, images).argmax(-1) == quantized.predict(images, verbose=0).argmax(-1)).mean()
@@ -168,7 +168,7 @@ def test_qat_starts_from_calibrated_ranges_not_tfmots_initial_plus_minus_6():
     hidden = keras.layers.Dense(16, kernel_initializer=keras.initializers.RandomUniform(0.0, 0.2), name="wide")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
     x = np.random.default_rng(0).uniform(0, 255, (128, 8)).astype(np.float32)
-    tune = compression.FineTune(
+    tune = stages.FineTune(
         tf.data.Dataset.from_tensor_slices((x, np.zeros(128))).batch(32).repeat(),
         steps_per_epoch=1,
         epochs=1,
@@ -177,7 +177,7 @@ def test_qat_starts_from_calibrated_ranges_not_tfmots_initial_plus_minus_6():
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     expected = model.predict(x, verbose=0)
-    quantized = compression.qat(model, tune)
+    quantized = stages.qat(model, tune)
     error = np.abs(quantized.predict(x, verbose=0) - expected).mean()
     assert error < 0.02 * np.abs(expected).mean(), (error, np.abs(expected).mean())
 
@@ -185,8 +185,8 @@ def test_qat_starts_from_calibrated_ranges_not_tfmots_initial_plus_minus_6():
 def test_transformer_prune_and_pqat_cover_attention_mlp_and_embedding():
     ids, labels = _token_ids()
     tune = _tune(ids, labels)
-    pruned = compression.prune(_tiny_text_model(), tune, target_sparsity=0.5)
-    kernels = compression.kernels(pruned)
+    pruned = stages.prune(_tiny_text_model(), tune, target_sparsity=0.5)
+    kernels = stages.kernels(pruned)
     assert {
         "token_embedding",
         "encoder_block1_qkv",
@@ -194,8 +194,8 @@ def test_transformer_prune_and_pqat_cover_attention_mlp_and_embedding():
         "encoder_block1_mlp_hidden",
         "encoder_block1_mlp_output",
     } <= set(kernels)
-    quantized = compression.pqat(pruned, tune)
-    for name, kernel in compression.kernels(quantized).items():
+    quantized = stages.pqat(pruned, tune)
+    for name, kernel in stages.kernels(quantized).items():
         assert (kernel == 0).mean() >= 0.5 - 0.01, name
     converted = tflite.convert(quantized, "qat", representative=[ids[i : i + 32] for i in range(0, 128, 32)])
     assert set(tflite.float_ops(converted)) <= {"CAST"}  # attention, MLP, norms: all int8
@@ -214,8 +214,8 @@ def test_transformer_int8_tflite_is_integer_but_for_the_mask_cast():
 def test_vit_prunes_and_converts():
     images, labels = _images()
     model = transformer.image_classifier("tiny", patch_size=4)
-    pruned = compression.prune(model, _tune(images, labels), target_sparsity=0.5)
-    assert compression.sparsity(pruned) == pytest.approx(0.5, abs=0.01)
+    pruned = stages.prune(model, _tune(images, labels), target_sparsity=0.5)
+    assert stages.sparsity(pruned) == pytest.approx(0.5, abs=0.01)
     int8 = tflite.convert(pruned, "int8", representative=[images[:32]])
     assert tflite.predict(int8, images).shape == (len(images), 10)
 

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from core import image_data, records
+from core.data import image_data, records
 from core.errors import UserError
 
 SHAPE = (8, 6, 3)  # H != W, so a transposed image cannot pass as correct

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from core import image_data, input_bench, input_pipeline, records
-from core.input_pipeline import InputKnobs
+from core.data import image_data, input_bench, input_pipeline, records
+from core.data.input_pipeline import InputKnobs
 from tests.helpers import last_json_line, run_module
 
 EXAMPLES = 96
@@ -341,7 +341,7 @@ def test_vectorized_parse_gives_what_parsing_one_record_at_a_time_gives(tmp_path
 
 
 def test_input_wait_callback_reports_fractions_and_warns_when_input_bound(capsys):
-    from core import training
+    from core.training import trainer
 
     class Meter:
         waits = iter([0.0, 0.0, 0.0, 0.5])  # begin/end of epoch 1, begin/end of epoch 2
@@ -349,7 +349,7 @@ def test_input_wait_callback_reports_fractions_and_warns_when_input_bound(capsys
         def read_and_reset(self):
             return next(self.waits), 1
 
-    callback = training.InputWait(Meter(), warn_above=0.1)
+    callback = trainer.InputWait(Meter(), warn_above=0.1)
     for epoch in range(2):
         callback.on_epoch_begin(epoch)
         callback._start -= 1.0  # as if the epoch's steps took one second

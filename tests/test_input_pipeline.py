@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from core import input_pipeline, records
+from core.data import input_pipeline, records
 from pipelines import cifar10_cnn
 
 

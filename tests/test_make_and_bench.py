@@ -21,7 +21,7 @@ def test_make_help_lists_every_target_with_one_line():
 
 def test_bench_runs_each_seed_and_writes_a_summary(tmp_path):
     result = run_module(
-        "core.benchmark",
+        "core.training.benchmark",
         "--runs=2",
         "--prefix=b",
         f"--output_dir={tmp_path}",
@@ -41,7 +41,9 @@ def test_bench_runs_each_seed_and_writes_a_summary(tmp_path):
 
 
 def test_bench_stops_at_a_failing_run_and_keeps_earlier_ones(tmp_path):
-    result = run_module("core.benchmark", "--runs=2", f"--output_dir={tmp_path}", "--", "--smoke", "--epochs=0")
+    result = run_module(
+        "core.training.benchmark", "--runs=2", f"--output_dir={tmp_path}", "--", "--smoke", "--epochs=0"
+    )
     assert result.returncode == 2
     assert "failed with exit status 2" in result.stderr.strip().splitlines()[-1]
 

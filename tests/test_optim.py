@@ -2,7 +2,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from core import optim
+from core.training import optim
 
 
 def _one_step(groups, l2=0.0, steps=1, lr=0.1):

@@ -19,8 +19,9 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from core import evaluation, image_data, sources, text_data
+from core.data import image_data, sources, text_data
 from core.errors import UserError
+from core.training import evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("core", "models", "pipelines", "strategies", "notebooks", "experiments")

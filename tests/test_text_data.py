@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from core import text_data
+from core.data import text_data
 from core.errors import UserError
 from tests.test_image_data import _tar, _write_tar  # tar writers shared with the image tests
 

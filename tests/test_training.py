@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from core import training
+from core.training import trainer
 from tests.helpers import run_module
 
 
@@ -37,10 +37,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
     model = _model()
     with pytest.raises(
-        training.TrainingDiverged,
+        trainer.TrainingDiverged,
         match=r"NaN/inf at epoch 3, step 1; the last finite weights are in .*checkpoints/latest",
     ):
-        training.fit(
+        trainer.fit(
             model,
             ds,
             ds.take(2),

@@ -22,8 +22,8 @@ import tarfile
 import numpy as np
 import tensorflow as tf
 
+from core.data.records import is_url
 from core.errors import UserError
-from core.records import is_url
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 

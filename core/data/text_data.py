@@ -44,9 +44,9 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from core import records, sources
+from core.data import records, sources
+from core.data.sources import Split, carve_val
 from core.errors import UserError
-from core.sources import Split, carve_val
 
 # Bump when the record layout or the carve changes, so old caches are not reused.
 FORMAT_VERSION = 1

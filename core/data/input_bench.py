@@ -38,9 +38,11 @@ import numpy as np
 import tensorflow as tf
 
 from core import config as config_lib
-from core import input_pipeline, records, training
+from core import files
+from core.data import input_pipeline, records
+from core.data.input_pipeline import InputKnobs
 from core.errors import UserError
-from core.input_pipeline import InputKnobs
+from core.training import runs
 
 # The ablation: each (InputKnobs field, setting other than its default), one at a time.
 KNOB_SETTINGS = (
@@ -507,7 +509,7 @@ def build_like_training(batch_size, train_args):
 def one_device(run):
     """The strategy the train step is timed under (one device), with the run's precision set."""
     strategy = tf.distribute.get_strategy()
-    training.set_precision(run.precision, strategy)
+    runs.set_precision(run.precision, strategy)
     return strategy
 
 
@@ -622,7 +624,7 @@ def plot(report, path, title):
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    training.save_figure(fig, path)
+    files.save_figure(fig, path)
 
 
 def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):
@@ -651,7 +653,7 @@ def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):
         report = measure_all(task, opts, scratch_dir=scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    env = training.environment()
+    env = report.environment()
     report.update(
         pipeline=pipeline,
         data=run.data,
@@ -662,8 +664,8 @@ def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):
         environment=env,
     )
     title = f"{pipeline} input pipeline ({run.data})"
-    training.write_json(os.path.join(out_dir, "input_bench.json"), report)
-    training.write_text(os.path.join(out_dir, "input_bench.md"), markdown(report, title))
+    files.write_json(os.path.join(out_dir, "input_bench.json"), report)
+    files.write_text(os.path.join(out_dir, "input_bench.md"), markdown(report, title))
     plot(report, os.path.join(out_dir, "input_bench.png"), title)
     print(f"report: {out_dir}/input_bench.md")
     return report

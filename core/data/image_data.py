@@ -51,9 +51,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from core import records, sources
+from core.data import records, sources
+from core.data.sources import Split, carve_val, splits_from_meta  # noqa: F401  (re-exported)
 from core.errors import UserError
-from core.sources import Split, carve_val, splits_from_meta  # noqa: F401  (re-exported)
 
 # Bump when the record layout or the carve changes, so old caches are not reused.
 FORMAT_VERSION = 2  # 2: shards of equal size (records.balanced_shard_size)

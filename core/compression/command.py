@@ -43,9 +43,12 @@ import tensorflow as tf
 import tf_keras as keras
 
 import strategies
-from core import compression, evaluation, tflite, training
 from core import config as config_lib
+from core import files
+from core.compression import stages, tflite
 from core.errors import UserError
+from core.training import evaluation
+from core.training import report as run_report
 
 THREADS = (1, 2)
 STRATEGIES = ("auto", "default", "mirrored")  # see the module docstring for multiworker and tpu
@@ -57,7 +60,7 @@ class CompressOptions:
 
     model: str = ""  # model.keras of a training run (its config.json beside it names the data)
     stages: str = (
-        "prune,pqat"  # comma-separated chain, e.g. prune,pqat or cluster,cqat or ptq_int8 (core/compression.py)
+        "prune,pqat"  # comma-separated chain, e.g. prune,pqat or cluster,cqat or ptq_int8 (core/compression/stages.py)
     )
     sparsity: float = 0.8  # target of `prune` (fraction of zeros in each compressed kernel)
     clusters: int = 16  # distinct weights per kernel after `cluster`
@@ -93,7 +96,7 @@ class CompressOptions:
         config_lib.check_positive(self, "eval_examples", allow_zero=True)
         if not 0 < self.sparsity < 1:
             raise UserError(f"--sparsity={self.sparsity}: expected a number between 0 and 1")
-        compression.check_chain(self.stage_list)
+        stages.check_chain(self.stage_list)
 
     @property
     def stage_list(self):
@@ -105,7 +108,7 @@ class Task:
     """What a pipeline hands to the compression stages."""
 
     model: object  # float32 Keras model: inputs -> logits
-    tune: compression.FineTune
+    tune: stages.FineTune
     eval_inputs: np.ndarray
     eval_labels: np.ndarray  # integer class ids
     representative: list  # input batches for int8 calibration
@@ -114,7 +117,7 @@ class Task:
 
 def fine_tune(train_ds, num_examples, opts, loss):
     """The FineTune of the compress flags: one pass over `num_examples` per epoch."""
-    return compression.FineTune(
+    return stages.FineTune(
         train_ds=train_ds,
         steps_per_epoch=max(1, num_examples // opts.batch_size),
         epochs=opts.epochs,
@@ -172,7 +175,7 @@ def compress_command(argv, *, pipeline, make_task):
         "eval_examples": int(len(task.eval_labels)),
         "options": dataclasses.asdict(opts),
         "strategy": strategies.describe(strategy),
-        "environment": training.environment(),
+        "environment": run_report.environment(),
         "variants": variants,
     }
     write_report(report, output_dir)
@@ -198,8 +201,8 @@ def run_chain(task, opts, output_dir):
         done = done + [stage]
         name = "+".join(done)
         started = time.perf_counter()
-        if stage in compression.TFLITE_STAGES:
-            mode = compression.TFLITE_STAGES[stage]
+        if stage in stages.TFLITE_STAGES:
+            mode = stages.TFLITE_STAGES[stage]
             float_ops = [op for op in opts.int8_float_ops.split(",") if op] if mode == "int8" else []
             tflite_bytes = tflite.convert(current, mode, task.representative, float_ops=float_ops)
             variants.append(
@@ -212,7 +215,7 @@ def run_chain(task, opts, output_dir):
         current = run_stage(stage, current, task.tune, opts)
         tflite_bytes = (
             tflite.convert(current, "qat", task.representative)
-            if stage in compression.QAT_STAGES
+            if stage in stages.QAT_STAGES
             else tflite.convert(current, "float32")
         )
         current.save(os.path.join(output_dir, name), save_format="tf")  # SavedModel of the Keras result
@@ -224,13 +227,13 @@ def run_chain(task, opts, output_dir):
 
 def run_stage(stage, model, tune, opts):
     if stage == "prune":
-        return compression.prune(model, tune, target_sparsity=opts.sparsity)
+        return stages.prune(model, tune, target_sparsity=opts.sparsity)
     if stage == "cluster":
-        return compression.cluster(model, tune, clusters=opts.clusters)
-    return getattr(compression, stage)(model, tune)
+        return stages.cluster(model, tune, clusters=opts.clusters)
+    return getattr(stages, stage)(model, tune)
 
 
-def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, seconds=None):
+def measure(name, chain, keras_model, tflite_bytes, task, opts, output_dir, seconds=None):
     """One report row: the `.tflite` file's accuracy, sizes and latency, measured."""
     tflite.write(tflite_bytes, os.path.join(output_dir, f"{name}.tflite"))
     size, gzipped = tflite.sizes(tflite_bytes)
@@ -239,7 +242,7 @@ def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, sec
     )
     row = {
         "name": name,
-        "stages": stages,
+        "stages": chain,
         "accuracy": round(tflite.accuracy(tflite_bytes, task.eval_inputs, task.eval_labels, threads=max(THREADS)), 4),
         "keras_accuracy": round(keras_accuracy, 4),
         "size_bytes": size,
@@ -248,7 +251,7 @@ def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, sec
             str(t): round(tflite.latency_ms(tflite_bytes, task.eval_inputs[0], threads=t, runs=opts.latency_runs), 3)
             for t in THREADS
         },
-        "sparsity": round(compression.sparsity(keras_model), 4),
+        "sparsity": round(stages.sparsity(keras_model), 4),
         "weight_types": tflite.weight_tensor_types(tflite_bytes),
         "float_ops": tflite.float_ops(tflite_bytes),
         "delegate": tflite.delegate(tflite_bytes),  # what accuracy and latency ran on
@@ -264,7 +267,7 @@ def measure(name, stages, keras_model, tflite_bytes, task, opts, output_dir, sec
 
 
 def write_report(report, output_dir):
-    training.write_json(os.path.join(output_dir, "report.json"), report)
+    files.write_json(os.path.join(output_dir, "report.json"), report)
     base = report["variants"][0]
     lines = [
         f"# Compression: {report['pipeline']}",
@@ -284,7 +287,7 @@ def write_report(report, output_dir):
             f"{base['gzip_bytes'] / v['gzip_bytes']:.1f}x | {v['latency_ms']['1']:.2f} ms | {v['latency_ms']['2']:.2f} ms | "
             f"{100 * v['sparsity']:.0f}% |"
         )
-    training.write_text(os.path.join(output_dir, "report.md"), "\n".join(lines) + "\n")
+    files.write_text(os.path.join(output_dir, "report.md"), "\n".join(lines) + "\n")
     plot(report, os.path.join(output_dir, "accuracy_vs_size.png"))
 
 

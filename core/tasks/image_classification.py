@@ -4,7 +4,7 @@ pipelines/cifar10_cnn.py and pipelines/cifar10_vit.py read the same data, augmen
 way, evaluate and report the same way; only the model and its optimiser differ. Those shared
 stages live here, written once:
 
-    run, cfg, strategy, precision, run_dir, is_chief = training.start_run(argv, ...)
+    run, cfg, strategy, precision, run_dir, is_chief = runs.start_run(argv, ...)
     data = prepare_data(cfg, run, class_names=..., image_shape=..., tfds_name=...)
     train, val, steps = make_datasets(strategy, data, global_batch=..., train_batch_fn=...)
     ... build and fit the model: the pipeline's own stages ...
@@ -24,9 +24,11 @@ import tensorflow as tf
 import tf_keras as keras
 
 import strategies
-from core import compress, evaluation, image_data, input_bench, input_pipeline, optim, training
 from core import config as config_lib
+from core.compression import command
+from core.data import image_data, input_bench, input_pipeline
 from core.errors import UserError
+from core.training import evaluation, optim, report, runs
 
 FLIPS = ("alternate", "random", "none")
 COMMANDS = [
@@ -37,8 +39,8 @@ COMMANDS = [
 
 
 def start_run(argv, *, pipeline, config_class, smoke):
-    """`training.start_run` with the image pipelines' extra command listed in --help."""
-    return training.start_run(argv, pipeline=pipeline, config_class=config_class, smoke=smoke, commands=COMMANDS)
+    """`runs.start_run` with the image pipelines' extra command listed in --help."""
+    return runs.start_run(argv, pipeline=pipeline, config_class=config_class, smoke=smoke, commands=COMMANDS)
 
 
 def prepare_data(cfg, run, *, class_names, image_shape, tfds_name):
@@ -192,15 +194,15 @@ def evaluate_split(model, data, split, tta):
     return evaluation.accuracy_report(logits, labels, data.class_names)
 
 
-def save_and_report(model, data, run_dir, *, tta, evaluate_test=True, **report):
+def save_and_report(model, data, run_dir, *, tta, evaluate_test=True, **fields):
     """The chief's last stage: model.keras, then accuracy on val (with and without test-time
     augmentation) and on test when the source has one (and `evaluate_test`), into metrics.json
-    (`training.write_report`, which takes the rest of `report`)."""
+    (`report.write_report`, which takes the rest of `report`)."""
     model.save(os.path.join(run_dir, "model.keras"))
     val = evaluate_split(model, data, "val", tta)
     val_no_tta = evaluate_split(model, data, "val", 0)
     test = evaluate_split(model, data, "test", tta) if evaluate_test and "test" in data.splits else None
-    return training.write_report(run_dir, data=data, val=val, val_no_tta=val_no_tta, test=test, tta=tta, **report)
+    return report.write_report(run_dir, data=data, val=val, val_no_tta=val_no_tta, test=test, tta=tta, **fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +282,7 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
         batch_fn=augment,
         num_examples=data.splits["train"].num_examples,
     )
-    split = compress.evaluation_split(data.splits, opts)
+    split = command.evaluation_split(data.splits, opts)
     images, labels = [], []
     for batch_images, batch_labels in local_dataset(data, split):
         images.append(batch_images.numpy())
@@ -289,10 +291,10 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
     if opts.eval_examples:
         images, labels = images[: opts.eval_examples], labels[: opts.eval_examples]
     train_images = first_train_images(data, count=256).astype(np.float32)
-    tune = compress.fine_tune(
+    tune = command.fine_tune(
         train, data.splits["train"].num_examples, opts, loss=optim.label_smoothing_loss(run_config["label_smoothing"])
     )
-    return compress.Task(
+    return command.Task(
         model=model,
         tune=tune,
         eval_inputs=images,
@@ -303,8 +305,8 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
 
 
 def compress_command(argv, *, pipeline, class_names, image_shape, tfds_name):
-    """`compress --model=PATH --stages=...`: core/compress.py with this family's Task."""
-    return compress.compress_command(
+    """`compress --model=PATH --stages=...`: core/command.py with this family's Task."""
+    return command.compress_command(
         argv,
         pipeline=pipeline,
         make_task=lambda model, run_config, opts: compression_task(

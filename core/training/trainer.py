@@ -20,96 +20,16 @@ every file here goes through tf.io.gfile, which reads local paths too.
 import contextlib
 import csv
 import io
-import json
 import math
 import os
-import platform
-import re
 import tempfile
 import time
 
 import tensorflow as tf
 import tf_keras as keras
 
-import strategies
-from core import config as config_lib
-from core import records
-from core.config import PRECISIONS
+from core import files
 from core.errors import UserError
-
-# Config keys that may differ between a run and its resumption (they change nothing trained).
-RESUMABLE_CHANGES = {"verbose", "smoke", "cache_dir", "output_dir", "name"}
-
-
-def run_directory(output_dir, pipeline, name, multi_worker=False):
-    """Creates (or reopens, to resume) the run folder; refuses to overwrite a finished run.
-
-    Resuming means starting the same command with the same `--name`; multi-worker runs need an
-    explicit name so that every worker opens the same folder.
-    """
-    if multi_worker and not name:
-        raise UserError(
-            "--strategy=multiworker needs --name=NAME: every worker must write to the same run folder (make train STRATEGY=multiworker sets one)"
-        )
-    name = name or time.strftime("%Y%m%d-%H%M%S")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise UserError(f"--name={name}: expected letters, digits, '.', '_' or '-' (it names a folder)")
-    run_dir = os.path.join(output_dir, pipeline, name)
-    try:
-        if tf.io.gfile.exists(os.path.join(run_dir, "metrics.json")):
-            raise UserError(
-                f"{run_dir}: a finished run is already there (metrics.json); pick another --name or move it away"
-            )
-        tf.io.gfile.makedirs(run_dir)
-    except (OSError, tf.errors.OpError) as e:
-        reason = e.strerror if isinstance(e, OSError) else e.message.splitlines()[0][:160]
-        raise UserError(
-            f"{run_dir}: cannot create the run folder ({reason}); expected a writable --output_dir"
-        ) from None
-    return run_dir
-
-
-def check_resume(run_dir, config, defaults=None):
-    """Before resuming from `backup/`, checks the run is started with the same config.
-
-    A changed model would fail inside the checkpoint restore with a traceback, and a changed
-    schedule would silently mix two recipes in one run. A field the stored config.json lacks
-    (added to the code since) counts as its default in `defaults`.
-    """
-    stored_path = os.path.join(run_dir, "config.json")
-    if not (tf.io.gfile.isdir(os.path.join(run_dir, "backup")) and tf.io.gfile.exists(stored_path)):
-        return
-    stored = {**(defaults or {}), **json.loads(read_text(stored_path))}
-    changed = sorted(
-        k for k in set(stored) | set(config) if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k)
-    )
-    if changed:
-        details = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in changed)
-        raise UserError(
-            f"{run_dir}: resuming with a different config ({details}); rerun with the same flags or pick another --name"
-        )
-
-
-def set_precision(precision, strategy):
-    """Sets the global Keras dtype policy; `auto` picks per device (see strategies)."""
-    if precision not in PRECISIONS:  # also checked by RunOptions; this guards direct calls
-        raise UserError(f"--precision={precision}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = strategies.default_precision(strategy)
-    keras.mixed_precision.set_global_policy(precision)
-    return precision
-
-
-def steps_per_execution(run, strategy):
-    """`--steps_per_execution`, or with 0 (auto) 32 on TPU and 1 elsewhere.
-
-    A TPU runs a step in well under a millisecond, so one host round trip per step would leave
-    it idle most of the time; on CPU and GPU the step dominates and 1 keeps per-step callbacks
-    exact. 32 is what Keras's TPU guides use; it changes no result, only how often fit returns.
-    """
-    if run.steps_per_execution:
-        return run.steps_per_execution
-    return 32 if strategies.resolved_name(strategy) == "tpu" else 1
 
 
 def unreplicated(model):
@@ -140,34 +60,6 @@ def _float32_config(config):
     if isinstance(config, str) and config.startswith("mixed_"):
         return "float32"
     return config
-
-
-def write_text(path, text):
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_bytes(path, data):
-    # Write-then-rename: a crash mid-write never leaves a truncated file behind, and concurrent
-    # writers of the same content (multi-worker) each replace it whole. The temporary name is
-    # per process so two writers never share one. On object storage (a URL) an object appears
-    # whole when its upload completes, so there it is written directly.
-    if records.is_url(path):
-        with tf.io.gfile.GFile(path, "wb") as f:
-            f.write(data)
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def read_text(path):
-    with tf.io.gfile.GFile(path, "r") as f:
-        return f.read()
-
-
-def write_json(path, data):
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _is_finite(logs):
@@ -413,181 +305,10 @@ def _read_history(path):
     if not tf.io.gfile.exists(path):
         return None
     # Keyed by epoch, last row wins: an epoch repeated after a resume counts once.
-    rows = {int(row["epoch"]): row for row in csv.DictReader(io.StringIO(read_text(path)))}
+    rows = {int(row["epoch"]): row for row in csv.DictReader(io.StringIO(files.read_text(path)))}
     history = {}
     for _, row in sorted(rows.items()):
         for key, value in row.items():
             if key != "epoch":
                 history.setdefault(key, []).append(float(value))
     return history
-
-
-def environment():
-    """Where a figure was measured: goes into every metrics.json."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "gpus": gpus,
-        "tensorflow": tf.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-
-
-def plot_curves(history, path, title):
-    """Saves loss and accuracy per epoch (train and validation) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers/CI
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
-            if key in history:
-                epochs = range(1, len(history[key]) + 1)
-                ax.plot(epochs, history[key], style, marker="o", label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig, path):
-    """Saves and closes a matplotlib figure as PNG; `path` may be a URL (matplotlib writes only
-    local files, so the bytes go through write_bytes)."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes(path, buffer.getvalue())
-
-
-def write_report(
-    run_dir,
-    pipeline,
-    strategy,
-    precision,
-    result,
-    data,
-    *,
-    model_name,
-    epochs,
-    global_batch,
-    total_steps,
-    steps_per_epoch,
-    val,
-    val_no_tta,
-    test,
-    tta=0,
-):
-    """Writes metrics.json and curves.png, and prints the headline figures."""
-    described = strategies.describe(strategy)
-    history = result["history"]
-    name = os.path.basename(run_dir)
-    metrics = {
-        "pipeline": pipeline,
-        "name": name,
-        "strategy": described["strategy"],
-        "replicas": described["replicas"],
-        "workers": described["workers"],
-        "precision": precision,
-        "model": model_name,
-        "epochs": epochs,
-        "steps": total_steps,
-        "global_batch": global_batch,
-        # Where training ended and, after a preemption, the epoch this process resumed at
-        # (0: trained start to finish in one go).
-        "final_step": result["final_step"],
-        "resumed_at_epoch": epochs - result["epochs_run"],
-        "train_seconds": round(result["train_seconds"], 2),
-        # Time inside train steps only (no per-epoch validation); like speed records, it includes
-        # the first epoch's tracing and input-cache filling.
-        "train_step_seconds": round(result["train_step_seconds"], 2),
-        "examples_per_second": round(
-            steps_per_epoch * global_batch * result["epochs_run"] / max(result["train_step_seconds"], 1e-9), 1
-        ),
-        # Share of train-step time spent waiting for the next input batch (measured by
-        # input_pipeline.InputWaitMeter); near 0 means the input pipeline is never the bottleneck.
-        "input_wait_fraction": (
-            None
-            if result.get("input_wait_seconds") is None
-            else round(result["input_wait_seconds"] / max(result["train_step_seconds"], 1e-9), 4)
-        ),
-        "input_wait_fraction_per_epoch": [round(f, 4) for f in result.get("input_wait_fraction_per_epoch") or []],
-        # The saved model's accuracy on the validation split, with the pipeline's test-time
-        # augmentation (`tta`) and without it.
-        "val_accuracy": val["accuracy"],
-        "val_accuracy_no_tta": val_no_tta["accuracy"],
-        "test_accuracy": test["accuracy"] if test else None,
-        "tta": tta,
-        "data": {
-            "source": data.source,
-            "train_examples": data.splits["train"].num_examples,
-            "val_examples": data.splits["val"].num_examples,
-            "test_examples": data.splits["test"].num_examples if test else 0,
-            # Records the conversion skipped as undecodable (--skip_corrupt); 0 without it.
-            "skipped_corrupt": getattr(data, "skipped_corrupt", 0),
-            "val_split": f"seeded {data.val_fraction:.0%} per class carved from train (seed {data.seed})",
-            "test_split": (
-                "the source's test split"
-                if test
-                else "not scored (--evaluate_test=false)"
-                if "test" in data.splits
-                else "none in this source: measure test accuracy with `make evaluate`"
-            ),
-        },
-        "val_per_class_accuracy": val["per_class_accuracy"],
-        "environment": environment(),
-    }
-    write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    plot_curves(history, os.path.join(run_dir, "curves.png"), f"{pipeline} / {name}")
-    print(f"run folder: {run_dir}")
-    print(
-        f"val_accuracy={metrics['val_accuracy']:.4f} (tta={tta}; {metrics['val_accuracy_no_tta']:.4f} without) "
-        f"test_accuracy={metrics['test_accuracy']} train_seconds={metrics['train_seconds']} "
-        f"examples_per_second={metrics['examples_per_second']} input_wait_fraction={metrics['input_wait_fraction']}"
-    )
-    return metrics
-
-
-def start_run(argv, *, pipeline, config_class, smoke, commands=()):
-    """What a training run sets up before it reads any data; returns
-    (run, cfg, strategy, precision, run_dir, is_chief).
-
-    In this order: flags (`smoke` are the --smoke overrides), seeds, the strategy (before any
-    other TF op, which --cpu_devices needs), precision, the batch split check, the run folder
-    (refusing a finished run, or a resume with other flags) and the run's config.json.
-    """
-    run, cfg = config_lib.parse_flags(
-        argv,
-        [config_lib.RunOptions, config_class],
-        prog=f"python -m pipelines.{pipeline}",
-        smoke_overrides=smoke,
-        pipeline=pipeline,
-        commands=list(commands),
-    )
-    keras.utils.set_random_seed(run.seed)
-    strategy = strategies.make_strategy(run.strategy, tpu=run.tpu, cpu_devices=run.cpu_devices)
-    precision = set_precision(run.precision, strategy)
-    strategies.per_replica_batch(cfg.batch_size, strategy)  # fails early if not divisible
-    run_dir = run_directory(
-        run.output_dir, pipeline, run.name, multi_worker=strategies.resolved_name(strategy) == "multiworker"
-    )
-    is_chief = strategies.is_chief(strategy)
-    config = {"pipeline": pipeline, **config_lib.to_dict(run, cfg)}
-    check_resume(run_dir, config, defaults=config_lib.to_dict(config_lib.RunOptions(), config_class()))
-    if is_chief:
-        write_json(os.path.join(run_dir, "config.json"), config)
-    return run, cfg, strategy, precision, run_dir, is_chief

@@ -20,7 +20,7 @@ import sys
 import time
 
 from core import config as config_lib
-from core import training
+from core import files
 from core.errors import UserError
 
 
@@ -115,7 +115,7 @@ def main(argv):
     summary = summarise(metrics)
     summary["command"] = f"python -m pipelines.{opts.pipeline} {' '.join(passthrough)}".strip()
     path = os.path.join(opts.output_dir, opts.pipeline, f"{prefix}-summary.json")
-    training.write_json(path, summary)
+    files.write_json(path, summary)
     print(f"[bench] summary: {path}")
     print(markdown_row(summary, summary["command"]))
 

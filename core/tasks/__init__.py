@@ -1,0 +1,1 @@
+"""Task families: the stages every pipeline of one kind (image or text classification) shares."""

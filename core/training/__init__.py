@@ -1,0 +1,1 @@
+"""Training: the run (flags, strategy, folder), the fit loop with its callbacks, optimisers, evaluation, reports."""

@@ -1,0 +1,120 @@
+"""A training run before its data: flags, seeds, strategy, precision and the run folder (`Run`, `Schedule`)."""
+
+import json
+import os
+import re
+import time
+
+import tensorflow as tf
+import tf_keras as keras
+
+import strategies
+from core import config as config_lib
+from core import files
+from core.config import PRECISIONS
+from core.errors import UserError
+
+# Config keys that may differ between a run and its resumption (they change nothing trained).
+RESUMABLE_CHANGES = {"verbose", "smoke", "cache_dir", "output_dir", "name"}
+
+
+def run_directory(output_dir, pipeline, name, multi_worker=False):
+    """Creates (or reopens, to resume) the run folder; refuses to overwrite a finished run.
+
+    Resuming means starting the same command with the same `--name`; multi-worker runs need an
+    explicit name so that every worker opens the same folder.
+    """
+    if multi_worker and not name:
+        raise UserError(
+            "--strategy=multiworker needs --name=NAME: every worker must write to the same run folder (make train STRATEGY=multiworker sets one)"
+        )
+    name = name or time.strftime("%Y%m%d-%H%M%S")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"--name={name}: expected letters, digits, '.', '_' or '-' (it names a folder)")
+    run_dir = os.path.join(output_dir, pipeline, name)
+    try:
+        if tf.io.gfile.exists(os.path.join(run_dir, "metrics.json")):
+            raise UserError(
+                f"{run_dir}: a finished run is already there (metrics.json); pick another --name or move it away"
+            )
+        tf.io.gfile.makedirs(run_dir)
+    except (OSError, tf.errors.OpError) as e:
+        reason = e.strerror if isinstance(e, OSError) else e.message.splitlines()[0][:160]
+        raise UserError(
+            f"{run_dir}: cannot create the run folder ({reason}); expected a writable --output_dir"
+        ) from None
+    return run_dir
+
+
+def check_resume(run_dir, config, defaults=None):
+    """Before resuming from `backup/`, checks the run is started with the same config.
+
+    A changed model would fail inside the checkpoint restore with a traceback, and a changed
+    schedule would silently mix two recipes in one run. A field the stored config.json lacks
+    (added to the code since) counts as its default in `defaults`.
+    """
+    stored_path = os.path.join(run_dir, "config.json")
+    if not (tf.io.gfile.isdir(os.path.join(run_dir, "backup")) and tf.io.gfile.exists(stored_path)):
+        return
+    stored = {**(defaults or {}), **json.loads(files.read_text(stored_path))}
+    changed = sorted(
+        k for k in set(stored) | set(config) if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k)
+    )
+    if changed:
+        details = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in changed)
+        raise UserError(
+            f"{run_dir}: resuming with a different config ({details}); rerun with the same flags or pick another --name"
+        )
+
+
+def set_precision(precision, strategy):
+    """Sets the global Keras dtype policy; `auto` picks per device (see strategies)."""
+    if precision not in PRECISIONS:  # also checked by RunOptions; this guards direct calls
+        raise UserError(f"--precision={precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = strategies.default_precision(strategy)
+    keras.mixed_precision.set_global_policy(precision)
+    return precision
+
+
+def steps_per_execution(run, strategy):
+    """`--steps_per_execution`, or with 0 (auto) 32 on TPU and 1 elsewhere.
+
+    A TPU runs a step in well under a millisecond, so one host round trip per step would leave
+    it idle most of the time; on CPU and GPU the step dominates and 1 keeps per-step callbacks
+    exact. 32 is what Keras's TPU guides use; it changes no result, only how often fit returns.
+    """
+    if run.steps_per_execution:
+        return run.steps_per_execution
+    return 32 if strategies.resolved_name(strategy) == "tpu" else 1
+
+
+def start_run(argv, *, pipeline, config_class, smoke, commands=()):
+    """What a training run sets up before it reads any data; returns
+    (run, cfg, strategy, precision, run_dir, is_chief).
+
+    In this order: flags (`smoke` are the --smoke overrides), seeds, the strategy (before any
+    other TF op, which --cpu_devices needs), precision, the batch split check, the run folder
+    (refusing a finished run, or a resume with other flags) and the run's config.json.
+    """
+    run, cfg = config_lib.parse_flags(
+        argv,
+        [config_lib.RunOptions, config_class],
+        prog=f"python -m pipelines.{pipeline}",
+        smoke_overrides=smoke,
+        pipeline=pipeline,
+        commands=list(commands),
+    )
+    keras.utils.set_random_seed(run.seed)
+    strategy = strategies.make_strategy(run.strategy, tpu=run.tpu, cpu_devices=run.cpu_devices)
+    precision = set_precision(run.precision, strategy)
+    strategies.per_replica_batch(cfg.batch_size, strategy)  # fails early if not divisible
+    run_dir = run_directory(
+        run.output_dir, pipeline, run.name, multi_worker=strategies.resolved_name(strategy) == "multiworker"
+    )
+    is_chief = strategies.is_chief(strategy)
+    config = {"pipeline": pipeline, **config_lib.to_dict(run, cfg)}
+    check_resume(run_dir, config, defaults=config_lib.to_dict(config_lib.RunOptions(), config_class()))
+    if is_chief:
+        files.write_json(os.path.join(run_dir, "config.json"), config)
+    return run, cfg, strategy, precision, run_dir, is_chief
