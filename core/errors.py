@@ -1,4 +1,4 @@
-"""The one error type a user should ever see from this repo.
+"""The errors a user sees: `UserError` for bad input, `environment_failure` for the machine's faults.
 
 A `UserError` carries a single line that names the bad thing and what was expected. Entry points
 catch it, print `error: <message>` to stderr and exit with status 2, so a typo never ends in a
@@ -40,7 +40,7 @@ def environment_failure(error, tf=None):
     a message written for its developers. Each cause here has one thing the user can do, and
     rerunning the same command afterwards resumes from backup/: a full disk; a damaged record in
     the converted data (TF's DataLossError does not name the file; the shard sizes checked
-    at start in core/records.read_meta catch truncation by name); a peer worker of a
+    at start in core/data/records.read_meta catch truncation by name); a peer worker of a
     multi-worker job that died.
     """
     message = str(getattr(error, "message", None) or error)

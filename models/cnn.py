@@ -10,7 +10,7 @@ What it takes from the CIFAR-10 speed records (airbench, hlb-CIFAR10, Page's Res
 - partial identity ("dirac") init of each conv, so a deep-but-thin net starts near identity;
 - logits scaled by 1/9, which tempers the last layer's effective learning rate.
 The training recipe that goes with it (label smoothing, grouped SGD, lookahead, flip+translate
-test-time augmentation) lives in `core/optim.py`, `core/evaluation.py` and
+test-time augmentation) lives in `core/training/optim.py`, `core/training/evaluation.py` and
 `pipelines/cifar10_cnn.py`.
 
 Only stock Keras layers are used (Conv2D, BatchNormalization, Rescaling, Normalization ...), so

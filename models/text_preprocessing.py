@@ -1,4 +1,4 @@
-"""Raw review text -> token ids, as Keras layers, so the exported model classifies raw strings.
+"""Text preprocessing as Keras layers: raw review text -> token ids, so exported models take raw strings.
 
 The tokenizer is word-level `TextVectorization` (see `pipelines/imdb_transformer.py` for the
 state of the comparison with a WordPiece subword tokenizer). It lives

@@ -268,7 +268,7 @@ def text_classifier(
         bigram_ids = BigramIds(bigram_buckets, name="bigram_ids")(token_ids)
         # Zero-initialised: the model starts as words-only and each bigram vector grows only as
         # far as its gradient says it helps (random vectors for ~260k rarely seen pairs add noise
-        # that measurably slowed the first epoch: 62% vs 86% validation accuracy after it).
+        # that slowed the first epoch; figures: BENCHMARKS.md, 'Zero-initialised bigram vectors').
         bigrams = layers.Embedding(bigram_buckets, width, embeddings_initializer="zeros", name="bigram_embedding")(
             bigram_ids
         )

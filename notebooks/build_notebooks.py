@@ -1,4 +1,4 @@
-"""Writes notebooks/colab_tpu.ipynb and notebooks/colab_gpu.ipynb from the cells below.
+"""The Colab notebooks' source: writes notebooks/colab_{tpu,gpu}.ipynb from the cells below.
 
     python notebooks/build_notebooks.py            # rewrite both after editing this file
     python notebooks/build_notebooks.py --check    # exit 1 if a committed notebook differs (a test runs it)

@@ -1,4 +1,4 @@
-"""Pick a `tf.distribute.Strategy` by one string, the way a user names it on the command line.
+"""Strategy selection: a `tf.distribute.Strategy` from the one name a user gives on the command line.
 
     strategy = strategies.make_strategy("mirrored")
     with strategy.scope():

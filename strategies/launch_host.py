@@ -1,4 +1,4 @@
-"""Start this host's worker of a multi-host `multiworker` job, with its `TF_CONFIG` written for it.
+"""The multi-host launcher: this host's worker of a `multiworker` job, with its `TF_CONFIG` written for it.
 
 Run on every host, the same line except `--index` (0 is the chief):
         python -m strategies.launch_host --workers=hostA:2222,hostB:2222 --index=0 -- \\

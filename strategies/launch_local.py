@@ -1,4 +1,4 @@
-"""Start N local workers of a multiworker job on this machine, each with its own `TF_CONFIG`.
+"""The local multiworker launcher: N workers on this machine, each with its own `TF_CONFIG`.
 
 Run:    python -m strategies.launch_local --workers=2 -- \\
             python -m pipelines.cifar10_cnn --strategy=multiworker --smoke

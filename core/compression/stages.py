@@ -1,4 +1,4 @@
-"""Compression stages after training (TensorFlow Model Optimization), chained by name.
+"""The compression stages (TFMOT prune, cluster, QAT; TFLite PTQ) and the rules for chaining them.
 
     python -m pipelines.cifar10_cnn compress --model=runs/cifar10_cnn/<name>/model.keras --stages=prune,qat
     make compress PIPELINE=cifar10_cnn MODEL=runs/cifar10_cnn/<name>/model.keras STAGES=prune,pqat
@@ -13,17 +13,17 @@ Two kinds of stage:
   (full integer, calibrated on training inputs). They produce a variant and leave the chain's
   model as it was, so `prune,ptq_dynamic,ptq_int8` measures both quantizations of one pruned model.
 
-After every stage the result is a variant: its `.tflite`, measured by core/tflite.py. A Keras
-stage's own variant is its float32 TFLite (int8 after a QAT stage). The unchanged trained model,
-converted to float32 TFLite, is always the first variant, "float32".
+After every stage the result is a variant: its `.tflite`, measured by core/compression/tflite.py.
+A Keras stage's own variant is its float32 TFLite (int8 after a QAT stage). The unchanged trained
+model, converted to float32 TFLite, is always the first variant, "float32".
 
 Valid chains (checked before any work starts): nothing after a QAT stage (the model is
 int8-annotated, and its TFLite conversion is int8 already); `pqat` only after a prune stage,
 `cqat` only after `cluster`; `prune` and `prune_2x4` not together (one sparsity pattern).
 
 Everything runs in float32: TFMOT's wrappers fail under a mixed-precision policy. A training
-run's model.keras is float32 already (`training.unreplicated`), and the compress command sets
-the float32 global policy before it loads it.
+run's model.keras is float32 already (`core/training/trainer.unreplicated`), and the compress
+command sets the float32 global policy before it loads it.
 
 Which layers are compressed: every Conv2D, Dense and Embedding with at least `MIN_WEIGHTS`
 weights. The small ones (the CNN's first conv, 3 x 3 x 3 x 24 = 648 weights; a classifier head)
@@ -206,7 +206,8 @@ def qat(model, tune, *, scheme=None):
     # Layers TFMOT has no config for (the input Normalization, LayerNormalization, the repo's
     # weight-free custom layers) compute in float during QAT but quantize their output, so the
     # int8 layer after them trains with a real input range. Their insides are calibrated at
-    # conversion (core/tflite.convert, mode "qat"), which makes them int8 in the TFLite model.
+    # conversion (core/compression/tflite.convert, mode "qat"), which makes them int8 in the
+    # TFLite model.
     def annotate(layer):
         if isinstance(layer, keras.layers.InputLayer):
             return layer
@@ -235,11 +236,10 @@ def calibrate_ranges(model, tune, batches=CALIBRATION_BATCHES, decay=0.5):
 
     TFMOT starts every activation range at [-6, 6] and moves it by an exponential moving average
     of the batch min/max with decay 0.999, so after one short epoch (~350 steps) 70% of the range
-    is still the initial guess: activations beyond +-6 are clipped. Measured on the trained CNN
-    (80% pruned, 88.18% val): the QAT model scored 84.12% before any weight update, where PTQ
-    calibration gives 87.90%; calibrated here first, 87.82%, and 88.42% after the epoch. The same
-    update runs with `decay` instead, in training mode, so the fine-tuning starts from measured
-    ranges and keeps refining them at 0.999.
+    is still the initial guess: activations beyond +-6 are clipped, and the QAT model starts well
+    below what PTQ calibration gives. The same update runs with `decay` instead, in training mode,
+    so the fine-tuning starts from measured ranges and keeps refining them at 0.999 (figures:
+    BENCHMARKS.md, 'QAT activation-range calibration').
     """
     from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
 

@@ -1,4 +1,4 @@
-"""TFLite export and measurement: convert a Keras model, then score it in the TFLite interpreter.
+"""TFLite conversion and measurement: Keras model -> `.tflite`, scored in the TFLite interpreter.
 
 Every figure in a compression report comes from here, measured on the `.tflite` bytes, never
 assumed from the Keras model:
@@ -106,11 +106,11 @@ def delegate(tflite_bytes):
     """ "xnnpack" (TFLite's default CPU delegate), or "none" for models with an int8 BATCH_MATMUL.
 
     XNNPack in TF 2.21 computes int8 BATCH_MATMUL wrongly when the right-hand operand has a
-    nonzero zero point, that is, when its calibrated range is not symmetric around 0. Measured
-    here: softmax weights x values in [-0.2, 1.5] came out 0.56 too low everywhere, while TFLite's
-    own kernels were exact to 0.02 (tests/test_compression.py keeps that case). The weights x
-    values matmul of attention is such a case: the ViT lost 21 points to it. Such models run on
-    TFLite's built-in kernels, which are correct; anyone deploying them should do the same
+    nonzero zero point, that is, when its calibrated range is not symmetric around 0, while
+    TFLite's own kernels get it right (tests/test_compression.py keeps such a case). Attention's
+    weights x values matmul is one, and costs a ViT much of its accuracy (figures: BENCHMARKS.md,
+    'XNNPack int8 BATCH_MATMUL'). Such models run on TFLite's built-in kernels, which are correct;
+    anyone deploying them should do the same
     (`experimental_op_resolver_type=BUILTIN_WITHOUT_DEFAULT_DELEGATES`, or no XNNPack delegate
     on a phone).
     """

@@ -1,8 +1,8 @@
-"""The tuned tf.data reader: sharded TFRecords -> per-replica batches.
+"""The tf.data input pipeline every pipeline trains on: sharded TFRecords -> per-replica batches.
 
 One reader serves every source (TFDS, folders, archives): each is converted once to the same
-sharded TFRecord cache (`core/image_data.py`), so tuning here helps all of them. Every option is
-set explicitly, with its reason next to it.
+sharded TFRecord cache (`core/data/image_data.py`), so tuning here helps all of them. Every
+option is set explicitly, with its reason next to it.
 
 Layout of a training pipeline, per input pipeline (one per worker):
 
@@ -30,27 +30,12 @@ COMPRESSIONS = ("", "GZIP", "ZLIB")
 class InputKnobs:
     """The tuning knobs of `make_dataset`, one field each; the defaults are the tuned pipeline.
 
-    `make bench-input` (core/input_bench.py) turns them one at a time. First-epoch examples/s,
-    default -> knob turned, CIFAR-10 (45,000 raw-pixel images, 11 shards) and IMDB (22,500
-    reviews, 6 shards), median of 5, 2-core CPU, 2026-11-22 (BENCHMARKS.md; runs vary ~5%):
-      interleave_cycle=16  CIFAR 60.6k -> 32.3k reading 1 file; on simulated remote storage
-                           (20 ms per open, 100 MB/s per file) 47.1k -> 20.9k, reads alone
-                           122k -> 27k. IMDB: no change (tokenizing sets its pace).
-      parallel_reads       no change locally (61.7k); remote opens overlap only on threads.
-      parallel_parse       CIFAR 60.6k -> 40.2k, later epochs 110k -> 62k; IMDB 11.3k -> 9.7k.
-      vectorized_parse     CIFAR 60.6k -> 21.9k; IMDB 11.3k -> 8.2k (an op call per record
-                           costs more than reading the record).
-      cache                later epochs CIFAR 110k -> 60k, IMDB 28.9k -> 14.9k.
-      prefetch             57.2k without: the benchmark's consumer does no work; in training it is
-                           what runs the input during the step (`input_wait_fraction`).
-      deterministic=None   first-ready order for training: ordered 56.2k, IMDB 11.0k.
-      read_buffer 8 MiB    256 KiB: 58.5k locally (noise); kept for network storage.
-    The cache's own choices (core/records.py, image_data.py, text_data.py): ~4096 examples a
-    shard (CIFAR: 65 small shards 51.9k, 4 large 43.2k, one file 30.4k; IMDB: no change), no
-    compression (GZIP: CIFAR 37.6k, 8% smaller; IMDB same speed, 2.4x smaller: worth it only on
-    bandwidth-bound storage), raw pixels (JPEG: 15.9k, 3.2x smaller) and review text (token ids:
-    14.5k, 3.7x smaller, but a cache tied to one tokenizer, and from epoch 2 on the RAM cache
-    holds token ids either way).
+    `make bench-input` (core/data/input_bench.py) turns them one at a time. Each default is
+    faster than its alternative, or, where reads are not what limits a local run (parallel reads,
+    the read buffer), is kept for network storage, where opens and small reads are slow. The
+    cache's own format (shard size, no compression, raw pixels, review text) is chosen in
+    core/data/records.py, image_data.py and text_data.py on the same measurements
+    (figures: BENCHMARKS.md, 'Input pipeline knobs').
     """
 
     interleave_cycle: int = 16  # shard files open at once (1 = one file after another)
@@ -61,9 +46,9 @@ class InputKnobs:
     prefetch: bool = True  # a buffer of ready batches at the end, filled while the step runs
     deterministic: bool | None = None  # None: in order for evaluation, first-ready for training
     read_buffer_bytes: int = 8 << 20  # per open file: few large reads suit network storage
-    compression: str = ""  # of the TFRecord files: "" (as core/records.py writes), GZIP, ZLIB
+    compression: str = ""  # of the TFRecord files: "" (as core/data/records.py writes), GZIP, ZLIB
     # file path tensor -> dataset of serialized records; None reads TFRecord files directly.
-    # core/input_bench.py passes a simulated remote store here.
+    # core/data/input_bench.py passes a simulated remote store here.
     open_records: Callable | None = None
 
     def __post_init__(self):
@@ -248,8 +233,8 @@ def distributed_dataset(strategy, files, *, global_batch, **kwargs):
     Each input pipeline (one per worker) builds its own dataset of per-replica batches; the global
     batch is split evenly across replicas (`InputContext.get_per_replica_batch_size`).
     Training input carries an `InputWaitMeter` as its `input_wait` attribute, which
-    `training.fit` reads to report how input-bound the run was. (With several GPUs a device
-    prefetch sits between it and the step: there it measures the host side, an upper bound.)
+    `core/training/trainer.fit` reads to report how input-bound the run was. (With several GPUs a
+    device prefetch sits between it and the step: there it measures the host side, an upper bound.)
     """
     meter = InputWaitMeter() if kwargs.get("training") else None
 

@@ -1,7 +1,7 @@
-"""Repeats a pipeline's training run and summarises the runs as a BENCHMARKS.md row.
+"""The `make bench` command: repeats a pipeline's training run, summarised as a BENCHMARKS.md row.
 
 Run:    make bench PIPELINE=cifar10_cnn RUNS=3 ARGS="--epochs=10"
-        python -m core.benchmark --pipeline=cifar10_cnn --runs=3 -- --data=PATH --epochs=10
+        python -m core.training.benchmark --pipeline=cifar10_cnn --runs=3 -- --data=PATH --epochs=10
 
 Each run is a separate process (`python -m pipelines.<pipeline> --name=<prefix>-<i> --seed=<i>`),
 exactly as a user would start it; the figures summarised are each run's own metrics.json (fit
@@ -84,12 +84,16 @@ def main(argv):
     else:
         own, passthrough = argv, []
     (opts,) = config_lib.parse_flags(
-        own, [BenchOptions], prog="python -m core.benchmark", commands=["[--key=value ...] -- [pipeline flags ...]"]
+        own,
+        [BenchOptions],
+        prog="python -m core.training.benchmark",
+        commands=["[--key=value ...] -- [pipeline flags ...]"],
     )
     config_lib.check_positive(opts, "runs")
     if any(arg.startswith("--strategy=multiworker") for arg in passthrough):
         raise UserError(
-            "make bench runs one process per run; expected STRATEGY=default, mirrored or tpu (multiworker needs one process per worker)"
+            "make bench runs one process per run; expected STRATEGY=default, mirrored or tpu "
+            "(multiworker needs one process per worker)"
         )
     prefix = opts.prefix or time.strftime("bench-%Y%m%d-%H%M%S")
     metrics = []
@@ -108,7 +112,8 @@ def main(argv):
         result = subprocess.run(command)
         if result.returncode != 0:
             raise UserError(
-                f"benchmark run {name} failed with exit status {result.returncode}; earlier runs are kept in {opts.output_dir}"
+                f"benchmark run {name} failed with exit status {result.returncode}; "
+                f"earlier runs are kept in {opts.output_dir}"
             )
         with open(os.path.join(opts.output_dir, opts.pipeline, name, "metrics.json")) as f:
             metrics.append(json.load(f))

@@ -1,9 +1,9 @@
-"""Evaluation: accuracy and per-class accuracy of a model on a dataset, with optional
-test-time augmentation (TTA), and loading saved models safely.
+"""Model evaluation and safe loading: accuracy, per-class accuracy, test-time augmentation.
 
-TTA averages the logits of several views of each input; for images `mirror_translate_views`
-gives airbench's level 2 (identity, mirror, and both shifted by one pixel) at 6x the inference
-cost; the CNN's gain from it is in BENCHMARKS.md (val_accuracy vs val_accuracy_no_tta).
+`load_model` loads a saved `.keras` model without running code stored in it. TTA averages the
+logits of several views of each input; for images `mirror_translate_views` gives airbench's
+level 2 (identity, mirror, and both shifted by one pixel) at 6x the inference cost; the CNN's
+gain from it is in BENCHMARKS.md (val_accuracy vs val_accuracy_no_tta).
 """
 
 import json
@@ -21,6 +21,9 @@ from core.errors import UserError
 # registered layers. tf_keras 2.21 imports whatever module a config names, even in safe mode
 # (the hole Keras 3 closed after CVE-2025-1550), so the check is ours.
 _ALLOWED_MODULES = ("keras", "tf_keras", "models")
+# Python 3.12 releases before early 2025 raise EOFError reading some .keras zips (see load_model);
+# on any other version an EOFError is a bad file like any other.
+_BROKEN_ZIPFILE_ERRORS = (EOFError,) if sys.version_info[:2] == (3, 12) else ()
 
 
 def load_model(path):
@@ -36,12 +39,13 @@ def load_model(path):
 
     if not tf.io.gfile.exists(path):  # a URL (gs://...) too: load_model reads those
         raise UserError(
-            f"--model={path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)"
+            f"--model={path}: no such file; expected a model.keras written by training "
+            "(runs/<pipeline>/<name>/model.keras)"
         )
     _check_native_format(path)
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
-    except EOFError if sys.version_info[:2] == (3, 12) else ():
+    except _BROKEN_ZIPFILE_ERRORS:
         raise UserError(
             f"--model={path}: cannot load it on Python {platform.python_version()}, whose zipfile reads "
             "uncompressed members wrongly after a seek (CPython gh-127847/gh-128131, fixed in early-2025 "
@@ -51,7 +55,8 @@ def load_model(path):
         if isinstance(e, ValueError) and "lambda" in str(e) and "safe_mode" in str(e):
             raise UserError(_lambda_refused(path)) from None  # safe mode's refusal, before the lambda runs
         raise UserError(
-            f"--model={path}: cannot load a Keras model ({e.__class__.__name__}: {str(e)[:200]}); expected a model.keras written by training"
+            f"--model={path}: cannot load a Keras model ({e.__class__.__name__}: {str(e)[:200]}); "
+            "expected a model.keras written by training"
         ) from None
 
 

@@ -120,7 +120,7 @@ class Lookahead(keras.callbacks.Callback):
 
     @tf.function
     def _update(self, decay):
-        for slow, fast in zip(self._slow, self._fast):
+        for slow, fast in zip(self._slow, self._fast, strict=True):
             slow.assign(decay * slow + (1.0 - decay) * tf.cast(fast, slow.dtype))
             fast.assign(tf.cast(slow, fast.dtype))
 
