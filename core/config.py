@@ -4,13 +4,15 @@ A pipeline declares `Config` as a frozen dataclass whose fields carry a trailing
 
     batch_size: int = 1024  # global, split across replicas
 
-That comment *is* the `--help` text, so the docs cannot drift from the code. Shared run options
+That comment *is* the `--help` text, so the docs cannot drift from the code. Help too long for
+the field's line goes on `#:` lines just above the field. Shared run options
 (strategy, data, precision, ...) live in `RunOptions` below and are parsed the same way.
 
 Rules, each enforced with a one-line `UserError`: every flag is `--key=value` (or a bare
 `--flag` for booleans); keys must be fields of `RunOptions` or the pipeline's `Config` (the error
 lists them); values must parse as the field's type; `--config=FILE.json` loads a JSON object of
-field values first, and flags given on the command line override it. A run's own `config.json` is such a file: it replays the
+field values first, and flags given on the command line override it. A run's own `config.json`
+is such a file: it replays the
 run (with a new `--name`, since a finished run is never overwritten).
 """
 
@@ -25,6 +27,11 @@ import typing
 from core.errors import UserError, environment_failure
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# A run's config.json carries this; a file without one is version 1. In version 1 these pipelines
+# took `learning_rate` as the raw peak at the configured batch size; since version 2 every
+# pipeline takes it per 1024 examples, scaled linearly with the global batch (README).
+CONFIG_VERSION = 2
+RAW_LEARNING_RATE_BEFORE_V2 = ("imdb_transformer",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +43,14 @@ class RunOptions:
     name: str = ""  # run name: outputs go to <output_dir>/<pipeline>/<name>/ (default: a timestamp)
     output_dir: str = "runs"  # root folder of run outputs
     cache_dir: str = ".cache/datasets"  # where offline sources are converted to sharded TFRecords, once
-    skip_corrupt: bool = False  # when converting the data, skip records that cannot be decoded (corrupt images, non-UTF-8 texts) and report how many; default: stop at the first, naming it
-    precision: str = (
-        "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bfloat16 on TPU and bf16-capable CPUs/GPUs)
-    )
+    #: when converting the data, skip records that cannot be decoded (corrupt images, non-UTF-8
+    #: texts) and report how many; default: stop at the first, naming it
+    skip_corrupt: bool = False
+    #: auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bfloat16 on TPU and bf16-capable CPUs/GPUs)
+    precision: str = "auto"
     jit_compile: bool = False  # XLA-compile the train step (faster on GPU/TPU; slower on CPU, measured)
-    steps_per_execution: int = (
-        0  # train steps per host call; 0 = auto: 32 on TPU (hides the host round trip), 1 elsewhere
-    )
+    #: train steps per host call; 0 = auto: 32 on TPU (hides the host round trip), 1 elsewhere
+    steps_per_execution: int = 0
     tpu: str = "local"  # TPU to use with --strategy=tpu: local (Colab/TPU VM), a name, or grpc://host:port
     cpu_devices: int = 0  # split the CPU into N logical devices (try --strategy=mirrored without GPUs)
     seed: int = 0  # seeds the validation carve, shuffling, augmentation and init
@@ -58,16 +65,22 @@ class RunOptions:
 
 
 def field_help(cls) -> dict:
-    """Maps each field of a dataclass to the trailing comment on its line in the source."""
+    """Maps each field of a dataclass to its help: the comment on its line, or the `#:` comment
+    lines just above it (for help too long to share the line)."""
     helps = {}
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return helps
+    above = []
     for line in source.splitlines():
-        match = re.match(r"\s*(\w+)\s*:[^=#]+=[^#]*#\s*(.*)$", line)
-        if match:
-            helps[match.group(1)] = match.group(2).strip()
+        if re.match(r"\s*#:", line):
+            above.append(line.strip()[2:].strip())
+            continue
+        match = re.match(r"\s*(\w+)\s*:[^=#]+=[^#]*(?:#\s*(.*))?$", line)
+        if match and (match.group(2) or above):
+            helps[match.group(1)] = (match.group(2) or " ".join(above)).strip()
+        above = []
     return helps
 
 
@@ -178,9 +191,8 @@ def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None, pipeline=N
     if parsed.get("smoke") and smoke_overrides:
         values.update({k: check(k, v, "smoke override") for k, v in smoke_overrides.items()})
     if config_file:
-        values.update(
-            {k: check(k, v, f"key in {config_file}:") for k, v in load_json_object(config_file, pipeline).items()}
-        )
+        stored = upgrade_config(load_json_object(config_file, pipeline), pipeline, config_file, classes)
+        values.update({k: check(k, v, f"key in {config_file}:") for k, v in stored.items()})
     values.update(parsed)
     return [cls(**{k: v for k, v in values.items() if fields[k][0] is cls}) for cls in classes]
 
@@ -195,7 +207,8 @@ def load_json_object(path, pipeline=None, *, flag="config", what="config fields"
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(
-            f"--{flag}={path}: not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')}); expected a JSON object of {what}"
+            f"--{flag}={path}: not valid JSON ({e.__class__.__name__}: line {getattr(e, 'lineno', '?')}); "
+            f"expected a JSON object of {what}"
         ) from None
     if not isinstance(data, dict):
         raise UserError(f"--{flag}={path}: expected a JSON object of {what}, got {type(data).__name__}")
@@ -204,6 +217,36 @@ def load_json_object(path, pipeline=None, *, flag="config", what="config fields"
     if pipeline and written_for and written_for != pipeline:
         raise UserError(f"--{flag}={path}: written for pipeline {written_for!r}; expected one for {pipeline!r}")
     return data
+
+
+def stored_config(pipeline, *configs) -> dict:
+    """A run's config.json: what `--config=` replays."""
+    return {"pipeline": pipeline, "config_version": CONFIG_VERSION, **to_dict(*configs)}
+
+
+def upgrade_config(data, pipeline, path, classes=()):
+    """Field values of a config file of any version, as this version reads them."""
+    data = dict(data)
+    version = data.pop("config_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        raise UserError(f"--config={path}: config_version {version!r}; expected 1 to {CONFIG_VERSION}")
+    if version < 2 and pipeline in RAW_LEARNING_RATE_BEFORE_V2 and "learning_rate" in data:
+        defaults = {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
+        batch = data.get("batch_size", defaults.get("batch_size"))
+        if not isinstance(batch, int) or batch < 1:
+            raise UserError(
+                f"--config={path}: a version-1 config whose learning_rate needs its batch_size to convert; "
+                "expected a positive integer batch_size"
+            )
+        # Version 1's raw peak at `batch` examples per step, as a rate per 1024 examples.
+        data["learning_rate"] = data["learning_rate"] * 1024 / batch
+    return data
+
+
+def from_dict(values, *classes):
+    """One instance per class from a stored config's values (a run's config.json): its own fields,
+    each missing one (added to the code since the run) at its default."""
+    return [cls(**{k: _coerce(k, values[k], tp) for k, tp in _fields(cls).items() if k in values}) for cls in classes]
 
 
 def to_dict(*configs) -> dict:

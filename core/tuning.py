@@ -1,4 +1,4 @@
-"""The search stage: keras-tuner picks Config values, the pipeline's own training run scores them.
+"""The `tune` command: keras-tuner picks Config values, the pipeline's own training run scores them.
 
 Run:    make tune PIPELINE=imdb_transformer TUNER=random TRIALS=8
         python -m pipelines.cifar10_cnn tune --tuner=hyperband --max_epochs=10 --data=PATH
@@ -130,13 +130,15 @@ def check_space(space, config_class, base_config, *, fixed=(), tuner="random"):
         where = f"search space {key}={spec}"
         if key not in types:
             raise UserError(
-                f"search space: {key!r} is not a field of {config_class.__module__}.Config; expected one of {', '.join(sorted(types))}"
+                f"search space: {key!r} is not a field of {config_class.__module__}.Config; "
+                f"expected one of {', '.join(sorted(types))}"
             )
         if key in fixed:
             raise UserError(f"--{key} is given as a flag and is also in the search space; drop one of the two")
         if key == "epochs" and tuner == "hyperband":
             raise UserError(
-                "search space: epochs is set by Hyperband itself (--max_epochs); drop it from the space or use --tuner=random|bayesian"
+                "search space: epochs is set by Hyperband itself (--max_epochs); drop it from the space "
+                "or use --tuner=random|bayesian"
             )
         field_type = types[key]
         if isinstance(spec, Choice):
@@ -215,9 +217,7 @@ class TuneOptions:
     trials: int = 10  # most trials to run (Hyperband: a cap; its budget is --max_epochs and --factor)
     max_epochs: int = 0  # hyperband: the largest epoch budget of a trial (0: the Config's epochs)
     factor: int = 3  # hyperband: each round keeps 1/factor of the trials, with factor x the epochs
-    initial_points: int = (
-        0  # bayesian: random trials before the Gaussian process (0: keras-tuner's, 3 per hyperparameter)
-    )
+    initial_points: int = 0  # bayesian: random trials before the Gaussian process (0: keras-tuner's, 3 per parameter)
     executions_per_trial: int = 1  # training runs per trial, seeds --seed, --seed+1, ...; the objective is their mean
     space: str = ""  # JSON file of the search space (default: the pipeline's SEARCH_SPACE)
     baseline: bool = True  # also train the configuration as given (no searched values): the table's "default" row
@@ -495,7 +495,11 @@ def write_best_config(best, search, config_class):
     fields = [f.name for f in dataclasses.fields(config_class)]
     files.write_json(
         os.path.join(search.search_dir, "best_config.json"),
-        {"pipeline": search.pipeline, **{k: run_config[k] for k in fields}},
+        {
+            "pipeline": search.pipeline,
+            "config_version": config_lib.CONFIG_VERSION,
+            **{k: run_config[k] for k in fields},
+        },
     )
 
 
@@ -621,7 +625,10 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
     role = distributed_role()
     if role == "chief":
         _check_chief_port_free()
-    report = lambda tuner: write_reports(tuner, search, space, config_class)
+
+    def report(tuner):
+        return write_reports(tuner, search, space, config_class)
+
     # Workers hold no oracle to report from: the chief writes the report when the search ends.
     tuner = make_tuner(
         tune_opts,
@@ -648,7 +655,7 @@ def tune_command(argv, *, pipeline, config_class, smoke, search_space):
     except RuntimeError as e:  # keras-tuner stops after 3 failed trials in a row
         if role is None:
             report(tuner)
-        last = next((l for l in reversed(str(e).splitlines()) if l.strip()), "")
+        last = next((line for line in reversed(str(e).splitlines()) if line.strip()), "")
         raise UserError(f"search stopped: {str(e).splitlines()[0]} Last: {last} (logs in {search.logs_dir})") from None
     if role == "worker":
         return {

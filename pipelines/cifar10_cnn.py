@@ -17,6 +17,7 @@ import dataclasses
 import strategies
 from core import config as config_lib
 from core import tuning
+from core.data import image_data
 from core.errors import UserError
 from core.tasks import image_classification
 from core.training import optim, runs, trainer
@@ -25,6 +26,7 @@ from models import cnn
 PIPELINE = "cifar10_cnn"
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (32, 32, 3)
+DATA_FORMAT = image_data.Images(IMAGE_SHAPE, CLASS_NAMES, tfds_name="cifar10")  # what --data=tfds reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +40,11 @@ class Config:
     # optimisation (airbench94's values, converted to mean-loss units)
     batch_size: int = 1024  # global, split across replicas
     epochs: int = 10  # full passes over the training split
-    learning_rate: float = (
-        1.5  # peak, per 1024 examples, scaled linearly with batch_size (airbench's 11.5 / (1 + 1/(1 - momentum)))
-    )
+    #: peak, per 1024 examples, scaled linearly with batch_size (airbench's 11.5 / (1 + 1/(1 - momentum)))
+    learning_rate: float = 1.5
     momentum: float = 0.85  # Nesterov
-    weight_decay: float = 1.33e-3  # L2 coefficient on the mean-loss gradient, through momentum (airbench's weight_decay / lr = 0.0153 / 11.5)
+    #: L2 coefficient on the mean-loss gradient, through momentum (airbench's weight_decay / lr = 0.0153 / 11.5)
+    weight_decay: float = 1.33e-3
     bias_lr_multiplier: float = 64.0  # BatchNorm biases learn this much faster (same absolute decay per step)
     label_smoothing: float = 0.2  # target mass spread over the other classes (airbench's value)
     warmup_fraction: float = 0.2  # triangular schedule: rise over this share of steps, then fall to 0
@@ -94,7 +96,7 @@ SMOKE = dict(
 )
 
 
-# Stage 1: data -----------------------------------------------------------------------------
+# Stage 1: data ----------------------------------------------------------------------------
 
 
 def augment_batch(cfg, seed, epoch=None):
@@ -104,30 +106,25 @@ def augment_batch(cfg, seed, epoch=None):
     )
 
 
-def make_datasets(cfg, run, data, strategy, epoch_counter):
-    return image_classification.make_datasets(
-        strategy,
-        data,
-        global_batch=cfg.batch_size,
-        seed=run.seed,
-        train_batch_fn=augment_batch(cfg, run.seed, epoch_counter.epoch),
-    )
+def make_datasets(run, data, epoch_counter):
+    train_batch_fn = augment_batch(run.cfg, run.opts.seed, epoch_counter.epoch)
+    return image_classification.make_datasets(run, data, train_batch_fn=train_batch_fn)
 
 
 # Stage 2: model ----------------------------------------------------------------------------
 
 
-def make_optimizer(cfg, steps_per_epoch, total_steps):
+def make_optimizer(cfg, schedule):
     """airbench's optimiser: Nesterov SGD, triangular schedule, per-group learning rates."""
     peak = strategies.scale_learning_rate(cfg.learning_rate, cfg.batch_size)
     return optim.GroupedSGD(
-        learning_rate=optim.TriangularSchedule(peak, total_steps, warmup=cfg.warmup_fraction),
+        learning_rate=optim.TriangularSchedule(peak, schedule.total_steps, warmup=cfg.warmup_fraction),
         momentum=cfg.momentum,
         nesterov=True,
         l2=cfg.weight_decay,
         groups=[
             optim.ParamGroup(r"whiten/kernel", lr_multiplier=0.0),  # fixed PCA filters
-            optim.ParamGroup(r"whiten/bias", until_step=cfg.whiten_bias_epochs * steps_per_epoch),
+            optim.ParamGroup(r"whiten/bias", until_step=cfg.whiten_bias_epochs * schedule.steps_per_epoch),
             # airbench: 64x the learning rate and 1/64 the decay coefficient, i.e. the same
             # absolute decay per step; GroupedSGD never scales decay by lr_multiplier, so 1.0.
             optim.ParamGroup(r"_bn\d/beta", lr_multiplier=cfg.bias_lr_multiplier),
@@ -135,17 +132,19 @@ def make_optimizer(cfg, steps_per_epoch, total_steps):
     )
 
 
-def make_model(cfg, run, stem_images, strategy, steps_per_epoch, total_steps):
-    """Builds and compiles the CNN under the strategy's scope (variables live on every replica)."""
-    with strategy.scope():
+def make_model(run, schedule, train_images):
+    """Builds and compiles the CNN under the strategy's scope (variables live on every replica);
+    `train_images` set the whitening stem's fixed filters."""
+    cfg = run.cfg
+    with run.strategy.scope():
         model = cnn.cnn(cfg.model, num_classes=len(CLASS_NAMES), image_shape=IMAGE_SHAPE)
-        cnn.init_whitening(model, stem_images)
+        cnn.init_whitening(model, train_images)
         model.compile(
-            optimizer=make_optimizer(cfg, steps_per_epoch, total_steps),
+            optimizer=make_optimizer(cfg, schedule),
             loss=optim.label_smoothing_loss(cfg.label_smoothing),
             metrics=["accuracy"],
-            jit_compile=run.jit_compile,
-            steps_per_execution=runs.steps_per_execution(run, strategy),
+            jit_compile=run.opts.jit_compile,
+            steps_per_execution=run.steps_per_execution,
         )
     return model
 
@@ -153,23 +152,11 @@ def make_model(cfg, run, stem_images, strategy, steps_per_epoch, total_steps):
 # Stage 3: train ----------------------------------------------------------------------------
 
 
-def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_steps, epoch_counter):
+def train(run, model, datasets, schedule, epoch_counter):
     callbacks = [epoch_counter]
-    if cfg.lookahead_every:
-        callbacks.append(optim.Lookahead(total_steps, every=cfg.lookahead_every))
-    train_ds, val_ds, validation_steps = datasets
-    return trainer.fit(
-        model,
-        train_ds,
-        val_ds,
-        validation_steps=validation_steps,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps_per_epoch,
-        run_dir=run_dir,
-        is_chief=is_chief,
-        callbacks=callbacks,
-        verbose=run.verbose,
-    )
+    if run.cfg.lookahead_every:
+        callbacks.append(optim.Lookahead(schedule.total_steps, every=run.cfg.lookahead_every))
+    return trainer.fit(run, model, datasets, schedule, callbacks=callbacks)
 
 
 # Stage 4: evaluate (`evaluate` subcommand; training ends with image_classification.save_and_report)
@@ -177,67 +164,43 @@ def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_s
 
 def evaluate_command(argv):
     """`evaluate --model=PATH --data=PATH [--tta=N]`: one JSON line with accuracy on unseen data."""
-    return image_classification.evaluate_command(
-        argv, pipeline=PIPELINE, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE
-    )
+    return image_classification.evaluate_command(argv, pipeline=PIPELINE, data_format=DATA_FORMAT)
 
 
 def compress_command(argv):
     """`compress --model=PATH --stages=prune,pqat,...`: TFMOT stages and TFLite variants, measured
-    (core/compress.py); the report goes to compress/ beside the model."""
-    return image_classification.compress_command(
-        argv, pipeline=PIPELINE, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE, tfds_name="cifar10"
-    )
+    (core/compression/); the report goes to compress/ beside the model."""
+    return image_classification.compress_command(argv, pipeline=PIPELINE, config_class=Config, data_format=DATA_FORMAT)
 
 
 # Main: the stages in order -----------------------------------------------------------------
 
 
 def main(argv):
-    run, cfg, strategy, precision, run_dir, is_chief = image_classification.start_run(
-        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE
-    )
-    data = image_classification.prepare_data(
-        cfg, run, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE, tfds_name="cifar10"
-    )
-    steps_per_epoch, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
+    run = image_classification.start_run(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE)
+    data = image_classification.prepare_data(run, DATA_FORMAT)
+    schedule = runs.Schedule.of(data.splits["train"].num_examples, run.cfg.batch_size, run.cfg.epochs)
     epoch_counter = image_classification.EpochCounter()
-    datasets = make_datasets(cfg, run, data, strategy, epoch_counter)
-    model = make_model(cfg, run, image_classification.first_train_images(data), strategy, steps_per_epoch, total_steps)
-    result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, total_steps, epoch_counter)
+    datasets = make_datasets(run, data, epoch_counter)
+    model = make_model(run, schedule, image_classification.first_train_images(data))
+    result = train(run, model, datasets, schedule, epoch_counter)
     model = trainer.unreplicated(model)  # every worker, together (a collective read)
 
-    if is_chief:
-        image_classification.save_and_report(
-            model,
-            data,
-            run_dir,
-            tta=cfg.tta,
-            evaluate_test=run.evaluate_test,
-            pipeline=PIPELINE,
-            strategy=strategy,
-            precision=precision,
-            result=result,
-            model_name=cfg.model,
-            epochs=cfg.epochs,
-            global_batch=cfg.batch_size,
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch,
-        )
-    strategies.barrier(strategy)  # workers leave together, after the chief's report
-    return run_dir
+    if run.is_chief:
+        image_classification.save_and_report(run, model, data, schedule, result)
+    strategies.barrier(run.strategy)  # workers leave together, after the chief's report
+    return run.dir
 
 
 def bench_input_command(argv):
     """`bench-input [--data=PATH]`: how fast the training input is, against the storage read bound
-    and the train step's own rate (core/input_bench.py); writes input_bench.{json,md,png}."""
+    and the train step's own rate (core/data/input_bench.py); writes input_bench.{json,md,png}."""
     return image_classification.bench_input_command(
         argv,
         pipeline=PIPELINE,
         config_class=Config,
         smoke=SMOKE,
-        class_names=CLASS_NAMES,
-        image_shape=IMAGE_SHAPE,
+        data_format=DATA_FORMAT,
         augment_batch=augment_batch,
         make_model=make_model,
     )

@@ -5,12 +5,9 @@ Run:    make train PIPELINE=cifar10_vit STRATEGY=auto
         python -m pipelines.cifar10_vit evaluate --model=runs/cifar10_vit/<name>/model.keras --data=PATH
 Try:    python -m pipelines.cifar10_vit --smoke      (seconds, synthetic data, any machine)
 Result: 81.66% validation accuracy with TTA (80.34% without) after the default 40 epochs, in
-        5965 s of fit (~100 s per epoch alone on the CPU; ~40 of those minutes shared it with
-        other jobs); 1 run, 2-core Xeon CPU, mixed_bfloat16, 2026-11-22, `make bench
-        PIPELINE=cifar10_vit RUNS=1` (BENCHMARKS.md). The goal, 85%, is not reached: the curve
-        (56.7 / 68.0 / 75.7 / 80.4% at epochs 5 / 10 / 20 / 40) is still rising at the end, so a
-        longer schedule is the next thing to try, on a GPU. How the defaults were chosen: the
-        comments in `Config`.
+        5965 s of fit; 1 run, 2-core Xeon CPU, mixed_bfloat16, 2026-11-22, `make bench
+        PIPELINE=cifar10_vit RUNS=1` (BENCHMARKS.md, with the curve and how the defaults were
+        chosen). The goal, 85%, is not reached.
 
 The model is models/transformer.image_classifier: a pre-norm ViT (base: width 128, 4 blocks,
 4 heads) whose 8 x 8 tokens come from two conv3x3 + ReLU + maxpool stages (the Compact
@@ -18,7 +15,7 @@ Convolutional Transformer's tokenizer, Hassani et al. 2021) instead of 4 x 4 pix
 `--stem= --patch_size=4` gives the plain ViT. The recipe is the usual one for ViTs on small data,
 shortened: AdamW with warm-up and cosine decay, weight decay 0.05, label smoothing 0.1, random
 crops and flips. Data, strategies, reports and `evaluate` are those of pipelines/cifar10_cnn.py
-(core/image_classification.py).
+(core/tasks/image_classification.py).
 """
 
 import dataclasses
@@ -35,16 +32,16 @@ from core.training import optim, runs, trainer
 from models import transformer
 
 PIPELINE = "cifar10_vit"
-CLASS_NAMES = image_data.CIFAR10_CLASSES
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (32, 32, 3)
+DATA_FORMAT = image_data.Images(IMAGE_SHAPE, CLASS_NAMES, tfds_name="cifar10")  # what --data=tfds reads
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     # model
     model: str = "base"  # transformer size variant (models/transformer.py): tiny | small | base | vit_small
-    # The stem is nearly free (232 vs 235 img/s for 4x4 patches, train steps at batch 512, side by
-    # side) and learns faster: 31.6% vs 26.7% val after 4 epochs of an 8,000-image subset.
+    # The stem costs about what 4x4 patches cost and learns faster (BENCHMARKS.md, "cifar10_vit").
     stem: tuple[int, ...] = (64, 128)  # channels of the conv3x3+ReLU+maxpool tokenizer stages; empty = plain ViT
     patch_size: int = 1  # patch embedding after the stem: 1 with two stem stages, 4 without (8x8 tokens either way)
     dropout: float = 0.0  # after attention, MLP and embedding; short schedules underfit, so off
@@ -54,9 +51,8 @@ class Config:
     examples_per_shard: int = 4096  # TFRecord shard size of the converted cache (12.6 MB of pixels)
     # optimisation
     batch_size: int = 512  # global, split across replicas
-    # 40 epochs (3,500 steps): ViTs need several times the CNN's 10; not yet measured end to end.
+    # ViTs need several times the CNN's 10 epochs.
     epochs: int = 40  # full passes over the training split
-    # 4e-3 learnt no faster in the short runs (30.8% vs 31.6%); longer schedules rarely want more.
     learning_rate: float = 2e-3  # AdamW peak, per 1024 examples, scaled linearly with batch_size
     weight_decay: float = 0.05  # decoupled (AdamW: w -= lr * wd * w); not on biases, norms, positions
     warmup_fraction: float = 0.1  # linear warm-up over this share of the steps, then cosine decay to 0
@@ -79,12 +75,14 @@ class Config:
             raise UserError(f"--dropout={self.dropout}: expected a number in [0, 1)")
         if any(channels <= 0 for channels in self.stem):
             raise UserError(
-                f"--stem={','.join(map(str, self.stem))}: expected positive channel counts, e.g. 64,128 (or --stem= for none)"
+                f"--stem={','.join(map(str, self.stem))}: expected positive channel counts, "
+                "e.g. 64,128 (or --stem= for none)"
             )
         side = IMAGE_SHAPE[0] // 2 ** len(self.stem)  # each stem stage halves the image
         if side < 1:
             raise UserError(
-                f"--stem={','.join(map(str, self.stem))}: {len(self.stem)} stages halve a {IMAGE_SHAPE[0]}-pixel image to nothing; expected at most 5"
+                f"--stem={','.join(map(str, self.stem))}: {len(self.stem)} stages halve a "
+                f"{IMAGE_SHAPE[0]}-pixel image to nothing; expected at most 5"
             )
         if side % self.patch_size:
             raise UserError(
@@ -136,37 +134,32 @@ def augment_batch(cfg, seed, epoch=None):
     )
 
 
-def make_datasets(cfg, run, data, strategy, epoch_counter):
-    return image_classification.make_datasets(
-        strategy,
-        data,
-        global_batch=cfg.batch_size,
-        seed=run.seed,
-        train_batch_fn=augment_batch(cfg, run.seed, epoch_counter.epoch),
-    )
+def make_datasets(run, data, epoch_counter):
+    train_batch_fn = augment_batch(run.cfg, run.opts.seed, epoch_counter.epoch)
+    return image_classification.make_datasets(run, data, train_batch_fn=train_batch_fn)
 
 
 # Stage 2: model ----------------------------------------------------------------------------
 
 
-def make_optimizer(cfg, total_steps):
+def make_optimizer(cfg, schedule):
     """AdamW, linear warm-up then cosine decay to 0 (`optim.adamw_warmup_cosine`)."""
     peak = strategies.scale_learning_rate(cfg.learning_rate, cfg.batch_size)
     return optim.adamw_warmup_cosine(
-        peak, total_steps, warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay
+        peak, schedule.total_steps, warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay
     )
 
 
-def make_model(cfg, run, train_images, strategy, steps_per_epoch, total_steps):
+def make_model(run, schedule, train_images):
     """Builds and compiles the ViT under the strategy's scope (variables live on every replica).
 
     `train_images` give the per-channel pixel mean and standard deviation the model's first
-    layer normalises with (fixed, so every worker builds the same model). `steps_per_epoch` is
-    unused; the signature matches pipelines/cifar10_cnn.make_model (tests/strategy_agreement.py).
+    layer normalises with (fixed, so every worker builds the same model).
     """
+    cfg = run.cfg
     pixels = train_images.reshape(-1, IMAGE_SHAPE[-1]).astype(np.float64)
     # + 1e-3: a channel that never varies (synthetic or tiny data) must not divide by zero
-    with strategy.scope():
+    with run.strategy.scope():
         model = transformer.image_classifier(
             cfg.model,
             image_shape=IMAGE_SHAPE,
@@ -178,11 +171,11 @@ def make_model(cfg, run, train_images, strategy, steps_per_epoch, total_steps):
             pixel_std=[float(s) for s in pixels.std(0) + 1e-3],
         )
         model.compile(
-            optimizer=make_optimizer(cfg, total_steps),
+            optimizer=make_optimizer(cfg, schedule),
             loss=optim.label_smoothing_loss(cfg.label_smoothing),
             metrics=["accuracy"],
-            jit_compile=run.jit_compile,
-            steps_per_execution=runs.steps_per_execution(run, strategy),
+            jit_compile=run.opts.jit_compile,
+            steps_per_execution=run.steps_per_execution,
         )
     return model
 
@@ -190,20 +183,8 @@ def make_model(cfg, run, train_images, strategy, steps_per_epoch, total_steps):
 # Stage 3: train ----------------------------------------------------------------------------
 
 
-def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, epoch_counter):
-    train_ds, val_ds, validation_steps = datasets
-    return trainer.fit(
-        model,
-        train_ds,
-        val_ds,
-        validation_steps=validation_steps,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps_per_epoch,
-        run_dir=run_dir,
-        is_chief=is_chief,
-        callbacks=[epoch_counter],
-        verbose=run.verbose,
-    )
+def train(run, model, datasets, schedule, epoch_counter):
+    return trainer.fit(run, model, datasets, schedule, callbacks=[epoch_counter])
 
 
 # Stage 4: evaluate (`evaluate` subcommand; training ends with image_classification.save_and_report)
@@ -211,67 +192,43 @@ def train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, epoch_c
 
 def evaluate_command(argv):
     """`evaluate --model=PATH --data=PATH [--tta=N]`: one JSON line with accuracy on unseen data."""
-    return image_classification.evaluate_command(
-        argv, pipeline=PIPELINE, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE
-    )
+    return image_classification.evaluate_command(argv, pipeline=PIPELINE, data_format=DATA_FORMAT)
 
 
 def compress_command(argv):
     """`compress --model=PATH --stages=prune,pqat,...`: TFMOT stages and TFLite variants, measured
-    (core/compress.py); the report goes to compress/ beside the model."""
-    return image_classification.compress_command(
-        argv, pipeline=PIPELINE, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE, tfds_name="cifar10"
-    )
+    (core/compression/); the report goes to compress/ beside the model."""
+    return image_classification.compress_command(argv, pipeline=PIPELINE, config_class=Config, data_format=DATA_FORMAT)
 
 
 # Main: the stages in order -----------------------------------------------------------------
 
 
 def main(argv):
-    run, cfg, strategy, precision, run_dir, is_chief = image_classification.start_run(
-        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE
-    )
-    data = image_classification.prepare_data(
-        cfg, run, class_names=CLASS_NAMES, image_shape=IMAGE_SHAPE, tfds_name="cifar10"
-    )
-    steps_per_epoch, total_steps = optim.steps_for(data.splits["train"].num_examples, cfg.batch_size, cfg.epochs)
+    run = image_classification.start_run(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE)
+    data = image_classification.prepare_data(run, DATA_FORMAT)
+    schedule = runs.Schedule.of(data.splits["train"].num_examples, run.cfg.batch_size, run.cfg.epochs)
     epoch_counter = image_classification.EpochCounter()
-    datasets = make_datasets(cfg, run, data, strategy, epoch_counter)
-    model = make_model(cfg, run, image_classification.first_train_images(data), strategy, steps_per_epoch, total_steps)
-    result = train(cfg, run, model, datasets, run_dir, is_chief, steps_per_epoch, epoch_counter)
+    datasets = make_datasets(run, data, epoch_counter)
+    model = make_model(run, schedule, image_classification.first_train_images(data))
+    result = train(run, model, datasets, schedule, epoch_counter)
     model = trainer.unreplicated(model)  # every worker, together (a collective read)
 
-    if is_chief:
-        image_classification.save_and_report(
-            model,
-            data,
-            run_dir,
-            tta=cfg.tta,
-            evaluate_test=run.evaluate_test,
-            pipeline=PIPELINE,
-            strategy=strategy,
-            precision=precision,
-            result=result,
-            model_name=cfg.model,
-            epochs=cfg.epochs,
-            global_batch=cfg.batch_size,
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch,
-        )
-    strategies.barrier(strategy)  # workers leave together, after the chief's report
-    return run_dir
+    if run.is_chief:
+        image_classification.save_and_report(run, model, data, schedule, result)
+    strategies.barrier(run.strategy)  # workers leave together, after the chief's report
+    return run.dir
 
 
 def bench_input_command(argv):
     """`bench-input [--data=PATH]`: how fast the training input is, against the storage read bound
-    and the train step's own rate (core/input_bench.py); writes input_bench.{json,md,png}."""
+    and the train step's own rate (core/data/input_bench.py); writes input_bench.{json,md,png}."""
     return image_classification.bench_input_command(
         argv,
         pipeline=PIPELINE,
         config_class=Config,
         smoke=SMOKE,
-        class_names=CLASS_NAMES,
-        image_shape=IMAGE_SHAPE,
+        data_format=DATA_FORMAT,
         augment_batch=augment_batch,
         make_model=make_model,
     )

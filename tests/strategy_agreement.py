@@ -23,6 +23,7 @@ import tf_keras as keras
 import strategies
 from core import config as config_lib
 from core.errors import UserError
+from core.training import runs
 from pipelines import cifar10_cnn, cifar10_vit, imdb_transformer
 
 GLOBAL_BATCH = 64
@@ -33,7 +34,14 @@ PIPELINES = {
     "cifar10_vit": (cifar10_vit, dict(model="tiny", stem=(8,), patch_size=4, learning_rate=0.5)),
     "imdb_transformer": (
         imdb_transformer,
-        dict(model="tiny", vocab_size=500, max_length=32, bigram_buckets=256, dropout=0.0, learning_rate=0.05),
+        dict(
+            model="tiny",
+            vocab_size=500,
+            max_length=32,
+            bigram_buckets=256,
+            dropout=0.0,
+            learning_rate=0.05 * 1024 / GLOBAL_BATCH,
+        ),
     ),
 }
 TEXT_PIPELINES = ("imdb_transformer",)
@@ -51,10 +59,11 @@ def fixed_data(name, rng):
     return images, tf.one_hot(rng.integers(0, 10, GLOBAL_BATCH * STEPS), 10)
 
 
-def build_model(name, pipeline, cfg, run, inputs, strategy):
+def build_model(name, pipeline, run, inputs):
+    schedule = runs.Schedule(epochs=STEPS, global_batch=GLOBAL_BATCH, steps_per_epoch=1, total_steps=STEPS)
     if name in TEXT_PIPELINES:
-        return pipeline.make_model(cfg, run, strategy, total_steps=STEPS)
-    return pipeline.make_model(cfg, run, inputs[:256], strategy, steps_per_epoch=1, total_steps=STEPS)
+        return pipeline.make_model(run, schedule)
+    return pipeline.make_model(run, schedule, inputs[:256])
 
 
 def main(argv):
@@ -77,7 +86,8 @@ def main(argv):
         return ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id).repeat()
 
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    model = build_model(name, pipeline, cfg, run, inputs, strategy)
+    run = runs.Run(name, run, cfg, strategy, "float32", dir="", is_chief=True)
+    model = build_model(name, pipeline, run, inputs)
     history = model.fit(dataset, epochs=STEPS, steps_per_epoch=1, verbose=0)
     print(
         json.dumps(

@@ -84,8 +84,10 @@ def test_invalid_chains_are_refused_with_the_reason(chain, message):
 
 def test_small_layers_are_left_alone():
     model = cnn.cnn("tiny")
-    compressible = [l.name for l in model.layers if stages.is_compressible(l)]
-    assert "block1_conv1" in compressible and "logits" not in {l.name for l in model.layers if l.name in compressible}
+    compressible = [layer.name for layer in model.layers if stages.is_compressible(layer)]
+    assert "block1_conv1" in compressible and "logits" not in {
+        layer.name for layer in model.layers if layer.name in compressible
+    }
     assert all(model.get_layer(name).kernel.shape.num_elements() >= stages.MIN_WEIGHTS for name in compressible)
 
 
@@ -97,7 +99,7 @@ def test_prune_reaches_the_target_in_every_kernel(target):
     assert len(kernels) == 6
     for name, kernel in kernels.items():
         assert (kernel == 0).mean() == pytest.approx(target, abs=0.01), name
-    assert not any("prune" in l.name for l in pruned.layers)  # stripped
+    assert not any("prune" in layer.name for layer in pruned.layers)  # stripped
 
 
 def test_prune_2x4_zeroes_two_of_every_four_input_weights():
@@ -350,7 +352,7 @@ def test_imdb_compress_refuses_an_image_model(tmp_path):
     from tests.helpers import smoke_run
 
     run_dir = smoke_run(tmp_path, "cifar10_cnn")
-    with pytest.raises(UserError, match="not an imdb_transformer model") as error:
+    with pytest.raises(UserError, match="not a text classifier of this repository") as error:
         imdb_transformer.compress_command([f"--model={run_dir}/model.keras", "--stages=ptq_int8"])
     assert "\n" not in str(error.value)
 

@@ -118,3 +118,27 @@ def test_a_runs_config_json_replays_it(tmp_path):
     assert replayed == [run, cfg]
     with pytest.raises(UserError, match="written for pipeline 'cifar10_cnn'; expected one for 'imdb'"):
         config_lib.parse_flags([f"--config={path}"], CLASSES, pipeline="imdb")
+
+
+def test_a_version_1_imdb_config_has_its_raw_learning_rate_converted(tmp_path):
+    from pipelines import imdb_transformer
+
+    classes = [config_lib.RunOptions, imdb_transformer.Config]
+    old = tmp_path / "old.json"  # written before learning rates were per 1024 examples
+    old.write_text(json.dumps({"pipeline": "imdb_transformer", "batch_size": 32, "learning_rate": 0.003}))
+    _, cfg = config_lib.parse_flags([f"--config={old}"], classes, pipeline="imdb_transformer")
+    assert cfg.learning_rate == pytest.approx(0.003 * 1024 / 32)
+    shipped = "docs/tune_imdb_transformer/best_config.json"  # converted, version 2: read as it is
+    _, cfg = config_lib.parse_flags([f"--config={shipped}"], classes, pipeline="imdb_transformer")
+    assert cfg.learning_rate == json.load(open(shipped))["learning_rate"]
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps({"config_version": 9, "learning_rate": 0.1}))
+    with pytest.raises(UserError, match="config_version 9; expected 1 to 2"):
+        config_lib.parse_flags([f"--config={future}"], classes, pipeline="imdb_transformer")
+
+
+def test_image_configs_of_version_1_already_meant_per_1024(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"pipeline": "cifar10_cnn", "learning_rate": 2.0}))
+    _, cfg = config_lib.parse_flags([f"--config={old}"], CLASSES, pipeline="cifar10_cnn")
+    assert cfg.learning_rate == 2.0

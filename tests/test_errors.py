@@ -39,7 +39,8 @@ def test_tensorflows_full_disk_error_gives_the_path_it_names():
     error = tf.errors.ResourceExhaustedError(
         None,
         None,
-        "{{function_node __wrapped__SaveV2}} /runs/x/backup/ckpt-3_temp/part-0.data; No space left on device [Op:SaveV2]",
+        "{{function_node __wrapped__SaveV2}} /runs/x/backup/ckpt-3_temp/part-0.data; "
+        "No space left on device [Op:SaveV2]",
     )
     assert _line(error).startswith(
         "disk full (No space left on device) writing /runs/x/backup/ckpt-3_temp/part-0.data; "
@@ -67,7 +68,8 @@ def test_a_lost_peer_is_named_only_in_a_multi_worker_job(monkeypatch, tf_config,
     line = _line(error)
     if expected:
         assert line.startswith(
-            "another worker of this multi-worker job stopped (UnavailableError: Collective ops is aborted by: recvmsg:Connection reset by peer); restart every worker"
+            "another worker of this multi-worker job stopped (UnavailableError: Collective ops is aborted by: "
+            "recvmsg:Connection reset by peer); restart every worker"
         )
     else:
         assert line is None  # a one-process gs:// read that saw a reset is not a lost worker

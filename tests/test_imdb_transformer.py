@@ -10,6 +10,7 @@ import pytest
 import tf_keras as keras
 
 from core import config as config_lib
+from core.tasks import text_classification
 from pipelines import imdb_transformer
 from tests import helpers
 from tests.helpers import last_json_line, run_module
@@ -136,10 +137,10 @@ def test_tpu_batches_have_one_fully_static_shape():
         lambda: ((np.arange(1, n + 1, dtype=np.int64), np.int64(n % 2)) for n in lengths),
         output_signature=(tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64)),
     )
-    static = imdb_transformer.fixed_length(64)(reviews, 4, True)
+    static = text_classification.fixed_length(64)(reviews, 4, True)
     assert static.element_spec[0].shape.as_list() == [4, 64]
     batches = list(static.as_numpy_iterator())
     assert [ids.shape for ids, _ in batches] == [(4, 64), (4, 64)]
     assert (batches[0][0][1][:17] == np.arange(1, 18)).all() and (batches[0][0][1][17:] == 0).all()
-    dynamic = imdb_transformer.padded(reviews, 4, True)
+    dynamic = text_classification.padded(reviews, 4, True)
     assert dynamic.element_spec[0].shape.as_list() == [4, None]

@@ -13,6 +13,8 @@ import tensorflow as tf
 
 from core.data import image_data, input_bench, input_pipeline, records
 from core.data.input_pipeline import InputKnobs
+from core.tasks import text_classification
+from core.training import runs
 from tests.helpers import last_json_line, run_module
 
 EXAMPLES = 96
@@ -118,14 +120,17 @@ def test_token_id_format_equals_tokenizing_the_text(tmp_path):
     )
     from core import config as config_lib
 
-    run = config_lib.RunOptions(data="synthetic", cache_dir=str(tmp_path / "cache"))
-    task = imdb_transformer.bench_input_task(cfg, run)
+    opts = config_lib.RunOptions(data="synthetic", cache_dir=str(tmp_path / "cache"))
+    run = runs.Run("imdb_transformer", opts, cfg, None, "float32", str(tmp_path), True)
+    task = text_classification.bench_input_task(
+        run, data_format=imdb_transformer.DATA_FORMAT, make_model=imdb_transformer.make_model
+    )
     (token_ids,) = task.other_formats
     files = input_bench.rewrite_cache(task, tmp_path / "ids", examples_per_shard=64, stored=token_ids)
     from_text = list(tf.data.TFRecordDataset(list(task.files)).map(task.parse).as_numpy_iterator())
     from_ids = list(tf.data.TFRecordDataset(list(files)).map(token_ids.parse).as_numpy_iterator())
     assert len(from_text) == len(from_ids) == task.num_examples
-    for (ids_a, label_a), (ids_b, label_b) in zip(from_text, from_ids):
+    for (ids_a, label_a), (ids_b, label_b) in zip(from_text, from_ids, strict=False):
         np.testing.assert_array_equal(ids_a, ids_b)
         assert label_a == label_b
 
@@ -140,7 +145,7 @@ def test_simulated_remote_storage_delays_every_open_and_caps_bandwidth(tmp_path)
     ds = input_pipeline.make_dataset(
         files, batch_size=8, training=True, parse_fn=_parse_id, repeat=False, num_examples=EXAMPLES, knobs=knobs
     )
-    for epoch in range(2):
+    for _epoch in range(2):
         assert collections.Counter(int(i) for ids, _ in ds for i in ids.numpy()) == ALL_IDS
     assert remote.opens == 2 * len(files)  # no cache: every epoch opens every file again
     total_bytes = sum(tf.io.gfile.stat(f).length for f in files)
@@ -310,20 +315,23 @@ def test_vectorized_parse_gives_what_parsing_one_record_at_a_time_gives(tmp_path
         if k in {f.name for f in dataclasses.fields(imdb_transformer.Config)}
     }
     cfg = imdb_transformer.Config(**smoke)
-    data = imdb_transformer.prepare_data(cfg, config_lib.RunOptions(data="synthetic", cache_dir=str(tmp_path)))
-    vectorizer = imdb_transformer.fit_tokenizer(cfg, data)
+    run = runs.Run(
+        "t", config_lib.RunOptions(data="synthetic", cache_dir=str(tmp_path)), cfg, None, "float32", "", True
+    )
+    data = text_classification.prepare_data(run, imdb_transformer.DATA_FORMAT)
+    vectorizer = text_classification.fit_tokenizer(cfg, data)
     from models.text_preprocessing import HeadTailTruncate
 
     truncate = HeadTailTruncate(cfg.max_length)
     files = data.splits["train"].files
     args = (
         files,
-        imdb_transformer.tokenized(vectorizer, truncate),
-        imdb_transformer.tokenized_batch(vectorizer, truncate),
+        text_classification.tokenized(vectorizer, truncate),
+        text_classification.tokenized_batch(vectorizer, truncate),
     )
     one_by_one, vectorized = _in_order(*args, False), _in_order(*args, True)
     assert len(one_by_one) == len(vectorized) == data.splits["train"].num_examples
-    for (ids_a, label_a), (ids_b, label_b) in zip(one_by_one, vectorized):
+    for (ids_a, label_a), (ids_b, label_b) in zip(one_by_one, vectorized, strict=False):
         np.testing.assert_array_equal(ids_a, ids_b)  # same length too: no padding left on a row
         assert label_a == label_b
 
@@ -335,7 +343,7 @@ def test_vectorized_parse_gives_what_parsing_one_record_at_a_time_gives(tmp_path
     )
     one_by_one, vectorized = _in_order(*args, False), _in_order(*args, True)
     assert len(one_by_one) == len(vectorized) == images.splits["train"].num_examples
-    for (a, label_a), (b, label_b) in zip(one_by_one, vectorized):
+    for (a, label_a), (b, label_b) in zip(one_by_one, vectorized, strict=False):
         np.testing.assert_array_equal(a, b)
         assert label_a == label_b
 

@@ -76,7 +76,7 @@ def test_augmentation_is_a_flip_and_a_reflect_padded_shift():
     images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     out = _augment(images, flip="random", translate=2)
     padded = np.pad(images, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
-    for original, padded_one, augmented in zip(images, padded, out):
+    for original, padded_one, augmented in zip(images, padded, out, strict=False):
         candidates = [padded_one[dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5)]
         candidates += [
             np.pad(original[:, ::-1], [(2, 2), (2, 2), (0, 0)], mode="reflect")[dy : dy + 32, dx : dx + 32]
@@ -93,8 +93,8 @@ def test_alternating_flip_flips_each_image_in_exactly_one_of_two_epochs():
     even = _augment(images, epoch=epoch, flip="alternate", translate=0)
     epoch.assign(1)
     odd = _augment(images, epoch=epoch, flip="alternate", translate=0)
-    flipped_even = np.array([not np.array_equal(a, b) for a, b in zip(even, images)])
-    flipped_odd = np.array([not np.array_equal(a, b) for a, b in zip(odd, images)])
+    flipped_even = np.array([not np.array_equal(a, b) for a, b in zip(even, images, strict=False)])
+    flipped_odd = np.array([not np.array_equal(a, b) for a, b in zip(odd, images, strict=False)])
     assert np.all(flipped_even ^ flipped_odd)  # every image flipped in exactly one parity
     assert 0.25 < flipped_even.mean() < 0.75  # about half each epoch
 

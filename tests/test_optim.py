@@ -13,7 +13,7 @@ def _one_step(groups, l2=0.0, steps=1, lr=0.1):
     opt = optim.GroupedSGD(learning_rate=lr, momentum=0.0, nesterov=False, l2=l2, groups=groups)
     ones = [tf.ones_like(v) for v in model.trainable_variables]
     for _ in range(steps):
-        opt.apply_gradients(zip(ones, model.trainable_variables))
+        opt.apply_gradients(zip(ones, model.trainable_variables, strict=False))
     return {v.name: v.numpy() - before[v.name] for v in model.trainable_variables}, before
 
 
@@ -48,7 +48,7 @@ def test_lookahead_ends_on_the_slow_weights():
     x, y = np.ones((8, 3), np.float32), np.zeros((8, 1), np.float32)
     lookahead = optim.Lookahead(total_steps=8, every=2)
     model.fit(x, y, batch_size=1, epochs=1, verbose=0, callbacks=[lookahead])
-    for slow, fast in zip(lookahead._slow, model.weights):
+    for slow, fast in zip(lookahead._slow, model.weights, strict=False):
         np.testing.assert_allclose(slow.numpy(), fast.numpy())
 
 

@@ -3,6 +3,8 @@
 Run: .venv/bin/python -m pytest tests/test_text_data.py -q   (25 tests, about 6 s on 2 CPU cores)
 """
 
+import csv
+import functools
 import json
 import os
 import shutil
@@ -12,9 +14,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from core.data import text_data
+from core.data import records, text_data
 from core.errors import UserError
 from tests.test_image_data import _tar, _write_tar  # tar writers shared with the image tests
+
+CLASS_NAMES = ("neg", "pos")  # IMDB's, as the pipeline names them
+FORMAT = text_data.Texts(CLASS_NAMES)
+prepare = functools.partial(text_data.prepare, class_names=CLASS_NAMES)
 
 # What real reviews hold and a careless reader would change: paragraph tags, accents, quotes, an
 # emoji, a trailing newline, a Windows line end.
@@ -25,7 +31,7 @@ def _write_reviews(root, per_class=4, split="train", seed=0):
     """root/<split>/{pos,neg}/<i>_<rating>.txt, as aclImdb names them; returns {text: class}."""
     rng = np.random.default_rng(seed)
     written = {}
-    for cls in text_data.CLASS_NAMES:
+    for cls in CLASS_NAMES:
         os.makedirs(os.path.join(root, split or "", cls), exist_ok=True)
         for i in range(per_class):
             text = f"{split} {cls} review {i} {rng.integers(10**6)}: {ODD_TEXTS[i % len(ODD_TEXTS)]}"
@@ -68,7 +74,7 @@ def _assert_round_trip(data, written, splits=("train", "val")):
 def test_acl_imdb_folder_round_trips_exact_texts_and_labels(tmp_path):
     written = _write_acl_imdb(tmp_path / "download" / "aclImdb", per_class=10)
     source = str(tmp_path / "download")  # a folder holding aclImdb/, as after un-tarring
-    data = text_data.prepare(source, cache_root=str(tmp_path / "cache"))
+    data = prepare(source, cache_root=str(tmp_path / "cache"))
     assert data.class_names == ("neg", "pos") and data.source == f"folder {source}"
     assert {s: data.splits[s].num_examples for s in data.splits} == {"train": 18, "val": 2, "test": 20}
     _assert_round_trip(data, written["train"])
@@ -81,8 +87,8 @@ def test_acl_imdb_folder_round_trips_exact_texts_and_labels(tmp_path):
 def test_tar_gz_holds_the_same_records_as_the_folder(tmp_path):
     written = _write_acl_imdb(tmp_path / "aclImdb")
     archive = _tar(tmp_path / "aclImdb", str(tmp_path / "aclImdb_v1.tar.gz"), "aclImdb")
-    from_tar = text_data.prepare(archive, cache_root=str(tmp_path / "cache"))
-    from_folder = text_data.prepare(str(tmp_path / "aclImdb"), cache_root=str(tmp_path / "cache"))
+    from_tar = prepare(archive, cache_root=str(tmp_path / "cache"))
+    from_folder = prepare(str(tmp_path / "aclImdb"), cache_root=str(tmp_path / "cache"))
     assert from_tar.source == f"tar.gz {archive}" and from_tar.cache_dir != from_folder.cache_dir
     _assert_round_trip(from_tar, written["train"])
     _assert_round_trip(from_tar, written["test"], splits=("test",))
@@ -94,21 +100,19 @@ def test_tar_gz_holds_the_same_records_as_the_folder(tmp_path):
 
 def test_pos_neg_folder_is_one_split_carved_for_training_and_whole_for_evaluation(tmp_path):
     written = _write_reviews(tmp_path / "reviews", per_class=5, split=None)
-    data = text_data.prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), val_fraction=0.2)
+    data = prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), val_fraction=0.2)
     assert {s: data.splits[s].num_examples for s in data.splits} == {"train": 8, "val": 2}
     _assert_round_trip(data, written)
-    ((split, (texts, labels)),) = text_data.read_source_texts(str(tmp_path / "reviews")).items()
+    ((split, (texts, labels)),) = text_data.read_source_texts(str(tmp_path / "reviews"), FORMAT).items()
     assert split == "train" and sorted(texts) == sorted(written)
-    assert [text_data.CLASS_NAMES[label] for label in labels] == [written[text] for text in texts]
+    assert [CLASS_NAMES[label] for label in labels] == [written[text] for text in texts]
 
 
 def test_val_carve_is_per_class_sized_and_depends_only_on_seed(tmp_path):
     written = _write_reviews(tmp_path / "reviews", per_class=10, split=None)
 
     def val(seed):
-        data = text_data.prepare(
-            str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), val_fraction=0.3, seed=seed
-        )
+        data = prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), val_fraction=0.3, seed=seed)
         assert (data.splits["train"].num_examples, data.splits["val"].num_examples) == (14, 6)
         texts, labels = text_data.read_texts(data.splits["val"])
         assert np.bincount(labels).tolist() == [3, 3]
@@ -120,9 +124,7 @@ def test_val_carve_is_per_class_sized_and_depends_only_on_seed(tmp_path):
 
 def test_max_examples_caps_each_split_before_the_carve(tmp_path):
     _write_acl_imdb(tmp_path / "aclImdb", per_class=6)
-    data = text_data.prepare(
-        str(tmp_path / "aclImdb"), cache_root=str(tmp_path / "cache"), max_examples=5, val_fraction=0.25
-    )
+    data = prepare(str(tmp_path / "aclImdb"), cache_root=str(tmp_path / "cache"), max_examples=5, val_fraction=0.25)
     sizes = {s: data.splits[s].num_examples for s in data.splits}
     assert sizes["train"] + sizes["val"] == 5 and sizes["test"] == 5
 
@@ -130,21 +132,21 @@ def test_max_examples_caps_each_split_before_the_carve(tmp_path):
 def test_second_prepare_reuses_cache_without_reading_source(tmp_path, monkeypatch):
     _write_acl_imdb(tmp_path / "aclImdb")
     archive = _tar(tmp_path / "aclImdb", str(tmp_path / "imdb.tar.gz"), "aclImdb")
-    first = text_data.prepare(archive, cache_root=str(tmp_path / "cache"))
+    first = prepare(archive, cache_root=str(tmp_path / "cache"))
     # Same size and mtime but garbage inside: only a reader of the content would notice.
     stat = os.stat(archive)
     with open(archive, "r+b") as f:
         f.write(b"\0" * stat.st_size)
     os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("source was opened"))
-    assert text_data.prepare(archive, cache_root=str(tmp_path / "cache")) == first
+    assert prepare(archive, cache_root=str(tmp_path / "cache")) == first
     assert os.listdir(tmp_path / "cache") == [os.path.basename(first.cache_dir)]
 
 
 def test_tfds_source_writes_train_val_and_test(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=12):
-        data = text_data.prepare("tfds", cache_root=str(tmp_path), val_fraction=0.25)
+        data = prepare("tfds", cache_root=str(tmp_path), val_fraction=0.25)
     assert data.source == "tfds:imdb_reviews" and data.class_names == ("neg", "pos")
     assert data.splits["train"].num_examples + data.splits["val"].num_examples == 12
     assert data.splits["test"].num_examples == 12
@@ -159,26 +161,26 @@ def test_tfds_that_cannot_download_points_to_offline_data(tmp_path, monkeypatch)
 
     monkeypatch.setattr(tfds, "load", offline)
     with pytest.raises(UserError, match=r"tfds:imdb_reviews: cannot download .* \(ConnectionError: .*--data=PATH"):
-        text_data.prepare("tfds", cache_root=str(tmp_path))
+        prepare("tfds", cache_root=str(tmp_path))
     assert not any(tmp_path.iterdir())  # no half-written cache left behind
 
 
 def test_synthetic_reviews_are_deterministic_balanced_and_carry_their_label(tmp_path):
-    texts, labels = text_data.read_source_texts("synthetic")["train"]
-    again_texts, again_labels = text_data.read_source_texts("synthetic")["train"]
+    texts, labels = text_data.read_source_texts("synthetic", FORMAT)["train"]
+    again_texts, again_labels = text_data.read_source_texts("synthetic", FORMAT)["train"]
     assert texts == again_texts and np.array_equal(labels, again_labels)
     assert len(texts) == 512 and np.bincount(labels).tolist() == [256, 256]
     neg_words, pos_words = map(set, text_data.SYNTHETIC_SENTIMENT_WORDS)
-    for text, label in zip(texts, labels):
+    for text, label in zip(texts, labels, strict=True):
         words = set(text.replace("<br />", " ").replace(".", " ").lower().split())
         assert words & (pos_words if label else neg_words) and not words & (neg_words if label else pos_words)
-    data = text_data.prepare("synthetic", cache_root=str(tmp_path))
+    data = prepare("synthetic", cache_root=str(tmp_path))
     assert {s: data.splits[s].num_examples for s in data.splits} == {"train": 460, "val": 52, "test": 128}
-    assert data.source == "synthetic" and os.path.basename(data.cache_dir).startswith("synthetic_text-")
+    assert data.source == "synthetic" and os.path.basename(data.cache_dir).startswith("synthetic-text-")
 
 
 def test_parse_example_gives_string_text_and_int64_label_eagerly():
-    serialized = tf.constant(text_data.records.serialize_example({"text": "café".encode(), "label": 1}))
+    serialized = tf.constant(records.serialize_example({"text": "café".encode(), "label": 1}))
     text, label = text_data.parse_example(serialized)
     assert text.dtype == tf.string and text.shape == () and text.numpy().decode("utf-8") == "café"
     assert label.dtype == tf.int64 and int(label) == 1
@@ -194,7 +196,7 @@ def test_skip_corrupt_leaves_out_non_utf8_reviews_and_counts_them(tmp_path, caps
     source = (
         _tar(tmp_path / "aclImdb", str(tmp_path / "imdb.tar.gz"), "aclImdb") if archived else str(tmp_path / "aclImdb")
     )
-    data = text_data.prepare(source, cache_root=str(tmp_path / "cache"), skip_corrupt=True)
+    data = prepare(source, cache_root=str(tmp_path / "cache"), skip_corrupt=True)
     assert data.skipped_corrupt == 1
     _assert_round_trip(data, written["train"])  # the 8 UTF-8 reviews, across train and val
     _assert_round_trip(data, written["test"], splits=("test",))
@@ -211,10 +213,10 @@ def test_non_utf8_review_without_skip_corrupt_names_it_and_the_flag(tmp_path):
     _write_reviews(tmp_path / "reviews", split=None)
     (tmp_path / "reviews" / "pos" / "9_9.txt").write_bytes(b"\xff")
     with pytest.raises(UserError, match=r"pos/9_9.txt: not UTF-8 text .*; or pass --skip_corrupt"):
-        text_data.prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"))
+        prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"))
     # evaluate reads the source whole and has no such flag: its error must not offer it.
     with pytest.raises(UserError) as error:
-        text_data.read_source_texts(str(tmp_path / "reviews"))
+        text_data.read_source_texts(str(tmp_path / "reviews"), FORMAT)
     assert "9_9.txt" in str(error.value) and "--skip_corrupt" not in str(error.value)
 
 
@@ -223,7 +225,7 @@ def test_skip_corrupt_class_of_only_non_utf8_reviews_is_a_one_line_error(tmp_pat
     for name in os.listdir(tmp_path / "reviews" / "pos"):
         (tmp_path / "reviews" / "pos" / name).write_bytes(b"\xff\xfe")
     with pytest.raises(UserError) as error:
-        text_data.prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), skip_corrupt=True)
+        prepare(str(tmp_path / "reviews"), cache_root=str(tmp_path / "cache"), skip_corrupt=True)
     message = str(error.value)
     assert (
         "reviews/pos/: all 2 records are corrupt and were skipped (--skip_corrupt)" in message and "\n" not in message
@@ -238,7 +240,7 @@ def _bad_missing(tmp):
 
 
 def _bad_unknown_source_string(tmp):
-    return "imdb", "imdb: no such file or folder; expected an aclImdb folder"
+    return "imdb", "imdb: no such file or folder; expected a folder of class folders"
 
 
 def _bad_empty_folder(tmp):
@@ -261,19 +263,19 @@ def _bad_non_utf8_review(tmp):
 def _bad_class_folder(tmp):
     _write_acl_imdb(tmp / "aclImdb")
     os.makedirs(tmp / "aclImdb" / "train" / "funny")
-    return str(tmp / "aclImdb"), "train/funny/: class folder other than pos/ and neg/"
+    return str(tmp / "aclImdb"), "train/funny/: class folder other than neg/ and pos/"
 
 
 def _bad_lone_class_folder(tmp):
     os.makedirs(tmp / "reviews" / "funny")
     (tmp / "reviews" / "funny" / "0_9.txt").write_text("great")
-    return str(tmp / "reviews"), "reviews/funny/: class folder other than pos/ and neg/"
+    return str(tmp / "reviews"), "reviews/funny/: class folder other than neg/ and pos/"
 
 
 def _bad_missing_class(tmp):
     _write_acl_imdb(tmp / "aclImdb")
     shutil.rmtree(tmp / "aclImdb" / "test" / "neg")
-    return str(tmp / "aclImdb"), "test: no neg/ folder; expected both pos/ and neg/"
+    return str(tmp / "aclImdb"), "test: no neg/ folder; expected neg/ and pos/"
 
 
 def _bad_empty_class_folder_in_tar(tmp):
@@ -315,8 +317,28 @@ def _bad_unsafe_tar_member(tmp):
 
 
 def _bad_plain_file(tmp):
+    (tmp / "reviews.parquet").write_bytes(b"PAR1")
+    return str(tmp / "reviews.parquet"), "reviews.parquet: not a folder, a .tar.gz/.tgz/.tar archive or a .csv/.jsonl"
+
+
+def _bad_unknown_label(tmp):
+    (tmp / "reviews.csv").write_text("text,label\nfine,pos\nmeh,neutral\n")
+    return str(tmp / "reviews.csv"), "reviews.csv:3: label 'neutral' is not a class; expected one of neg, pos"
+
+
+def _bad_missing_column(tmp):
+    (tmp / "reviews.csv").write_text("review,label\nfine,pos\n")
+    return str(tmp / "reviews.csv"), "reviews.csv:2: no 'text' column (found ['review', 'label'])"
+
+
+def _bad_jsonl_line(tmp):
+    (tmp / "reviews.jsonl").write_text('{"text": "fine", "label": "pos"}\n{"text": oops}\n')
+    return str(tmp / "reviews.jsonl"), "reviews.jsonl:2: not a JSON object"
+
+
+def _bad_header_only_csv(tmp):
     (tmp / "reviews.csv").write_text("text,label\n")
-    return str(tmp / "reviews.csv"), "reviews.csv: not a folder or a .tar.gz/.tgz/.tar archive; expected an aclImdb"
+    return str(tmp / "reviews.csv"), "reviews.csv: no rows; expected rows with a 'text' and a 'label' column"
 
 
 @pytest.mark.parametrize(
@@ -337,12 +359,49 @@ def _bad_plain_file(tmp):
         _bad_not_an_archive,
         _bad_unsafe_tar_member,
         _bad_plain_file,
+        _bad_unknown_label,
+        _bad_missing_column,
+        _bad_jsonl_line,
+        _bad_header_only_csv,
     ],
 )
 def test_bad_input_gives_one_line_user_error_naming_it(tmp_path, make_bad):
     source, expected = make_bad(tmp_path)
     with pytest.raises(UserError) as error:
-        text_data.prepare(source, cache_root=str(tmp_path / "cache"))
+        prepare(source, cache_root=str(tmp_path / "cache"))
     message = str(error.value)
     assert expected in message and "\n" not in message
     assert not os.path.exists(tmp_path / "cache") or os.listdir(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_table_of_text_and_label_columns_is_one_split_labelled_by_class_name(tmp_path, suffix):
+    classes = ("billing", "bug", "praise")
+    rows = [{"text": f'ticket {i}, with a comma and "quotes"\n', "label": classes[i % 3], "id": i} for i in range(30)]
+    path = tmp_path / f"tickets{suffix}"
+    if suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, ["id", "text", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    data = text_data.prepare(str(path), cache_root=str(tmp_path / "cache"), class_names=classes, val_fraction=0.2)
+    assert data.class_names == classes and data.source == f"table {path}"
+    assert {s: data.splits[s].num_examples for s in data.splits} == {"train": 24, "val": 6}
+    texts, labels = text_data.read_texts(data.splits["val"])
+    assert np.bincount(labels).tolist() == [2, 2, 2]
+    expected = {row["text"]: classes.index(row["label"]) for row in rows}
+    assert all(expected[text] == label for text, label in zip(texts, labels, strict=True))
+
+
+def test_class_folders_take_the_pipelines_class_names(tmp_path):
+    for name in ("a", "b", "c"):
+        os.makedirs(tmp_path / "texts" / name)
+        for i in range(10):
+            (tmp_path / "texts" / name / f"{i}.txt").write_text(f"{name} text {i}")
+    data = text_data.prepare(str(tmp_path / "texts"), cache_root=str(tmp_path / "cache"), class_names=("c", "a", "b"))
+    texts, labels = text_data.read_texts(data.splits["train"])
+    assert all(text.startswith(("c", "a", "b")[label]) for text, label in zip(texts, labels, strict=True))
+    with pytest.raises(UserError, match="texts/c/: class folder other than a/ and b/"):
+        text_data.prepare(str(tmp_path / "texts"), cache_root=str(tmp_path / "cache"), class_names=("a", "b"))

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from core.training import trainer
+from core import config as config_lib
+from core.training import runs, trainer
 from tests.helpers import run_module
 
 
@@ -40,17 +41,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(
         trainer.TrainingDiverged,
         match=r"NaN/inf at epoch 3, step 1; the last finite weights are in .*checkpoints/latest",
     ):
-        trainer.fit(
-            model,
-            ds,
-            ds.take(2),
-            epochs=5,
-            steps_per_epoch=8,
-            run_dir=str(tmp_path),
-            is_chief=True,
-            callbacks=[PoisonWeightsAfter(1)],
-            verbose=0,
-        )
+        run = runs.Run("test", config_lib.RunOptions(verbose=0), None, None, "float32", str(tmp_path), True)
+        schedule = runs.Schedule(epochs=5, global_batch=8, steps_per_epoch=8, total_steps=40)
+        trainer.fit(run, model, (ds, ds.take(2), None), schedule, callbacks=[PoisonWeightsAfter(1)])
     for name in ("latest", "best"):
         restored = _model()
         restored.load_weights(tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / name))).expect_partial()

@@ -22,7 +22,7 @@ def test_text_classifier_variant_shapes_and_config_round_trip(variant):
     width, depth, _, _ = transformer.VARIANTS[variant]
     model = transformer.text_classifier(variant, vocab_size=100, max_length=16, num_classes=3, bigram_buckets=64)
     assert model.get_layer("token_and_bigram").output_shape == (None, None, width)
-    assert len([l for l in model.layers if l.name.endswith("_qkv")]) == depth
+    assert len([layer for layer in model.layers if layer.name.endswith("_qkv")]) == depth
     ids = _token_ids(np.random.default_rng(0))
     copy = keras.Model.from_config(model.get_config())
     copy.set_weights(model.get_weights())
@@ -115,7 +115,7 @@ def test_pruning_wraps_the_text_classifier(float32_policy):
     pruned = tfmot.sparsity.keras.prune_low_magnitude(
         model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.5, 0)
     )
-    wrapped = {l.layer.name for l in pruned.layers if hasattr(l, "layer")}
+    wrapped = {layer.layer.name for layer in pruned.layers if hasattr(layer, "layer")}
     assert {"token_embedding", "encoder_block1_qkv", "encoder_block1_mlp_hidden", "head_logits"} <= wrapped
     assert pruned(_token_ids(np.random.default_rng(2))).shape == (3, 2)
 

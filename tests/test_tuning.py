@@ -341,7 +341,7 @@ def test_distributed_search_chief_and_two_workers_on_localhost(tmp_path):
     chief = _start(args, "chief", port)
     workers = [_start(args, f"tuner{i}", port) for i in range(2)]
     outputs = [process.communicate(timeout=600) for process in (*workers, chief)]
-    for process, (stdout, stderr) in zip((*workers, chief), outputs):
+    for process, (_, stderr) in zip((*workers, chief), outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
     trained_by = [stdout.count("trial run trial_") for stdout, _ in outputs[:2]]
     assert sum(trained_by) == 3 and min(trained_by) >= 1  # both workers took trials

@@ -11,7 +11,7 @@ Writes, in `compress/` beside the model (or --output_dir):
     report.md          the same as a table, with accuracy and gzip size relative to float32
     accuracy_vs_size.png
 
-The pipeline supplies a `Task` (core/compression stages are model-agnostic): the model to
+The pipeline supplies a `Task` (core/compression/stages.py is model-agnostic): the model to
 compress (inputs -> logits), fine-tuning batches and loss, the evaluation split as arrays, and
 representative inputs for int8 calibration. Accuracy is always the `.tflite` file's, run in
 the TFLite interpreter on the evaluation split; the Keras model's own accuracy is reported
@@ -28,8 +28,9 @@ tests its wrappers there. The fallback is the same command on one host (a TPU VM
 counts), with `--strategy=mirrored` where it has several GPUs.
 
 `--int8_float_ops=BATCH_MATMUL,...` leaves the named TFLite ops in float32 in `ptq_int8` (the
-rest int8). A model with int8 matmuls must run on TFLite's own kernels (`core/tflite.delegate`);
-with BATCH_MATMUL float, XNNPack can run it, about 4x faster on this CPU.
+rest int8). A model with int8 matmuls must run on TFLite's own kernels
+(`core/compression/tflite.delegate`); with BATCH_MATMUL float, XNNPack can run it, several times
+faster (figures: BENCHMARKS.md, 'XNNPack int8 BATCH_MATMUL').
 `--eval_split=test` scores every variant on the data's test split where it has one.
 """
 
@@ -59,17 +60,13 @@ class CompressOptions:
     """Flags of `python -m pipelines.<pipeline> compress`."""
 
     model: str = ""  # model.keras of a training run (its config.json beside it names the data)
-    stages: str = (
-        "prune,pqat"  # comma-separated chain, e.g. prune,pqat or cluster,cqat or ptq_int8 (core/compression/stages.py)
-    )
+    stages: str = "prune,pqat"  # comma-separated chain, e.g. prune,pqat or ptq_int8 (core/compression/stages.py)
     sparsity: float = 0.8  # target of `prune` (fraction of zeros in each compressed kernel)
     clusters: int = 16  # distinct weights per kernel after `cluster`
     epochs: int = 1  # fine-tuning epochs of each Keras stage (prune ramps sparsity over 2/3 of them)
     learning_rate: float = 1e-4  # Adam, constant, while fine-tuning
     batch_size: int = 128  # fine-tuning batch
-    int8_float_ops: str = (
-        ""  # TFLite ops ptq_int8 leaves float, comma-separated, e.g. BATCH_MATMUL (keeps XNNPack usable)
-    )
+    int8_float_ops: str = ""  # ops ptq_int8 leaves float, comma-separated, e.g. BATCH_MATMUL (keeps XNNPack usable)
     eval_split: str = "val"  # the run's split each .tflite is scored on: val | test (where the run's data has one)
     eval_examples: int = 0  # cap on the evaluation split, 0 = all of it
     latency_runs: int = 50  # batch-1 invokes timed per variant and thread count (median reported)
@@ -141,7 +138,8 @@ def run_config(model_path):
     """The training run's config.json beside model.keras (data source, cache, seed, recipe)."""
     if not os.path.exists(model_path):
         raise UserError(
-            f"--model={model_path}: no such file; expected a model.keras written by training (runs/<pipeline>/<name>/model.keras)"
+            f"--model={model_path}: no such file; expected a model.keras written by training "
+            "(runs/<pipeline>/<name>/model.keras)"
         )
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
     if not os.path.exists(path):
@@ -277,14 +275,16 @@ def write_report(report, output_dir):
         f"{report['options']['latency_runs']} invokes; {report['environment']['cpu']}, "
         f"{report['environment']['date']}.",
         "",
-        "| variant | accuracy | Δ vs float32 | size | gzip size | gzip ratio | latency 1 thread | latency 2 threads | sparsity |",
+        "| variant | accuracy | Δ vs float32 | size | gzip size | gzip ratio "
+        "| latency 1 thread | latency 2 threads | sparsity |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for v in report["variants"]:
         lines.append(
             f"| {v['name']} | {100 * v['accuracy']:.2f}% | {100 * (v['accuracy'] - base['accuracy']):+.2f} | "
             f"{v['size_bytes'] / 1024:.0f} KiB | {v['gzip_bytes'] / 1024:.0f} KiB | "
-            f"{base['gzip_bytes'] / v['gzip_bytes']:.1f}x | {v['latency_ms']['1']:.2f} ms | {v['latency_ms']['2']:.2f} ms | "
+            f"{base['gzip_bytes'] / v['gzip_bytes']:.1f}x | {v['latency_ms']['1']:.2f} ms | "
+            f"{v['latency_ms']['2']:.2f} ms | "
             f"{100 * v['sparsity']:.0f}% |"
         )
     files.write_text(os.path.join(output_dir, "report.md"), "\n".join(lines) + "\n")

@@ -1,47 +1,21 @@
-"""Image-classification data: import any supported source once into a sharded TFRecord cache.
+"""Images for the cache: how to read image sources (folders, archives, CIFAR binary, TFDS) and
+encode one image as a record. The shared conversion is core/data/cache.py.
 
-    data = prepare("/work/shared/data/cifar10/cifar10-jpeg-train.tar.gz", cache_root=".cache",
-                   class_names=CIFAR10_CLASSES)
+    data = image_data.prepare("cifar10-jpeg-train.tar.gz", cache_root=".cache", class_names=NAMES)
     ds = tf.data.TFRecordDataset(data.splits["train"].files).map(
         lambda r: parse_example(r, data.image_shape))
 
-Sources (`prepare(source=...)`):
-  "tfds"                    TFDS dataset `tfds_name` (its train and, if present, test split)
-  "synthetic"               512 seeded random images whose mean colour depends on the label, so
-                            a smoke run shows the loss falling with no data on the machine
-  /a/folder                 train/<class>/*.jpg (+ optional test/<class>/...), or <class>/*.jpg
-  /a/folder.tar.gz|.tgz|.tar  the same layout inside an archive, streamed (never extracted)
-  /a/cifar-10-binary.tar.gz the official CIFAR-10 binary archive, recognised by its members
+Sources: "tfds" (`tfds_name`'s train and test splits); "synthetic" (512 seeded images whose mean
+colour depends on the label: a smoke run's loss falls with no data on the machine); a folder of
+train/<class>/*.jpg (+ optional test/<class>/...) or <class>/*.jpg; a .tar.gz/.tgz/.tar of that
+layout, streamed; the official cifar-10-binary.tar.gz, recognised by its members.
 
-Design:
-- Records hold raw uint8 HWC pixels, not JPEG: reads need no decoding, and 50k CIFAR images are
-  150 MB, which sits in the page cache. Measured (`make bench-input`, 2-core Xeon, 2026-11-22):
-  the tuned first epoch reads 60.6k images/s from raw pixels and 15.9k/s from JPEG (quality 75,
-  3.2x smaller files).
-- Shards hold up to 4096 examples (13 MB of CIFAR pixels), uncompressed: 65 small shards read at
-  51.9k/s, a single file at 30.4k/s, GZIP shards at 37.6k/s (8% smaller); see InputKnobs.
-- "val" is always carved from train (seeded, stratified per class); "test", when the source has
-  one, is written untouched, so test figures never see a model selected on them.
-- Train examples are shuffled before sharding so every shard is class-balanced: with a multi-worker
-  strategy each worker reads different shards.
-- The cache folder name carries a fingerprint of the source (path, sizes, mtimes) and of every
-  argument that changes the records, so a second `prepare` reuses it without opening the source;
-  see core/records.py for why an interrupted conversion never leaves a half cache.
-- An image that cannot be decoded stops the conversion, named; with skip_corrupt=True
-  (--skip_corrupt) such images are left out instead, counted in meta.json's "skipped_corrupt" and
-  in ImageData.skipped_corrupt. A wrong size or mode, or a bad layout, always stops it.
-- Conversion holds all decoded pixels in memory (150 MB for CIFAR-10's train split): fine for
-  CIFAR-sized data, not meant for ImageNet.
-
-Measured: the 50,000-JPEG cifar10-jpeg-train.tar.gz converts in 10 s on 2 shared CPU cores
-(9.9 and 10.5 s in two runs: wall time of a cold `prepare(path, cache_root=tmp, val_fraction=0.1,
-class_names=CIFAR10_CLASSES)` timed with time.perf_counter; 45000 train in 11 shards, 5000 val
-in 2, exactly 500 per class).
-Of that, about 2 s is un-gzipping and walking the tar and 6 s is JPEG decoding with PIL. The
-second call reuses the cache in under 10 ms.
+Records hold raw uint8 HWC pixels, not JPEG: reads need no decoding, and CIFAR-10's 50k images
+(150 MB) sit in the page cache (figures: BENCHMARKS.md, "Input pipeline knobs"). An image that
+cannot be decoded is a corrupt record (--skip_corrupt); a wrong size or mode, or a bad layout,
+always stops the conversion.
 """
 
-import dataclasses
 import io
 import os
 import tarfile
@@ -51,12 +25,11 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from core.data import records, sources
-from core.data.sources import Split, carve_val, splits_from_meta  # noqa: F401  (re-exported)
+from core.data import cache, sources
 from core.errors import UserError
 
 # Bump when the record layout or the carve changes, so old caches are not reused.
-FORMAT_VERSION = 2  # 2: shards of equal size (records.balanced_shard_size)
+FORMAT_VERSION = 3  # 3: one cache path for images and text (test split shuffled too)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SPLIT_DIRS = ("train", "test")
 SYNTHETIC_TRAIN_EXAMPLES = 512
@@ -74,112 +47,42 @@ _FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.Fixed
 _SOURCE_HELP = "expected a folder of class subfolders, a .tar.gz of one, cifar-10-binary.tar.gz, 'tfds' or 'synthetic'"
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageData:
-    cache_dir: str
-    splits: dict  # "train" and "val" always; "test" only when the source has one
-    class_names: tuple  # label i is class_names[i]
-    image_shape: tuple  # (H, W, C)
-    source: str  # human description, e.g. "tfds:cifar10", "folder /x/y"
-    val_carved_from_train: bool
-    val_fraction: float
-    seed: int
-    skipped_corrupt: int = 0  # source images left out as undecodable (skip_corrupt=True)
+class Images:
+    """The image modality of core/data/cache.py: sources of `image_shape` images in `class_names`.
 
-
-def prepare(
-    source: str,
-    *,
-    cache_root: str,
-    image_shape=(32, 32, 3),
-    class_names=None,
-    val_fraction=0.1,
-    seed=0,
-    tfds_name="cifar10",
-    max_examples=None,
-    examples_per_shard=4096,
-    skip_corrupt=False,
-) -> ImageData:
-    """Imports `source` into `cache_root/<name>-<fingerprint>/` unless already there.
-
-    class_names, if given, must be the source's set of classes; labels then follow its order.
-    max_examples caps each source split (a seeded random subset) before the val carve.
-    skip_corrupt leaves out images that cannot be decoded, counted in meta.json, instead of
-    stopping at the first.
+    class_names=None takes the source's own classes (sorted folder names, TFDS's label names).
     """
-    image_shape = _check_shape(image_shape)
-    class_names = _check_class_names(class_names)
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val_fraction={val_fraction}: expected a number in [0, 1)")
-    if max_examples is not None and max_examples < 1:
-        raise UserError(f"max_examples={max_examples}: expected a positive integer or None")
-    if examples_per_shard < 1:
-        raise UserError(f"examples_per_shard={examples_per_shard}: expected a positive integer")
-    kind, path = sources.source_kind(source, _SOURCE_HELP)
-    params = dict(
-        format_version=FORMAT_VERSION,
-        image_shape=list(image_shape),
-        class_names=class_names,
-        val_fraction=val_fraction,
-        seed=seed,
-        max_examples=max_examples,
-        examples_per_shard=examples_per_shard,
-        skip_corrupt=skip_corrupt,
-    )
-    # Absolute, so shard paths stay valid for workers started from another directory.
-    cache_dir = os.path.join(
-        records.absolute(cache_root),
-        f"{sources.cache_name(kind, path, tfds_name)}-{sources.fingerprint(kind, path, tfds_name, params)}",
-    )
 
-    def build(tmp_dir):
-        skipped = sources.SkipLog(skip_corrupt)
-        loaded, names, description = _load(kind, path, image_shape, class_names, tfds_name, skipped)
-        skipped.warn(description)
-        rng = np.random.default_rng(seed)
-        if max_examples is not None:
-            loaded = {
-                split: sources.subsample(images, labels, max_examples, rng)
-                for split, (images, labels) in loaded.items()
-            }
-        train_images, train_labels = loaded["train"]
-        train_idx, val_idx = carve_val(train_labels, len(names), val_fraction, rng)
-        order = {"train": (train_images, train_labels, train_idx), "val": (train_images, train_labels, val_idx)}
-        if "test" in loaded:
-            test_images, test_labels = loaded["test"]
-            order["test"] = (test_images, test_labels, np.arange(len(test_labels)))
-        splits = {}
-        for split, (images, labels, idx) in order.items():
-            examples = ({"image": images[i].tobytes(), "label": int(labels[i])} for i in idx)
-            per_shard = records.balanced_shard_size(len(idx), examples_per_shard)
-            files = records.write_shards(tmp_dir, split, examples, per_shard)
-            splits[split] = {"files": files, "num_examples": len(idx)}
-        return {
-            "format_version": FORMAT_VERSION,
-            "source": description,
-            "class_names": list(names),
-            "image_shape": list(image_shape),
-            "features": {"image": "raw uint8 HxWxC bytes", "label": "int64"},
-            "val_carved_from_train": True,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "max_examples": max_examples,
-            "skipped_corrupt": skipped.meta(),
-            "splits": splits,
-        }
+    name = "images"
+    format_version = FORMAT_VERSION
+    reads_tables = False
+    source_help = _SOURCE_HELP
+    features_doc = {"image": "raw uint8 HxWxC bytes", "label": "int64"}
 
-    meta = records.build_cache(cache_dir, build)
-    return ImageData(
-        cache_dir=cache_dir,
-        splits=splits_from_meta(meta),
-        class_names=tuple(meta["class_names"]),
-        image_shape=tuple(meta["image_shape"]),
-        source=meta["source"],
-        val_carved_from_train=meta["val_carved_from_train"],
-        val_fraction=meta["val_fraction"],
-        seed=meta["seed"],
-        skipped_corrupt=sources.skipped_from_meta(meta),
-    )
+    def __init__(self, image_shape=(32, 32, 3), class_names=None, tfds_name="cifar10"):
+        self.image_shape = _check_shape(image_shape)
+        self.tfds_name = tfds_name  # what --data=tfds reads
+        self.class_names = None if class_names is None else cache.check_class_names(class_names)
+
+    def params(self):
+        """What the records depend on besides the source (hashed into the cache name)."""
+        names = None if self.class_names is None else list(self.class_names)
+        return dict(format_version=FORMAT_VERSION, image_shape=list(self.image_shape), class_names=names)
+
+    def info(self):
+        return {"image_shape": list(self.image_shape)}
+
+    def load(self, kind, path, tfds_name, skipped):
+        """-> ({split: (uint8 [N,H,W,C], int64 labels)} in source order, class names, description)."""
+        return _load(kind, path, self.image_shape, self.class_names, tfds_name, skipped)
+
+    def encode(self, image, label):
+        return {"image": image.tobytes(), "label": label}
+
+
+def prepare(source: str, *, cache_root: str, image_shape=(32, 32, 3), class_names=None, **kwargs) -> cache.Data:
+    """`cache.prepare` of an image source; kwargs as there (val_fraction, seed, tfds_name, ...)."""
+    return cache.prepare(Images(image_shape, class_names), source, cache_root=cache_root, **kwargs)
 
 
 def parse_example(serialized, image_shape) -> tuple[tf.Tensor, tf.Tensor]:
@@ -205,23 +108,10 @@ def parse_jpeg_example(serialized, image_shape) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.ensure_shape(image, tuple(image_shape)), tf.cast(features["label"], tf.int32)
 
 
-def read_images(
-    source: str, *, image_shape=(32, 32, 3), class_names=None, tfds_name="cifar10", split=None
-) -> dict[str, tuple[np.ndarray, np.ndarray, tuple]]:
-    """The source's own splits as {split: (uint8 [N,H,W,C], int64 [N], class_names)}, no cache.
-
-    No val carve: "train" is the whole source train split. `split` picks one of them.
-    """
-    image_shape = _check_shape(image_shape)
-    class_names = _check_class_names(class_names)
-    kind, path = sources.source_kind(source, _SOURCE_HELP)
-    # No --skip_corrupt here: a score must cover the whole source, so a corrupt image stops it.
-    skipped = sources.SkipLog(False, flag=None)
-    loaded, names, description = _load(kind, path, image_shape, class_names, tfds_name, skipped)
-    if split is not None:
-        if split not in loaded:
-            raise UserError(f"split {split!r}: {description} has only {sorted(loaded)}")
-        loaded = {split: loaded[split]}
+def read_images(source: str, *, image_shape=(32, 32, 3), class_names=None, tfds_name=None, split=None) -> dict:
+    """The source's own splits as {split: (uint8 [N,H,W,C], int64 [N], class names)}, no cache."""
+    modality = Images(image_shape, class_names)
+    loaded, names = cache.read_source(modality, source, tfds_name=tfds_name, split=split)
     return {name: (images, labels, names) for name, (images, labels) in loaded.items()}
 
 
@@ -234,15 +124,6 @@ def _check_shape(image_shape) -> tuple:
     if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape) or shape[2] not in (1, 3, 4):
         raise UserError(f"image_shape={image_shape}: expected (height, width, channels) with 1, 3 or 4 channels")
     return shape
-
-
-def _check_class_names(class_names):
-    if class_names is None:
-        return None
-    names = [str(n) for n in class_names]
-    if not names or len(set(names)) != len(names):
-        raise UserError(f"class_names={list(class_names)}: expected a non-empty list of distinct names")
-    return names
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -493,7 +374,8 @@ def _cifar_binary(archive, binary, image_shape):
     missing = [n for n in (*CIFAR_BINARY_TRAIN, CIFAR_BINARY_TEST, CIFAR_BINARY_META) if n not in binary]
     if missing:
         raise UserError(
-            f"{archive}: CIFAR-10 binary archive lacks {CIFAR_BINARY_DIR}/{missing[0]}; expected the official cifar-10-binary.tar.gz"
+            f"{archive}: CIFAR-10 binary archive lacks {CIFAR_BINARY_DIR}/{missing[0]}; "
+            "expected the official cifar-10-binary.tar.gz"
         )
     if image_shape != CIFAR_BINARY_SHAPE:
         raise UserError(
@@ -509,7 +391,8 @@ def _cifar_binary(archive, binary, image_shape):
             name, data = binary[batch]
             if len(data) % record or not data:
                 raise UserError(
-                    f"{name}: {len(data)} bytes is not a whole number of {record}-byte records (1 label byte + 3072 pixel bytes)"
+                    f"{name}: {len(data)} bytes is not a whole number of {record}-byte records "
+                    "(1 label byte + 3072 pixel bytes)"
                 )
             rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
             if rows[:, 0].max() >= len(found):

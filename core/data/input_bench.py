@@ -1,4 +1,4 @@
-"""How fast the input pipeline is, against what bounds it and what training needs from it.
+"""The `bench-input` command: input pipeline throughput against its bounds and the train step's needs.
 
 Run:    make bench-input PIPELINE=cifar10_cnn           (or imdb_transformer; DATA=... for another source)
         python -m pipelines.cifar10_cnn bench-input --data=../shared/data/cifar10/cifar10-jpeg-train.tar.gz
@@ -42,6 +42,7 @@ from core import files
 from core.data import input_pipeline, records
 from core.data.input_pipeline import InputKnobs
 from core.errors import UserError
+from core.training import report as run_report
 from core.training import runs
 
 # The ablation: each (InputKnobs field, setting other than its default), one at a time.
@@ -465,7 +466,7 @@ def run_ablation(task, opts, scratch_dir, tuned_knobs, pipeline, log):
         measure(
             "remote, reads only: interleave_cycle",
             one_at_a_time(cycle),
-            lambda: remote_reads(task.files, remote_store(opts), cycle),
+            lambda cycle=cycle: remote_reads(task.files, remote_store(opts), cycle),
             default=cycle == tuned_knobs.interleave_cycle,
             later=False,
         )
@@ -506,13 +507,6 @@ def build_like_training(batch_size, train_args):
     return build
 
 
-def one_device(run):
-    """The strategy the train step is timed under (one device), with the run's precision set."""
-    strategy = tf.distribute.get_strategy()
-    runs.set_precision(run.precision, strategy)
-    return strategy
-
-
 def time_train_steps(model, batches, steps):
     """Examples/s of `model.fit` on batches already in memory: a warm-up pass over every batch
     (one trace per shape), then `steps` timed steps."""
@@ -547,7 +541,9 @@ def time_train_steps(model, batches, steps):
 
 
 def markdown(report, title):
-    rate = lambda r: "" if r is None else f"{r:,.0f}"
+    def rate(r):
+        return "" if r is None else f"{r:,.0f}"
+
     lines = [
         f"### {title}",
         "",
@@ -613,7 +609,7 @@ def plot(report, path, title):
         if not row["knob"].startswith("(")
     ]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(bars) + 1.2))
-    names, values = zip(*bars)
+    names, values = zip(*bars, strict=True)
     colors = ["tab:gray", "tab:gray", "tab:green", "tab:green", "tab:purple", "tab:red", "tab:orange"]
     colors += ["tab:blue"] * (len(bars) - len(colors))
     ax.barh(range(len(bars)), values, color=colors)
@@ -629,8 +625,8 @@ def plot(report, path, title):
 
 def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):
     """`bench-input [--smoke] [--data=...] [pipeline flags]`: measures, writes the report files and
-    returns the report (printed as the last line). `make_task(cfg, run)` builds the pipeline's
-    InputBenchTask."""
+    returns the report (printed as the last line). `make_task(run)` builds the pipeline's
+    InputBenchTask; `run` is a runs.Run on one device (the train step is timed there)."""
     run, cfg, opts = config_lib.parse_flags(
         argv,
         [config_lib.RunOptions, config_class, BenchInputOptions],
@@ -649,11 +645,13 @@ def bench_input_command(argv, *, pipeline, config_class, smoke, make_task):
     # Rewritten caches go beside the cache (the same disk), or to local temp space for a gs:// one.
     scratch = tempfile.mkdtemp(prefix="bench-input-", dir=run.cache_dir if local_cache else None)
     try:
-        task = make_task(cfg, run)
+        strategy = tf.distribute.get_strategy()
+        precision = runs.set_precision(run.precision, strategy)
+        task = make_task(runs.Run(pipeline, run, cfg, strategy, precision, out_dir, is_chief=True))
         report = measure_all(task, opts, scratch_dir=scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    env = report.environment()
+    env = run_report.environment()
     report.update(
         pipeline=pipeline,
         data=run.data,

@@ -4,9 +4,9 @@ A cache is one folder that holds, per split, shards named like `train-00003-of-0
 plus a `meta.json` describing them. Nothing here knows about images or text: an example is a
 dict of feature name -> bytes / int (or a list of them), stored as a `tf.train.Example`.
 
-Why shards and not one file: each worker of a multi-worker strategy reads a different subset of
-files (`tf.data.experimental.AutoShardPolicy.FILE`), and interleaving several files keeps the
-reader busy.
+Why shards and not one file: each worker of a multi-worker strategy reads its own subset of files
+(input_pipeline.make_dataset shards by hand, with tf.data's auto-sharding off), and interleaving
+several files keeps the reader busy.
 
 Why `meta.json` is written last and the folder renamed into place: `build_cache` fills a temporary
 sibling folder and only an atomic `os.rename` publishes it. A conversion that crashes or is
@@ -131,10 +131,10 @@ def read_meta(cache_dir: str) -> dict:
         for split in splits.values():
             split["files"] = [os.path.join(cache_dir, name) for name in split["files"]]
     except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as e:
-        raise UserError(f"{path}: unreadable cache metadata ({e}); delete {cache_dir} to rebuild it")
+        raise UserError(f"{path}: unreadable cache metadata ({e}); delete {cache_dir} to rebuild it") from None
     for split in splits.values():
         sizes = split.get("bytes") or [None] * len(split["files"])  # caches before sizes were kept have none
-        for file, expected in zip(split["files"], sizes):
+        for file, expected in zip(split["files"], sizes, strict=True):
             try:
                 size = tf.io.gfile.stat(file).length
             except tf.errors.NotFoundError:

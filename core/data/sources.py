@@ -1,5 +1,4 @@
-"""What the image and text importers share: where a source is, what its cache is called, and the
-split bookkeeping around the records (core/records.py writes them).
+"""Where a data source is, what its cache is called, and the split bookkeeping around its records.
 
 A source is "tfds", "synthetic", a folder, or a .tar.gz/.tgz/.tar archive (streamed, never
 extracted; `safe_member_parts` refuses members that could escape or surprise). An archive may be
@@ -26,6 +25,7 @@ from core.data.records import is_url
 from core.errors import UserError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+TABLE_SUFFIXES = (".csv", ".jsonl")  # one file of (text, label) rows: text sources only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +142,9 @@ def carve_val(labels: np.ndarray, num_classes: int, val_fraction: float, rng) ->
     return train[rng.permutation(len(train))], val[rng.permutation(len(val))]
 
 
-def source_kind(source: str, help: str) -> tuple[str, str | None]:
-    """("tfds" | "synthetic", None) or ("folder" | "archive", absolute path); `help` ends the error."""
+def source_kind(source: str, help: str, tables=False) -> tuple[str, str | None]:
+    """("tfds" | "synthetic", None) or ("folder" | "archive" | "table", absolute path); `help` ends
+    the error. A table (.csv, .jsonl) is a source only where `tables` says the modality reads them."""
     if source in ("tfds", "synthetic"):
         return source, None
     if is_url(source):
@@ -154,7 +155,14 @@ def source_kind(source: str, help: str) -> tuple[str, str | None]:
     if path and os.path.isfile(path):
         if path.lower().endswith(ARCHIVE_SUFFIXES):
             return "archive", path
-        raise UserError(f"{source}: not a folder or a .tar.gz/.tgz/.tar archive; {help}")
+        if tables and path.lower().endswith(TABLE_SUFFIXES):
+            return "table", path
+        kinds = (
+            "a folder, a .tar.gz/.tgz/.tar archive or a .csv/.jsonl file"
+            if tables
+            else "a folder or a .tar.gz/.tgz/.tar archive"
+        )
+        raise UserError(f"{source}: not {kinds}; {help}")
     raise UserError(f"{source!s}: no such file or folder; {help}")
 
 
@@ -165,7 +173,7 @@ def cache_name(kind, path, tfds_name) -> str:
         name = "synthetic"
     else:
         name = os.path.basename(path)
-        for suffix in ARCHIVE_SUFFIXES:
+        for suffix in ARCHIVE_SUFFIXES + TABLE_SUFFIXES:
             if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
                 break
@@ -178,7 +186,7 @@ def fingerprint(kind, path, tfds_name, params) -> str:
     identity = {"kind": kind, "path": path, **params}
     if kind == "tfds":
         identity["tfds_name"] = tfds_name
-    elif kind == "archive":
+    elif kind in ("archive", "table"):
         identity["file"] = _size_and_mtime(path)
     digest.update(json.dumps(identity, sort_keys=True).encode())
     if kind == "folder":

@@ -1,42 +1,31 @@
-"""Text-classification data (IMDB sentiment): import a source once into a sharded TFRecord cache.
+"""Text for the cache: how to read labelled text sources (folders, archives, CSV/JSON Lines, TFDS)
+and encode one text as a record. The shared conversion is core/data/cache.py.
 
-    data = prepare("/work/shared/data/imdb/aclImdb_v1_labeled.tar.gz", cache_root=".cache")
+    data = text_data.prepare("aclImdb_v1.tar.gz", cache_root=".cache", class_names=("neg", "pos"))
     ds = tf.data.TFRecordDataset(data.splits["train"].files).map(parse_example)
     texts, labels = read_texts(data.splits["train"])  # e.g. to fit a tokenizer
 
-Sources (`prepare(source=...)`):
-  "tfds"                      TFDS dataset `tfds_name` (imdb_reviews: its train and test splits)
-  "synthetic"                 512 train + 128 test seeded reviews of filler words plus sentiment
-                              words chosen by the label, so a tiny model learns them in seconds
-  /a/aclImdb                  train/{pos,neg}/*.txt and test/{pos,neg}/*.txt (or a folder holding
-                              aclImdb/); other files at the root and train/unsup/ are skipped
-  /a/folder                   just pos/*.txt and neg/*.txt: one split, taken whole by evaluation
-                              and carved into train and val by `prepare`
-  /a/x.tar.gz|.tgz|.tar       either layout inside an archive, streamed (never extracted)
+Sources, each labelled by the pipeline's class names:
+  "tfds"              TFDS dataset `tfds_name` (default imdb_reviews): its train and test splits
+  "synthetic"         512 train + 128 test seeded texts of filler words plus words chosen by the
+                      label, so a tiny model learns them in seconds
+  /a/folder           train/<class>/*.txt and test/<class>/*.txt (the aclImdb layout; a lone
+                      wrapper folder such as aclImdb/ is stepped into, train/unsup/ is skipped),
+                      or just <class>/*.txt: one split, carved into train and val
+  /a/x.tar.gz|.tar    either layout inside an archive, streamed (never extracted)
+  /a/x.csv|.jsonl     one split of rows with a text and a label column (`text_column`,
+                      `label_column`); a label must be one of the class names
 
-Design:
-- Records hold the review exactly as the source has it, as UTF-8 bytes ("text") with an int64
-  "label" (0 neg, 1 pos, as TFDS imdb_reviews). `<br />` tags and case are kept: normalisation
-  belongs to the model's preprocessing layers, so the exported model applies it to raw input too.
-- Splits, the val carve, the cache identity and the safe tar streaming are core/sources.py's: "val" is
-  carved from train (seeded, stratified per class), "test" is never carved, and the cache folder
-  name carries a fingerprint of the source and of every argument that changes the records.
-- Test examples are shuffled (seeded) before sharding as train ones are: aclImdb lists every neg
-  review before every pos one, so in source order each shard would hold a single class.
-- A review that is not UTF-8 stops the conversion, named; with skip_corrupt=True (--skip_corrupt)
-  such reviews are left out instead, counted in meta.json's "skipped_corrupt" and in
-  TextData.skipped_corrupt.
-- Conversion holds every review in memory (65 MB for the 50,000 labeled IMDB reviews).
-
-Measured: the 50,000-review aclImdb_v1_labeled.tar.gz (28 MB) converts in 4-6 s on 2 shared CPU
-cores (5.7 and 3.7 s in two runs: wall time of a cold `prepare(path, cache_root=tmp,
-val_fraction=0.1)` timed with time.perf_counter; 22500 train in 6 shards, 2500 val in 1, exactly
-1250 per class, 25000 test in 7). Most of it is un-gzipping and walking the tar. The second call
-reuses the cache in under 1 ms; `read_texts` of the train split takes 0.3 s.
+Records hold the text exactly as the source has it, as UTF-8 bytes ("text") with an int64 "label",
+the index of its class name. `<br />` tags and case are kept: normalisation belongs to the model's
+preprocessing layers, so the exported model applies it to raw input too. A text that is not UTF-8
+is a corrupt record (--skip_corrupt).
 """
 
 import collections
-import dataclasses
+import csv
+import io
+import json
 import os
 import tarfile
 import zlib
@@ -44,64 +33,35 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from core.data import records, sources
-from core.data.sources import Split, carve_val
+from core.data import cache, sources
+from core.data.sources import Split
 from core.errors import UserError
 
 # Bump when the record layout or the carve changes, so old caches are not reused.
-FORMAT_VERSION = 1
-CLASS_NAMES = ("neg", "pos")  # label i is CLASS_NAMES[i], as in TFDS imdb_reviews
+FORMAT_VERSION = 2  # 2: class names from the pipeline; one cache path for images and text
 REVIEW_SUFFIX = ".txt"
 SPLIT_DIRS = ("train", "test")
 # aclImdb's 50,000 unlabeled reviews sit in train/unsup/: not a class, so never read.
 UNLABELED_DIR = "unsup"
-# Labels of TFDS datasets that name no classes (tfds.testing.mock_data names imdb's properly).
-UNNAMED_TFDS_LABELS = ("0", "1")
 
 SYNTHETIC_TRAIN_EXAMPLES = 512
 SYNTHETIC_TEST_EXAMPLES = 128
-# The synthetic reviews stay the same whatever `seed` is, so seeds vary only the val carve.
+# The synthetic texts stay the same whatever `seed` is, so seeds vary only the val carve.
 SYNTHETIC_DATA_SEED = 1234
+# Words that mark each class of a two-class synthetic set (negative, positive, as IMDB's labels).
 SYNTHETIC_SENTIMENT_WORDS = (
-    ("awful", "boring", "terrible", "dull", "worst", "waste", "poor", "hated"),  # neg
-    ("great", "wonderful", "excellent", "brilliant", "moving", "superb", "delightful", "loved"),  # pos
+    ("awful", "boring", "terrible", "dull", "worst", "waste", "poor", "hated"),
+    ("great", "wonderful", "excellent", "brilliant", "moving", "superb", "delightful", "loved"),
 )
 SYNTHETIC_FILLER_WORDS = (
-    "the",
-    "movie",
-    "film",
-    "plot",
-    "actors",
-    "story",
-    "was",
-    "and",
-    "a",
-    "scene",
-    "director",
-    "ending",
-    "really",
-    "this",
-    "with",
-    "of",
-    "music",
-    "characters",
-    "script",
-    "it",
-    "quite",
-    "i",
-    "watched",
-    "its",
-    "cast",
-    "in",
-    "on",
-    "night",
-    "two",
-    "hours",
-)
+    "the", "movie", "film", "plot", "actors", "story", "was", "and", "a", "scene", "director",
+    "ending", "really", "this", "with", "of", "music", "characters", "script", "it", "quite", "i",
+    "watched", "its", "cast", "in", "on", "night", "two", "hours",
+)  # fmt: skip
 
 _SOURCE_HELP = (
-    "expected an aclImdb folder (train/ and test/ holding pos/ and neg/ folders of .txt reviews), "
-    "a folder of pos/ and neg/, a .tar.gz of either, 'tfds' or 'synthetic'"
+    "expected a folder of class folders of .txt files (or train/ and test/ folders of them, as "
+    "aclImdb), a .tar.gz of one, a .csv or .jsonl file with text and label columns, 'tfds' or 'synthetic'"
 )
 _FEATURES = {
     "text": tf.io.FixedLenFeature([], tf.string),
@@ -109,104 +69,53 @@ _FEATURES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class TextData:
-    cache_dir: str
-    splits: dict  # name -> Split: "train" and "val" always; "test" only when the source has one
-    class_names: tuple  # label i is class_names[i]
-    source: str  # human description, e.g. "tfds:imdb_reviews", "tar.gz /x/aclImdb.tar.gz"
-    val_carved_from_train: bool
-    val_fraction: float
-    seed: int
-    skipped_corrupt: int = 0  # source reviews left out as not UTF-8 (skip_corrupt=True)
+class Texts:
+    """The text modality of core/data/cache.py: texts labelled with one of `class_names`."""
+
+    name = "text"
+    format_version = FORMAT_VERSION
+    reads_tables = True
+    source_help = _SOURCE_HELP
+    features_doc = {"text": "raw UTF-8 bytes, as in the source", "label": "int64, index into class_names"}
+
+    def __init__(self, class_names, tfds_name="imdb_reviews", text_column="text", label_column="label"):
+        self.class_names = cache.check_class_names(class_names)
+        self.tfds_name = tfds_name  # what --data=tfds reads
+        self.text_column, self.label_column = text_column, label_column
+
+    def params(self):
+        """What the records depend on besides the source (hashed into the cache name)."""
+        return dict(
+            format_version=FORMAT_VERSION,
+            class_names=list(self.class_names),
+            text_column=self.text_column,
+            label_column=self.label_column,
+        )
+
+    def info(self):
+        return {}
+
+    def load(self, kind, path, tfds_name, skipped):
+        """-> ({split: (UTF-8 texts as an object array of bytes, int64 labels)}, class names, description)."""
+        names = self.class_names
+        if kind == "synthetic":
+            return _load_synthetic(names), names, "synthetic"
+        if kind == "tfds":
+            return _load_tfds(tfds_name, names), names, f"tfds:{tfds_name}"
+        if kind == "table":
+            return _load_table(path, names, self.text_column, self.label_column, skipped), names, f"table {path}"
+        if kind == "folder":
+            return _load_folder(path, names, skipped), names, f"folder {path}"
+        description = f"{'tar' if path.lower().endswith('.tar') else 'tar.gz'} {path}"
+        return _load_archive(path, names, skipped), names, description
+
+    def encode(self, text, label):
+        return {"text": text, "label": label}
 
 
-def prepare(
-    source: str,
-    *,
-    cache_root: str,
-    val_fraction=0.1,
-    seed=0,
-    tfds_name="imdb_reviews",
-    max_examples=None,
-    examples_per_shard=4096,
-    skip_corrupt=False,
-) -> TextData:
-    """Imports `source` into `cache_root/<name>-<fingerprint>/` unless already there.
-
-    max_examples caps each source split (a seeded random subset) before the val carve.
-    skip_corrupt leaves out reviews that are not UTF-8, counted in meta.json, instead of
-    stopping at the first.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val_fraction={val_fraction}: expected a number in [0, 1)")
-    if max_examples is not None and max_examples < 1:
-        raise UserError(f"max_examples={max_examples}: expected a positive integer or None")
-    if examples_per_shard < 1:
-        raise UserError(f"examples_per_shard={examples_per_shard}: expected a positive integer")
-    kind, path = sources.source_kind(source, _SOURCE_HELP)
-    params = dict(
-        # Hashed with the source's identity; "records" keeps text caches apart from image caches
-        # of the same source.
-        records="text",
-        format_version=FORMAT_VERSION,
-        val_fraction=val_fraction,
-        seed=seed,
-        max_examples=max_examples,
-        examples_per_shard=examples_per_shard,
-        skip_corrupt=skip_corrupt,
-    )
-    name = "synthetic_text" if kind == "synthetic" else sources.cache_name(kind, path, tfds_name)
-    # Absolute, so shard paths stay valid for workers started from another directory.
-    cache_dir = os.path.join(
-        records.absolute(cache_root), f"{name}-{sources.fingerprint(kind, path, tfds_name, params)}"
-    )
-
-    def build(tmp_dir):
-        skipped = sources.SkipLog(skip_corrupt)
-        loaded, description = _load(kind, path, tfds_name, skipped)
-        skipped.warn(description)
-        rng = np.random.default_rng(seed)
-        if max_examples is not None:
-            loaded = {
-                split: sources.subsample(texts, labels, max_examples, rng) for split, (texts, labels) in loaded.items()
-            }
-        train_idx, val_idx = carve_val(loaded["train"][1], len(CLASS_NAMES), val_fraction, rng)
-        chosen = {"train": (*loaded["train"], train_idx), "val": (*loaded["train"], val_idx)}
-        if "test" in loaded:
-            chosen["test"] = (*loaded["test"], rng.permutation(len(loaded["test"][1])))
-        splits = {}
-        for split, (texts, labels, idx) in chosen.items():
-            examples = ({"text": texts[i], "label": int(labels[i])} for i in idx)
-            per_shard = records.balanced_shard_size(len(idx), examples_per_shard)
-            splits[split] = {
-                "files": records.write_shards(tmp_dir, split, examples, per_shard),
-                "num_examples": len(idx),
-            }
-        return {
-            "format_version": FORMAT_VERSION,
-            "source": description,
-            "class_names": list(CLASS_NAMES),
-            "features": {"text": "raw UTF-8 review bytes, as in the source", "label": "int64, 0 neg, 1 pos"},
-            "val_carved_from_train": True,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "max_examples": max_examples,
-            "skipped_corrupt": skipped.meta(),
-            "splits": splits,
-        }
-
-    meta = records.build_cache(cache_dir, build)
-    return TextData(
-        cache_dir=cache_dir,
-        splits=sources.splits_from_meta(meta),
-        class_names=tuple(meta["class_names"]),
-        source=meta["source"],
-        val_carved_from_train=meta["val_carved_from_train"],
-        val_fraction=meta["val_fraction"],
-        seed=meta["seed"],
-        skipped_corrupt=sources.skipped_from_meta(meta),
-    )
+def prepare(source: str, *, cache_root: str, class_names, **kwargs):
+    """`cache.prepare` of a text source; kwargs as there (val_fraction, seed, tfds_name, ...)."""
+    return cache.prepare(Texts(class_names), source, cache_root=cache_root, **kwargs)
 
 
 def parse_example(serialized) -> tuple[tf.Tensor, tf.Tensor]:
@@ -234,36 +143,14 @@ def read_texts(split: Split) -> tuple[list[str], np.ndarray]:
     return texts, np.concatenate(labels)
 
 
-def read_source_texts(source: str, *, tfds_name="imdb_reviews", split=None) -> dict[str, tuple[list[str], np.ndarray]]:
-    """The source's own splits as {split: (review strings, int64 labels)}, no cache, no val carve.
-
-    For `evaluate --data=PATH`: a folder of pos/ and neg/ comes back as one split, "train",
-    to be taken whole. `split` picks one of the source's splits.
-    """
-    # No --skip_corrupt here: a score must cover the whole source, so a corrupt review stops it.
-    skipped = sources.SkipLog(False, flag=None)
-    loaded, description = _load(*sources.source_kind(source, _SOURCE_HELP), tfds_name, skipped)
-    if split is not None:
-        if split not in loaded:
-            raise UserError(f"split {split!r}: {description} has only {sorted(loaded)}")
-        loaded = {split: loaded[split]}
+def read_source_texts(source: str, texts_format, *, split=None) -> dict:
+    """The source's own splits as {split: (text strings, int64 labels)}: no cache, no val carve
+    (`cache.read_source`); a folder of class folders comes back whole, as "train"."""
+    loaded, _ = cache.read_source(texts_format, source, split=split)
     return {name: ([text.decode("utf-8") for text in texts], labels) for name, (texts, labels) in loaded.items()}
 
 
 # --- sources ------------------------------------------------------------------------------------
-
-
-def _load(kind, path, tfds_name, skipped):
-    """-> ({split: (UTF-8 texts as an object array of bytes, int64 labels)}, description).
-
-    Reviews that are not UTF-8 go through `skipped` (a sources.SkipLog)."""
-    if kind == "synthetic":
-        return _load_synthetic(), "synthetic"
-    if kind == "tfds":
-        return _load_tfds(tfds_name), f"tfds:{tfds_name}"
-    if kind == "folder":
-        return _load_folder(path, skipped), f"folder {path}"
-    return _load_archive(path, skipped), f"{'tar' if path.lower().endswith('.tar') else 'tar.gz'} {path}"
 
 
 def _texts_array(texts) -> np.ndarray:
@@ -273,13 +160,21 @@ def _texts_array(texts) -> np.ndarray:
     return array
 
 
-def _load_synthetic():
+def _class_words(class_names):
+    """Words that mark each class in synthetic texts."""
+    if len(class_names) == len(SYNTHETIC_SENTIMENT_WORDS):
+        return SYNTHETIC_SENTIMENT_WORDS
+    return [tuple(f"{''.join(c for c in name.lower() if c.isalnum())}x{k}" for k in range(8)) for name in class_names]
+
+
+def _load_synthetic(class_names):
     rng = np.random.default_rng(SYNTHETIC_DATA_SEED)
+    words = _class_words(class_names)
     splits = {}
     for split, count in (("train", SYNTHETIC_TRAIN_EXAMPLES), ("test", SYNTHETIC_TEST_EXAMPLES)):
-        labels = np.arange(count, dtype=np.int64) % len(CLASS_NAMES)
+        labels = np.arange(count, dtype=np.int64) % len(class_names)
         rng.shuffle(labels)
-        texts = [_synthetic_review(rng, SYNTHETIC_SENTIMENT_WORDS[label]).encode("utf-8") for label in labels]
+        texts = [_synthetic_review(rng, words[label]).encode("utf-8") for label in labels]
         splits[split] = (_texts_array(texts), labels)
     return splits
 
@@ -297,7 +192,7 @@ def _synthetic_review(rng, sentiment_words) -> str:
     return review
 
 
-def _load_tfds(tfds_name):
+def _load_tfds(tfds_name, class_names):
     import tensorflow_datasets as tfds  # heavy import; only this source needs it
 
     description = f"tfds:{tfds_name}"
@@ -307,10 +202,13 @@ def _load_tfds(tfds_name):
         raise UserError(f"tfds_name={tfds_name!r}: no such TFDS dataset; expected e.g. 'imdb_reviews'") from None
     features = builder.info.features
     label_names = tuple(str(n) for n in getattr(features["label"], "names", ())) if "label" in features else ()
-    if "text" not in features or label_names not in (CLASS_NAMES, UNNAMED_TFDS_LABELS):
+    # Builders without a names file (also tfds.testing.mock_data) call classes "0".."n-1"; the
+    # pipeline's names, in label order, are then the only names there are.
+    unnamed = tuple(str(i) for i in range(len(class_names)))
+    if "text" not in features or label_names not in (tuple(class_names), unnamed):
         raise UserError(
             f"{description}: has features {sorted(features.keys())} with label classes {list(label_names)}; "
-            "expected a 'text' feature and a 'label' with classes neg, pos (as imdb_reviews)"
+            f"expected a 'text' feature and a 'label' with classes {', '.join(class_names)}"
         )
     # mock_data reports no splits; "unsupervised" (imdb's unlabeled reviews) is never read.
     available = builder.info.splits.keys() or SPLIT_DIRS
@@ -318,7 +216,7 @@ def _load_tfds(tfds_name):
     for split in SPLIT_DIRS:
         if split not in available:
             continue
-        ds = sources.load_tfds_split(tfds_name, split, description, "an aclImdb folder or a .tar.gz of one")
+        ds = sources.load_tfds_split(tfds_name, split, description, "a folder of class folders or a .tar.gz of one")
         texts, labels = [], []
         for batch in tfds.as_numpy(ds.batch(1024)):
             texts.extend(batch["text"])
@@ -327,7 +225,60 @@ def _load_tfds(tfds_name):
     return splits
 
 
-def _load_folder(root, skipped):
+def _load_table(path, class_names, text_column, label_column, skipped):
+    """A .csv (header row) or .jsonl (an object per line) file -> one split, "train"."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror}); expected a readable .csv or .jsonl file") from None
+    try:
+        content = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: not UTF-8 ({e.reason} at byte {e.start}); expected a UTF-8 .csv or .jsonl file"
+        ) from None
+    if path.lower().endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(content, newline=""))
+        columns = reader.fieldnames or []
+        rows = ((reader.line_num, row) for row in reader)
+    else:
+        rows = _jsonl_rows(path, content)
+        columns = None
+    index = {name: i for i, name in enumerate(class_names)}
+    texts, labels = [], []
+    for line, row in rows:
+        for column in (text_column, label_column):
+            if column not in row:
+                found = columns if columns is not None else sorted(row)
+                raise UserError(
+                    f"{path}:{line}: no {column!r} column (found {list(found)}); "
+                    f"expected a {text_column!r} and a {label_column!r} column"
+                )
+        label = str(row[label_column]).strip()
+        if label not in index:
+            raise UserError(f"{path}:{line}: label {label!r} is not a class; expected one of {', '.join(class_names)}")
+        texts.append(str(row[text_column]).encode("utf-8"))
+        labels.append(index[label])
+    if not texts:
+        raise UserError(f"{path}: no rows; expected rows with a {text_column!r} and a {label_column!r} column")
+    return {"train": (_texts_array(texts), np.array(labels, dtype=np.int64))}
+
+
+def _jsonl_rows(path, content):
+    for line, text in enumerate(content.splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{line}: not a JSON object ({e.msg}); expected one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{line}: a JSON {type(row).__name__}, expected one JSON object per line")
+        yield line, row
+
+
+def _load_folder(root, class_names, skipped):
     """Lists the folder, checks the layout, then reads only the reviews the layout names."""
     dirs, files = [], []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -349,10 +300,10 @@ def _load_folder(root, skipped):
         except OSError as e:  # a broken link or a file without read permission
             raise UserError(f"{where(parts)}: cannot read ({e.strerror}); expected a readable .txt review") from None
 
-    return _read_reviews(_review_files(_Listing(dirs, files), where), read, where, skipped)
+    return _read_reviews(_review_files(_Listing(dirs, files), where, class_names), read, where, skipped)
 
 
-def _load_archive(archive, skipped):
+def _load_archive(archive, class_names, skipped):
     """Streams the archive once, keeping .txt files in memory until the layout is known."""
     dirs, files, contents = [], [], {}
     try:
@@ -375,7 +326,8 @@ def _load_archive(archive, skipped):
     def where(parts):
         return f"{archive}:{'/'.join(parts)}" if parts else archive
 
-    return _read_reviews(_review_files(_Listing(dirs, files), where), contents.__getitem__, where, skipped)
+    listing = _Listing(dirs, files)
+    return _read_reviews(_review_files(listing, where, class_names), contents.__getitem__, where, skipped)
 
 
 def _read_reviews(review_files, read, where, skipped):
@@ -424,12 +376,12 @@ class _Listing:
             self.subdirs[parts[:-1]].add(parts[-1])
 
 
-def _review_files(listing, where) -> dict:
+def _review_files(listing, where, class_names) -> dict:
     """{split: [(path parts, label)]}, sorted by class then name; UserError for any other layout."""
     root = ()
-    layout_dirs = {*SPLIT_DIRS, *CLASS_NAMES, UNLABELED_DIR}
+    layout_dirs = {*SPLIT_DIRS, *class_names, UNLABELED_DIR}
     # Step down through lone wrapper folders (the aclImdb/ inside an archive or a download folder),
-    # but not into a lone class folder such as funny/, which is reported as not pos/ or neg/.
+    # but not into a lone class folder such as funny/, which is reported as not a class.
     while len(listing.subdirs[root]) == 1 and not listing.subdirs[root] & layout_dirs:
         (child,) = listing.subdirs[root]
         if not listing.subdirs[root + (child,)]:
@@ -437,7 +389,7 @@ def _review_files(listing, where) -> dict:
         root += (child,)
     found = listing.subdirs[root]
     if not found & set(SPLIT_DIRS):
-        return {"train": _class_files(listing, root, where)}
+        return {"train": _class_files(listing, root, where, class_names)}
     extra = sorted(found - set(SPLIT_DIRS))
     if extra:
         raise UserError(
@@ -446,37 +398,42 @@ def _review_files(listing, where) -> dict:
         )
     if "train" not in found:
         raise UserError(f"{where(root)}: has test/ but no train/; expected train/ and test/ (aclImdb layout)")
-    return {split: _class_files(listing, root + (split,), where) for split in SPLIT_DIRS if split in found}
+    return {split: _class_files(listing, root + (split,), where, class_names) for split in SPLIT_DIRS if split in found}
 
 
-def _class_files(listing, parent, where) -> list:
+def _class_files(listing, parent, where, class_names) -> list:
+    folders = _folder_list(class_names)
     found = listing.subdirs[parent]
     if not found:
         raise UserError(
-            f"{where(parent)}: no .txt reviews found; expected pos/ and neg/ folders of .txt reviews, "
+            f"{where(parent)}: no .txt reviews found; expected {folders} folders of .txt files, "
             "or train/ and test/ folders of them (aclImdb layout)"
         )
-    unexpected = sorted(found - {*CLASS_NAMES, UNLABELED_DIR})
+    unexpected = sorted(found - {*class_names, UNLABELED_DIR})
     if unexpected:
         raise UserError(
-            f"{where(parent + (unexpected[0],))}/: class folder other than pos/ and neg/; "
-            f"expected only pos/ and neg/ ({UNLABELED_DIR}/ is skipped)"
+            f"{where(parent + (unexpected[0],))}/: class folder other than {folders}; "
+            f"expected only {folders} ({UNLABELED_DIR}/ is skipped)"
         )
     reviews = []
-    for label, name in enumerate(CLASS_NAMES):
+    for label, name in enumerate(class_names):
         folder = parent + (name,)
         if name not in found:
-            raise UserError(f"{where(parent)}: no {name}/ folder; expected both pos/ and neg/ folders of .txt reviews")
+            raise UserError(f"{where(parent)}: no {name}/ folder; expected {folders} folders of .txt files")
         if listing.subdirs[folder]:
             nested = sorted(listing.subdirs[folder])[0]
             raise UserError(f"{where(folder + (nested,))}/: folder inside a class folder; expected only .txt reviews")
         names = sorted(listing.files[folder])
         for file in names:
             if not file.lower().endswith(REVIEW_SUFFIX):
-                raise UserError(
-                    f"{where(folder + (file,))}: not a .txt review; expected only .txt files in pos/ and neg/"
-                )
+                raise UserError(f"{where(folder + (file,))}: not a .txt review; expected only .txt files in {folders}")
         if not names:
             raise UserError(f"{where(folder)}/: empty class folder; expected .txt reviews")
         reviews.extend((folder + (file,), label) for file in names)
     return reviews
+
+
+def _folder_list(class_names):
+    """ "neg/ and pos/", "a/, b/ and c/": the class folders, for messages."""
+    folders = [f"{name}/" for name in class_names]
+    return folders[0] if len(folders) == 1 else f"{', '.join(folders[:-1])} and {folders[-1]}"

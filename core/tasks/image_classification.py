@@ -1,19 +1,17 @@
-"""The stages image-classification pipelines share, around their own model and recipe.
+"""The stages every image-classification pipeline shares, around its own model and recipe.
 
-pipelines/cifar10_cnn.py and pipelines/cifar10_vit.py read the same data, augment it the same
-way, evaluate and report the same way; only the model and its optimiser differ. Those shared
-stages live here, written once:
+pipelines/cifar10_cnn.py and pipelines/cifar10_vit.py read, augment, evaluate and report the
+same way; only the model and its optimiser differ:
 
-    run, cfg, strategy, precision, run_dir, is_chief = runs.start_run(argv, ...)
-    data = prepare_data(cfg, run, class_names=..., image_shape=..., tfds_name=...)
-    train, val, steps = make_datasets(strategy, data, global_batch=..., train_batch_fn=...)
+    run = start_run(argv, pipeline=..., config_class=Config, smoke=SMOKE)
+    data = prepare_data(run, DATA_FORMAT)
+    train, val, validation_steps = make_datasets(run, data, train_batch_fn=...)
     ... build and fit the model: the pipeline's own stages ...
-    save_and_report(model, data, run_dir, tta=2, pipeline=..., ...)  # model.keras, metrics.json
-    evaluate_command(argv, pipeline=..., class_names=..., image_shape=...)   # `evaluate`
+    save_and_report(run, model, data, schedule, result)  # model.keras, metrics.json
 
 Images travel through tf.data as uint8 until the last batch-level map, `model_inputs`, which
-turns them into float32 pixels in 0-255 (each model normalises them itself, in its first
-layers) and labels into one-hot vectors (label smoothing needs them).
+turns them into float32 pixels in 0-255 (each model normalises them itself, in its first layers)
+and labels into one-hot vectors (label smoothing needs them).
 """
 
 import dataclasses
@@ -26,7 +24,7 @@ import tf_keras as keras
 import strategies
 from core import config as config_lib
 from core.compression import command
-from core.data import image_data, input_bench, input_pipeline
+from core.data import cache, image_data, input_bench, input_pipeline
 from core.errors import UserError
 from core.training import evaluation, optim, report, runs
 
@@ -38,25 +36,14 @@ COMMANDS = [
 ]
 
 
-def start_run(argv, *, pipeline, config_class, smoke):
-    """`runs.start_run` with the image pipelines' extra command listed in --help."""
+def start_run(argv, *, pipeline, config_class, smoke) -> runs.Run:
+    """`runs.start_run` with the image pipelines' extra commands listed in --help."""
     return runs.start_run(argv, pipeline=pipeline, config_class=config_class, smoke=smoke, commands=COMMANDS)
 
 
-def prepare_data(cfg, run, *, class_names, image_shape, tfds_name):
+def prepare_data(run, data_format) -> cache.Data:
     """Converts the source (--data) once into the sharded cache; later runs reuse it."""
-    return image_data.prepare(
-        run.data,
-        cache_root=run.cache_dir,
-        image_shape=image_shape,
-        class_names=class_names,
-        val_fraction=cfg.val_fraction,
-        seed=run.seed,
-        tfds_name=tfds_name,
-        max_examples=cfg.max_examples or None,
-        examples_per_shard=cfg.examples_per_shard,
-        skip_corrupt=run.skip_corrupt,
-    )
+    return cache.prepare_run_data(data_format, run.opts, run.cfg)
 
 
 def model_inputs(num_classes):
@@ -151,23 +138,23 @@ def train_input(data, *, train_batch_fn, seed):
     )
 
 
-def make_datasets(strategy, data, *, global_batch, train_batch_fn, seed):
+def make_datasets(run, data, *, train_batch_fn):
     """(train, val, validation_steps) for `fit`: augmented training batches, plain val batches."""
-    parse = lambda record: image_data.parse_example(record, data.image_shape)
+    global_batch, seed = run.cfg.batch_size, run.opts.seed
     train = input_pipeline.distributed_dataset(
-        strategy,
+        run.strategy,
         data.splits["train"].files,
         global_batch=global_batch,
         **train_input(data, train_batch_fn=train_batch_fn, seed=seed),
     )
     val, validation_steps = input_pipeline.validation_dataset(
-        strategy,
+        run.strategy,
         data.splits["val"].files,
         global_batch=global_batch,
         num_examples=data.splits["val"].num_examples,
-        parse_fn=parse,
+        parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
         batch_fn=model_inputs(len(data.class_names)),
-        multi_worker=strategies.resolved_name(strategy) == "multiworker",
+        multi_worker=strategies.resolved_name(run.strategy) == "multiworker",
     )
     return train, val, validation_steps
 
@@ -194,15 +181,15 @@ def evaluate_split(model, data, split, tta):
     return evaluation.accuracy_report(logits, labels, data.class_names)
 
 
-def save_and_report(model, data, run_dir, *, tta, evaluate_test=True, **fields):
+def save_and_report(run, model, data, schedule, result):
     """The chief's last stage: model.keras, then accuracy on val (with and without test-time
-    augmentation) and on test when the source has one (and `evaluate_test`), into metrics.json
-    (`report.write_report`, which takes the rest of `report`)."""
-    model.save(os.path.join(run_dir, "model.keras"))
-    val = evaluate_split(model, data, "val", tta)
-    val_no_tta = evaluate_split(model, data, "val", 0)
-    test = evaluate_split(model, data, "test", tta) if evaluate_test and "test" in data.splits else None
-    return report.write_report(run_dir, data=data, val=val, val_no_tta=val_no_tta, test=test, tta=tta, **fields)
+    augmentation) and on test when the source has one (and --evaluate_test), into metrics.json."""
+    model.save(os.path.join(run.dir, "model.keras"))
+    tta = run.cfg.tta
+    scores = {"val": evaluate_split(model, data, "val", tta), "val_no_tta": evaluate_split(model, data, "val", 0)}
+    if run.opts.evaluate_test and "test" in data.splits:
+        scores["test"] = evaluate_split(model, data, "test", tta)
+    return report.write_report(run, schedule, result, data, scores, model_name=run.cfg.model, tta=tta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,20 +206,21 @@ class EvaluateOptions:
         config_lib.check_positive(self, "batch_size")
 
 
-def evaluate_command(argv, *, pipeline, class_names, image_shape):
+def evaluate_command(argv, *, pipeline, data_format):
     """`evaluate --model=PATH --data=PATH [--tta=N]`: accuracy on unseen data, as a JSON-ready dict.
 
-    DATA is any source `image_data.prepare` accepts; its test split is used when it has one,
-    otherwise all its examples (a folder of class folders is taken whole).
+    DATA is any source the cache reads; its test split is used when it has one, otherwise all its
+    examples (a folder of class folders is taken whole).
     """
     (opts,) = config_lib.parse_flags(argv, [EvaluateOptions], prog=f"python -m pipelines.{pipeline} evaluate")
     if not opts.model or not opts.data:
         raise UserError("evaluate: expected both --model=PATH and --data=PATH")
     model = evaluation.load_model(opts.model)
-    splits = image_data.read_images(opts.data, image_shape=image_shape, class_names=class_names)
+    splits, _ = cache.read_source(data_format, opts.data)
     split = "test" if "test" in splits else next(iter(splits))
-    images, labels, _ = splits[split]
+    images, labels = splits[split]
     split = split if split == "test" else "all"  # a plain folder of class folders is taken whole
+    class_names = data_format.class_names
     dataset = (
         tf.data.Dataset.from_tensor_slices((images, labels)).batch(opts.batch_size).map(model_inputs(len(class_names)))
     )
@@ -247,37 +235,26 @@ def evaluate_command(argv, *, pipeline, class_names, image_shape):
     }
 
 
-def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_name):
+def compression_task(model, run_config, opts, *, config_class, data_format):
     """The `compress` command's Task: the run's own data split (same source, cache and seed),
-    training batches augmented as in training for fine-tuning, the val split (or --eval_split=test) to score
-    each `.tflite` on, and 8 batches of 32 training images to calibrate int8 ranges."""
-    data = image_data.prepare(
-        run_config["data"],
-        cache_root=run_config["cache_dir"],
-        image_shape=image_shape,
-        class_names=class_names,
-        val_fraction=run_config["val_fraction"],
-        seed=run_config["seed"],
-        tfds_name=tfds_name,
-        max_examples=run_config["max_examples"] or None,
-        examples_per_shard=run_config["examples_per_shard"],
-        skip_corrupt=run_config.get("skip_corrupt", False),
-    )  # runs from before the flag: off
+    training batches augmented as in training for fine-tuning, the val split (or --eval_split=test)
+    to score each `.tflite` on, and 8 batches of 32 training images to calibrate int8 ranges."""
+    run_opts, cfg = config_lib.from_dict(run_config, config_lib.RunOptions, config_class)
+    data = cache.prepare_run_data(data_format, run_opts, cfg)
     # Fine-tuning sees what training saw: its flip and translation (the random flip: the
-    # alternating one needs training's epoch counter) and its label smoothing. Measured on the
-    # 80%-pruned CNN, prune-preserving QAT for one epoch: 88.42% val this way, 87.64% with plain
-    # images and hard labels (start: 88.18%).
+    # alternating one needs training's epoch counter) and its label smoothing, which scored
+    # better after QAT than plain images and hard labels (BENCHMARKS.md, "Compression").
     augment = augmented_inputs(
-        len(class_names),
-        flip="none" if run_config["flip"] == "none" else "random",
-        translate=run_config["translate"],
-        seed=run_config["seed"],
+        len(data.class_names),
+        flip="none" if cfg.flip == "none" else "random",
+        translate=cfg.translate,
+        seed=run_opts.seed,
     )
     train = input_pipeline.make_dataset(
         data.splits["train"].files,
         batch_size=opts.batch_size,
         training=True,
-        seed=run_config["seed"],
+        seed=run_opts.seed,
         parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
         batch_fn=augment,
         num_examples=data.splits["train"].num_examples,
@@ -292,74 +269,68 @@ def compression_task(model, run_config, opts, *, class_names, image_shape, tfds_
         images, labels = images[: opts.eval_examples], labels[: opts.eval_examples]
     train_images = first_train_images(data, count=256).astype(np.float32)
     tune = command.fine_tune(
-        train, data.splits["train"].num_examples, opts, loss=optim.label_smoothing_loss(run_config["label_smoothing"])
+        train, data.splits["train"].num_examples, opts, loss=optim.label_smoothing_loss(cfg.label_smoothing)
     )
     return command.Task(
         model=model,
         tune=tune,
         eval_inputs=images,
         eval_labels=labels,
-        representative=[train_images[i : i + 32] for i in range(0, 256, 32)],
+        representative=[train_images[i : i + 32] for i in range(0, len(train_images), 32)],  # fewer on small data
         eval_split=split,
     )
 
 
-def compress_command(argv, *, pipeline, class_names, image_shape, tfds_name):
-    """`compress --model=PATH --stages=...`: core/command.py with this family's Task."""
-    return command.compress_command(
-        argv,
-        pipeline=pipeline,
-        make_task=lambda model, run_config, opts: compression_task(
-            model, run_config, opts, class_names=class_names, image_shape=image_shape, tfds_name=tfds_name
-        ),
-    )
+def compress_command(argv, *, pipeline, config_class, data_format):
+    """`compress --model=PATH --stages=...`: core/compression/command.py with this family's Task."""
+
+    def make_task(model, run_config, opts):
+        return compression_task(model, run_config, opts, config_class=config_class, data_format=data_format)
+
+    return command.compress_command(argv, pipeline=pipeline, make_task=make_task)
 
 
-def bench_input_task(cfg, run, *, class_names, image_shape, augment_batch, make_model):
+def bench_input_task(run, *, data_format, augment_batch, make_model):
     """The `bench-input` command's InputBenchTask: the training split as the cache holds it (raw
     pixels), training's own pipeline (`train_input`, one replica's batches), JPEG as the other
     stored format, and the pipeline's model for the train step's consumption rate."""
-    data = prepare_data(cfg, run, class_names=class_names, image_shape=image_shape, tfds_name="cifar10")
+    data = prepare_data(run, data_format)
     train = data.splits["train"]
-    args = train_input(data, train_batch_fn=augment_batch(cfg, run.seed, EpochCounter().epoch), seed=run.seed)
+    args = train_input(
+        data, train_batch_fn=augment_batch(run.cfg, run.opts.seed, EpochCounter().epoch), seed=run.opts.seed
+    )
 
     def train_consumption(batches, steps):
-        steps_per_epoch, total_steps = optim.steps_for(train.num_examples, cfg.batch_size, cfg.epochs)
-        model = make_model(
-            cfg, run, first_train_images(data), input_bench.one_device(run), steps_per_epoch, total_steps
-        )
+        schedule = runs.Schedule.of(train.num_examples, run.cfg.batch_size, run.cfg.epochs)
+        model = make_model(run, schedule, first_train_images(data))
         return input_bench.time_train_steps(model, batches[:2], steps)
+
+    def encode_jpeg(image, label):
+        return {"image": tf.io.encode_jpeg(image, quality=75), "label": tf.cast(label, tf.int64)}
 
     jpeg = input_bench.StoredFormat(
         "JPEG quality 75",
         parse=lambda record: image_data.parse_jpeg_example(record, data.image_shape),
-        encode=lambda image, label: {"image": tf.io.encode_jpeg(image, quality=75), "label": tf.cast(label, tf.int64)},
+        encode=encode_jpeg,
     )
     return input_bench.InputBenchTask(
         files=train.files,
         num_examples=train.num_examples,
         stored_format="raw uint8 pixels",
         parse=args["parse_fn"],
-        build=input_bench.build_like_training(cfg.batch_size, args),
+        build=input_bench.build_like_training(run.cfg.batch_size, args),
         train_consumption=train_consumption,
         other_formats=(jpeg,),
         consumption_batches=2,
     )
 
 
-def bench_input_command(argv, *, pipeline, config_class, smoke, class_names, image_shape, augment_batch, make_model):
-    """`bench-input [--data=...]`: core/input_bench.py on this family's training input."""
+def bench_input_command(argv, *, pipeline, config_class, smoke, data_format, augment_batch, make_model):
+    """`bench-input [--data=...]`: core/data/input_bench.py on this family's training input."""
+
+    def make_task(run):
+        return bench_input_task(run, data_format=data_format, augment_batch=augment_batch, make_model=make_model)
+
     return input_bench.bench_input_command(
-        argv,
-        pipeline=pipeline,
-        config_class=config_class,
-        smoke=smoke,
-        make_task=lambda cfg, run: bench_input_task(
-            cfg,
-            run,
-            class_names=class_names,
-            image_shape=image_shape,
-            augment_batch=augment_batch,
-            make_model=make_model,
-        ),
+        argv, pipeline=pipeline, config_class=config_class, smoke=smoke, make_task=make_task
     )

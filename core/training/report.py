@@ -15,7 +15,7 @@ def environment():
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
@@ -37,7 +37,7 @@ def plot_curves(history, path, title):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for key, style in ((metric, "-"), (f"val_{metric}", "--")):
             if key in history:
                 epochs = range(1, len(history[key]) + 1)
@@ -51,25 +51,17 @@ def plot_curves(history, path, title):
     files.save_figure(fig, path)
 
 
-def write_report(
-    run_dir,
-    pipeline,
-    strategy,
-    precision,
-    result,
-    data,
-    *,
-    model_name,
-    epochs,
-    global_batch,
-    total_steps,
-    steps_per_epoch,
-    val,
-    val_no_tta,
-    test,
-    tta=0,
-):
-    """Writes metrics.json and curves.png, and prints the headline figures."""
+def write_report(run, schedule, result, data, scores, *, model_name, tta=0):
+    """Writes metrics.json and curves.png, and prints the headline figures.
+
+    scores: {"val": ..., "test": ...} accuracy reports (`evaluation.accuracy_report`); "test" only
+    when it was scored, "val_no_tta" where the pipeline has test-time augmentation.
+    """
+    run_dir, pipeline, strategy, precision = run.dir, run.pipeline, run.strategy, run.precision
+    epochs, global_batch = schedule.epochs, schedule.global_batch
+    total_steps, steps_per_epoch = schedule.total_steps, schedule.steps_per_epoch
+    val, test = scores["val"], scores.get("test")
+    val_no_tta = scores.get("val_no_tta", val)
     described = strategies.describe(strategy)
     history = result["history"]
     name = os.path.basename(run_dir)

@@ -1,10 +1,13 @@
 """A training run before its data: flags, seeds, strategy, precision and the run folder (`Run`, `Schedule`)."""
 
+import dataclasses
 import json
 import os
 import re
 import time
+from typing import Any
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -15,7 +18,7 @@ from core.config import PRECISIONS
 from core.errors import UserError
 
 # Config keys that may differ between a run and its resumption (they change nothing trained).
-RESUMABLE_CHANGES = {"verbose", "smoke", "cache_dir", "output_dir", "name"}
+RESUMABLE_CHANGES = {"verbose", "smoke", "cache_dir", "output_dir", "name", "config_version"}
 
 
 def run_directory(output_dir, pipeline, name, multi_worker=False):
@@ -26,7 +29,8 @@ def run_directory(output_dir, pipeline, name, multi_worker=False):
     """
     if multi_worker and not name:
         raise UserError(
-            "--strategy=multiworker needs --name=NAME: every worker must write to the same run folder (make train STRATEGY=multiworker sets one)"
+            "--strategy=multiworker needs --name=NAME: every worker must write to the same run folder "
+            "(make train STRATEGY=multiworker sets one)"
         )
     name = name or time.strftime("%Y%m%d-%H%M%S")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
@@ -89,15 +93,48 @@ def steps_per_execution(run, strategy):
     return 32 if strategies.resolved_name(strategy) == "tpu" else 1
 
 
-def start_run(argv, *, pipeline, config_class, smoke, commands=()):
-    """What a training run sets up before it reads any data; returns
-    (run, cfg, strategy, precision, run_dir, is_chief).
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every stage of a training run shares, set up before any data is read."""
+
+    pipeline: str
+    opts: config_lib.RunOptions  # the flags every pipeline has (data, seed, strategy, verbose, ...)
+    cfg: Any  # the pipeline's own Config
+    strategy: tf.distribute.Strategy
+    precision: str  # the Keras dtype policy in force, `auto` resolved
+    dir: str  # the run folder, runs/<pipeline>/<name>/
+    is_chief: bool  # writes the report and model (every worker trains)
+
+    @property
+    def steps_per_execution(self):
+        """`--steps_per_execution`, or with 0 (auto) 32 on TPU and 1 elsewhere: a TPU step is too
+        short to pay a host round trip each; elsewhere 1 keeps per-step callbacks exact."""
+        return steps_per_execution(self.opts, self.strategy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How long a run trains, in optimizer steps."""
+
+    epochs: int
+    global_batch: int
+    steps_per_epoch: int  # whole global batches per pass over the training split
+    total_steps: int
+
+    @classmethod
+    def of(cls, num_examples, global_batch, epochs):
+        steps_per_epoch = max(1, int(num_examples) // int(global_batch))
+        return cls(epochs, global_batch, steps_per_epoch, int(np.ceil(steps_per_epoch * epochs)))
+
+
+def start_run(argv, *, pipeline, config_class, smoke, commands=()) -> Run:
+    """Sets up a training run before it reads any data.
 
     In this order: flags (`smoke` are the --smoke overrides), seeds, the strategy (before any
     other TF op, which --cpu_devices needs), precision, the batch split check, the run folder
     (refusing a finished run, or a resume with other flags) and the run's config.json.
     """
-    run, cfg = config_lib.parse_flags(
+    opts, cfg = config_lib.parse_flags(
         argv,
         [config_lib.RunOptions, config_class],
         prog=f"python -m pipelines.{pipeline}",
@@ -105,16 +142,15 @@ def start_run(argv, *, pipeline, config_class, smoke, commands=()):
         pipeline=pipeline,
         commands=list(commands),
     )
-    keras.utils.set_random_seed(run.seed)
-    strategy = strategies.make_strategy(run.strategy, tpu=run.tpu, cpu_devices=run.cpu_devices)
-    precision = set_precision(run.precision, strategy)
+    keras.utils.set_random_seed(opts.seed)
+    strategy = strategies.make_strategy(opts.strategy, tpu=opts.tpu, cpu_devices=opts.cpu_devices)
+    precision = set_precision(opts.precision, strategy)
     strategies.per_replica_batch(cfg.batch_size, strategy)  # fails early if not divisible
-    run_dir = run_directory(
-        run.output_dir, pipeline, run.name, multi_worker=strategies.resolved_name(strategy) == "multiworker"
-    )
+    multi_worker = strategies.resolved_name(strategy) == "multiworker"
+    run_dir = run_directory(opts.output_dir, pipeline, opts.name, multi_worker=multi_worker)
     is_chief = strategies.is_chief(strategy)
-    config = {"pipeline": pipeline, **config_lib.to_dict(run, cfg)}
+    config = config_lib.stored_config(pipeline, opts, cfg)
     check_resume(run_dir, config, defaults=config_lib.to_dict(config_lib.RunOptions(), config_class()))
     if is_chief:
         files.write_json(os.path.join(run_dir, "config.json"), config)
-    return run, cfg, strategy, precision, run_dir, is_chief
+    return Run(pipeline, opts, cfg, strategy, precision, run_dir, is_chief)

@@ -200,7 +200,7 @@ class InputWait(Throughput):
             )
 
     def fractions(self):
-        return [w / max(s, 1e-9) for w, s in zip(self.wait_seconds, self.epoch_seconds)]
+        return [w / max(s, 1e-9) for w, s in zip(self.wait_seconds, self.epoch_seconds, strict=True)]
 
 
 def _writable_dir(run_dir, sub, is_chief, scratch):
@@ -210,19 +210,7 @@ def _writable_dir(run_dir, sub, is_chief, scratch):
     return path
 
 
-def fit(
-    model,
-    train_ds,
-    val_ds,
-    *,
-    epochs,
-    steps_per_epoch,
-    run_dir,
-    is_chief,
-    callbacks=(),
-    verbose=1,
-    validation_steps=None,
-):
+def fit(run, model, datasets, schedule, *, callbacks=()):
     """Runs `model.fit` with the callbacks every run should have.
 
     Returns a dict: history (per-epoch metrics, all epochs of a resumed run included),
@@ -233,7 +221,10 @@ def fit(
     input is an `input_pipeline.distributed_dataset`, input_wait_seconds (steps idle waiting for
     input) and input_wait_fraction_per_epoch.
     Raises `TrainingDiverged` when the loss turned NaN; the last finite checkpoint stays.
+    `datasets` is (train, val, validation_steps), as the pipelines' make_datasets return them.
     """
+    train_ds, val_ds, validation_steps = datasets
+    run_dir, is_chief = run.dir, run.is_chief
     with contextlib.nullcontext(None) if is_chief else tempfile.TemporaryDirectory(prefix="worker-") as scratch:
         checkpoints = _writable_dir(run_dir, "checkpoints", is_chief, scratch)
         logs_dir = _writable_dir(run_dir, "logs", is_chief, scratch)
@@ -272,16 +263,17 @@ def fit(
             train_ds,
             validation_data=val_ds,
             validation_steps=validation_steps,
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
+            epochs=schedule.epochs,
+            steps_per_epoch=schedule.steps_per_epoch,
             callbacks=all_callbacks,
-            verbose=verbose,
+            verbose=run.opts.verbose,
         )
         train_seconds = time.perf_counter() - start
         if nan_guard.stopped_at is not None:
             epoch, batch = nan_guard.stopped_at
             raise TrainingDiverged(
-                f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last finite weights are in {checkpoints}/latest (lower the learning rate or use --precision=float32)"
+                f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last "
+                f"finite weights are in {checkpoints}/latest (lower the learning rate or use --precision=float32)"
             )
         return {
             "history": _read_history(history_csv) or {k: list(v) for k, v in history.history.items()},
