@@ -63,7 +63,7 @@ endif
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate compress tune bench bench-input test test-faults test-all clean-runs
+.PHONY: help install train evaluate compress tune bench bench-input lint test test-faults test-all clean-runs
 
 help: ## list the targets (this text)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -110,10 +110,14 @@ tune: install ## keras-tuner search over the pipeline's SEARCH_SPACE (TUNER=hype
 	$(PY) -m pipelines.$(PIPELINE) tune --tuner=$(TUNER) --trials=$(TRIALS) $(TRAIN_FLAGS)
 
 bench: install ## repeat the training RUNS times (seeds 0..RUNS-1) and print the BENCHMARKS.md row
-	$(PY) -m core.benchmark --pipeline=$(PIPELINE) --runs=$(RUNS) -- $(TRAIN_FLAGS)
+	$(PY) -m core.training.benchmark --pipeline=$(PIPELINE) --runs=$(RUNS) -- $(TRAIN_FLAGS)
 
 bench-input: install ## input pipeline throughput: storage bound, naive, tuned, ablation, remote, train step (input_bench.md)
 	$(PY) -m pipelines.$(PIPELINE) bench-input --data=$(TRAIN_DATA) $(ARGS)
+
+lint: install ## ruff: the formatter's check and the lint rules (pyproject.toml)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 test: install ## the fast test suite (under 15 minutes on 2 cores)
 	$(PY) -m pytest -m "not slow" $(ARGS)
