@@ -1,3 +1,4 @@
-"""Shared machinery for the pipelines: config parsing, data import and caching, the tuned
-tf.data reader, training, evaluation and run reports. Pipelines import from here; nothing here
-imports a pipeline."""
+"""Shared machinery the pipelines import, grouped by role: data, training, compression, tasks.
+
+Imports run one way: pipelines -> core.tasks -> the other core packages -> models, strategies.
+Nothing here imports a pipeline."""

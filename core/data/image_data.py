@@ -1,5 +1,6 @@
-"""Images for the cache: how to read image sources (folders, archives, CIFAR binary, TFDS) and
-encode one image as a record. The shared conversion is core/data/cache.py.
+"""Image sources for the cache: folders, archives, CIFAR-10 binary and TFDS, read and encoded.
+
+The shared conversion is core/data/cache.py; this module supplies how to read and encode images.
 
     data = image_data.prepare("cifar10-jpeg-train.tar.gz", cache_root=".cache", class_names=NAMES)
     ds = tf.data.TFRecordDataset(data.splits["train"].files).map(

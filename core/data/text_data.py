@@ -1,5 +1,6 @@
-"""Text for the cache: how to read labelled text sources (folders, archives, CSV/JSON Lines, TFDS)
-and encode one text as a record. The shared conversion is core/data/cache.py.
+"""Text sources for the cache: class folders, aclImdb, archives, CSV/JSON Lines and TFDS, read and encoded.
+
+The shared conversion is core/data/cache.py; this module supplies how to read and encode texts.
 
     data = text_data.prepare("aclImdb_v1.tar.gz", cache_root=".cache", class_names=("neg", "pos"))
     ds = tf.data.TFRecordDataset(data.splits["train"].files).map(parse_example)

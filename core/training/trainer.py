@@ -1,13 +1,14 @@
-"""The training stage shared by all pipelines: run folders, precision, callbacks, fit, report.
+"""The fit every pipeline runs: `model.fit` with checkpoints, backup, TensorBoard and a NaN guard.
 
-A run writes `runs/<pipeline>/<name>/`:
+A run writes `runs/<pipeline>/<name>/` (runs.py makes it and writes config.json, report.py the
+metrics and curves, this module the rest):
     config.json       every config field, as run (feed it back with --config=...)
     history.csv       per-epoch metrics (Keras CSVLogger)
     checkpoints/      latest/ and best/ weights (best by val_accuracy), each the newest only
     backup/           BackupAndRestore state while training; rerun the same command to resume
     logs/             TensorBoard
     model.keras       the trained model (Keras format; loads in safe mode, no custom objects)
-    metrics.json      the run's figures (see `write_metrics`)
+    metrics.json      the run's figures (report.write_report)
     curves.png        loss and accuracy per epoch
 
 On a multi-worker cluster only the chief writes reports and the model; the other workers write
