@@ -305,6 +305,9 @@ def test_compress_command_writes_the_report(tmp_path):
         cifar10_cnn.compress_command([f"--model={run_dir}/model.keras", "--stages=ptq_dynamic", "--eval_split=test"])
 
 
+# Slow (about a minute): compress itself is covered above on one device, mirrored training by
+# tests/test_strategies.py; this one checks the two together.
+@pytest.mark.slow
 def test_compress_command_fine_tunes_under_mirrored_on_two_cpus(tmp_path):
     from tests.helpers import run_module, smoke_run
 

@@ -333,6 +333,8 @@ def _start(args, tuner_id, port):
     )
 
 
+# Slow (about 45 s, three processes): the single-process searches above cover the oracle and trials.
+@pytest.mark.slow
 def test_distributed_search_chief_and_two_workers_on_localhost(tmp_path):
     """keras-tuner's distributed mode: the chief serves the oracle over gRPC, two workers train
     the trials it hands out (each on its own host in real use), the chief writes the report."""
