@@ -39,7 +39,9 @@ class RunOptions:
     """Options every pipeline shares; the pipeline's own `Config` holds the task's knobs."""
 
     strategy: str = "auto"  # auto | default | mirrored | multiworker | tpu
-    data: str = "tfds"  # tfds | synthetic | a folder of class folders | a .tar.gz of one | cifar-10-binary.tar.gz
+    #: tfds | synthetic | a folder of class folders | a .tar.gz of one | cifar-10-binary.tar.gz | a .csv/.jsonl
+    #: of text and label columns (text pipelines)
+    data: str = "tfds"
     name: str = ""  # run name: outputs go to <output_dir>/<pipeline>/<name>/ (default: a timestamp)
     output_dir: str = "runs"  # root folder of run outputs
     cache_dir: str = ".cache/datasets"  # where offline sources are converted to sharded TFRecords, once
@@ -191,15 +193,17 @@ def parse_flags(argv, classes, prog="pipeline", smoke_overrides=None, pipeline=N
     if parsed.get("smoke") and smoke_overrides:
         values.update({k: check(k, v, "smoke override") for k, v in smoke_overrides.items()})
     if config_file:
-        stored = upgrade_config(load_json_object(config_file, pipeline), pipeline, config_file, classes)
+        stored = upgrade_config(
+            load_json_object(config_file, pipeline, keep_pipeline=True), pipeline, config_file, classes
+        )
         values.update({k: check(k, v, f"key in {config_file}:") for k, v in stored.items()})
     values.update(parsed)
     return [cls(**{k: v for k, v in values.items() if fields[k][0] is cls}) for cls in classes]
 
 
-def load_json_object(path, pipeline=None, *, flag="config", what="config fields"):
+def load_json_object(path, pipeline=None, *, flag="config", what="config fields", keep_pipeline=False):
     """`what` from a JSON object file given as `--flag=path`; a "pipeline" key (as in a run's
-    config.json) must match."""
+    config.json) must match, and is dropped unless `keep_pipeline`."""
     if not os.path.isfile(path):
         raise UserError(f"--{flag}={path}: no such file; expected a JSON object of {what}")
     try:
@@ -213,7 +217,7 @@ def load_json_object(path, pipeline=None, *, flag="config", what="config fields"
     if not isinstance(data, dict):
         raise UserError(f"--{flag}={path}: expected a JSON object of {what}, got {type(data).__name__}")
     data = dict(data)
-    written_for = data.pop("pipeline", None)
+    written_for = data.get("pipeline") if keep_pipeline else data.pop("pipeline", None)
     if pipeline and written_for and written_for != pipeline:
         raise UserError(f"--{flag}={path}: written for pipeline {written_for!r}; expected one for {pipeline!r}")
     return data
@@ -225,15 +229,22 @@ def stored_config(pipeline, *configs) -> dict:
 
 
 def upgrade_config(data, pipeline, path, classes=()):
-    """Field values of a config file of any version, as this version reads them."""
+    """Field values of a config file of any version, as this version reads them.
+
+    Files this repository wrote (a run's config.json, best_config.json) name their "pipeline";
+    one of those without a config_version is version 1. A file without either is taken as the
+    current version: a person wrote it against today's flags.
+    """
     data = dict(data)
-    version = data.pop("config_version", 1)
-    if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+    written_by_a_run = data.pop("pipeline", None) is not None
+    version = data.pop("config_version", 1 if written_by_a_run else CONFIG_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
         raise UserError(f"--config={path}: config_version {version!r}; expected 1 to {CONFIG_VERSION}")
     if version < 2 and pipeline in RAW_LEARNING_RATE_BEFORE_V2 and "learning_rate" in data:
         defaults = {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
         batch = data.get("batch_size", defaults.get("batch_size"))
-        if not isinstance(batch, int) or batch < 1:
+        data["learning_rate"] = _coerce(f"learning_rate in {path}", data["learning_rate"], float)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise UserError(
                 f"--config={path}: a version-1 config whose learning_rate needs its batch_size to convert; "
                 "expected a positive integer batch_size"

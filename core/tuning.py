@@ -497,7 +497,7 @@ def write_best_config(best, search, config_class):
         os.path.join(search.search_dir, "best_config.json"),
         {
             "pipeline": search.pipeline,
-            "config_version": config_lib.CONFIG_VERSION,
+            "config_version": run_config.get("config_version", 1),
             **{k: run_config[k] for k in fields},
         },
     )

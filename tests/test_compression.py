@@ -1,5 +1,6 @@
-"""Compression stages (core/stages.py), TFLite export and measurement (core/tflite.py) and
-the `compress` command (core/compress.py), on tiny models and random data."""
+"""Compression stages (core/compression/stages.py), TFLite export and measurement
+(core/compression/tflite.py) and the `compress` command (core/compression/command.py), on tiny
+models and random data."""
 
 import json
 

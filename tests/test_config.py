@@ -10,6 +10,26 @@ from pipelines import cifar10_cnn
 CLASSES = [config_lib.RunOptions, cifar10_cnn.Config]
 
 
+def test_every_options_class_documents_every_field():
+    from core.compression.command import CompressOptions
+    from core.data.input_bench import BenchInputOptions
+    from core.tasks import image_classification, text_classification
+    from core.tuning import TuneOptions
+    from pipelines import cifar10_vit, imdb_transformer
+
+    for cls in (
+        cifar10_vit.Config,
+        imdb_transformer.Config,
+        image_classification.EvaluateOptions,
+        text_classification.EvaluateOptions,
+        CompressOptions,
+        BenchInputOptions,
+        TuneOptions,
+    ):
+        helps = config_lib.field_help(cls)
+        assert all(helps.get(f.name) for f in dataclasses.fields(cls)), (cls.__name__, helps)
+
+
 def test_every_field_documents_itself_in_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         config_lib.parse_flags(["--help"], CLASSES)
@@ -135,6 +155,30 @@ def test_a_version_1_imdb_config_has_its_raw_learning_rate_converted(tmp_path):
     future.write_text(json.dumps({"config_version": 9, "learning_rate": 0.1}))
     with pytest.raises(UserError, match="config_version 9; expected 1 to 2"):
         config_lib.parse_flags([f"--config={future}"], classes, pipeline="imdb_transformer")
+
+
+def test_a_hand_written_config_is_read_as_the_current_version(tmp_path):
+    from pipelines import imdb_transformer
+
+    classes = [config_lib.RunOptions, imdb_transformer.Config]
+    mine = tmp_path / "mine.json"  # no "pipeline", no version: written by a person, in today's units
+    mine.write_text(json.dumps({"learning_rate": 0.032}))
+    _, cfg = config_lib.parse_flags([f"--config={mine}"], classes, pipeline="imdb_transformer")
+    assert cfg.learning_rate == 0.032
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"pipeline": "imdb_transformer", "learning_rate": "fast"}))
+    with pytest.raises(UserError, match="learning_rate in .*bad.json='fast': expected float"):
+        config_lib.parse_flags([f"--config={bad}"], classes, pipeline="imdb_transformer")
+
+
+def test_resuming_a_version_1_imdb_run_is_refused(tmp_path):
+    from core.training import runs
+
+    (tmp_path / "backup").mkdir()
+    stored = {"pipeline": "imdb_transformer", "learning_rate": 0.002, "batch_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(UserError, match="started before learning rates were per 1024 examples"):
+        runs.check_resume(str(tmp_path), {**stored, "config_version": 2, "learning_rate": 0.002})
 
 
 def test_image_configs_of_version_1_already_meant_per_1024(tmp_path):

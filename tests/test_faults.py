@@ -149,7 +149,7 @@ def _check_loads(directory):
 
 
 def test_why_checkpoints_rotate_a_fixed_name_killed_inside_the_merge_does_not_load(tmp_path, monkeypatch):
-    """What RotatingCheckpoint (core/training.py) avoids. TF's merge renames the new data file
+    """What RotatingCheckpoint (core/training/trainer.py) avoids. TF's merge renames the new data file
     over the old one, then writes the index: stopped in between, a checkpoint saved again under
     its old name holds new data beside an old index, and no longer loads."""
     import tensorflow as tf

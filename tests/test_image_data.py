@@ -1,4 +1,4 @@
-"""Tests for core/image_data.py and core/records.py, on tiny sources generated in tmp dirs.
+"""Tests for core/data/image_data.py, cache.py and records.py, on tiny sources generated in tmp dirs.
 
 Run: .venv/bin/python -m pytest tests/test_image_data.py -q   (about 15 s on 2 CPU cores)
 """

@@ -150,7 +150,7 @@ def test_every_keras_load_model_call_passes_safe_mode_true():
         for call in _load_model_calls(tree):
             safe_mode = {k.arg: k.value for k in call.keywords}.get("safe_mode")
             calls[f"{name} line {call.lineno}"] = isinstance(safe_mode, ast.Constant) and safe_mode.value is True
-    assert calls and all(calls.values()), calls  # core/evaluation.py's load_model at least
+    assert calls and all(calls.values()), calls  # core/training/evaluation.py's load_model at least
 
 
 # --- saved models ----------------------------------------------------------------------------

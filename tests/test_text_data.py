@@ -1,4 +1,4 @@
-"""Tests for core/text_data.py, on tiny aclImdb-layout sources generated in tmp dirs.
+"""Tests for core/data/text_data.py, on tiny aclImdb-layout sources and tables generated in tmp dirs.
 
 Run: .venv/bin/python -m pytest tests/test_text_data.py -q   (25 tests, about 6 s on 2 CPU cores)
 """
@@ -336,6 +336,16 @@ def _bad_jsonl_line(tmp):
     return str(tmp / "reviews.jsonl"), "reviews.jsonl:2: not a JSON object"
 
 
+def _bad_short_csv_row(tmp):
+    (tmp / "reviews.csv").write_text("label,text\npos,fine\nneg\n")
+    return str(tmp / "reviews.csv"), "reviews.csv:3: text is None; expected a string"
+
+
+def _bad_table_missing_a_class(tmp):
+    (tmp / "reviews.jsonl").write_text('{"text": "fine", "label": "pos"}\n')
+    return str(tmp / "reviews.jsonl"), "reviews.jsonl: no rows of class neg; expected rows of every class"
+
+
 def _bad_header_only_csv(tmp):
     (tmp / "reviews.csv").write_text("text,label\n")
     return str(tmp / "reviews.csv"), "reviews.csv: no rows; expected rows with a 'text' and a 'label' column"
@@ -363,6 +373,8 @@ def _bad_header_only_csv(tmp):
         _bad_missing_column,
         _bad_jsonl_line,
         _bad_header_only_csv,
+        _bad_short_csv_row,
+        _bad_table_missing_a_class,
     ],
 )
 def test_bad_input_gives_one_line_user_error_naming_it(tmp_path, make_bad):
@@ -405,3 +417,15 @@ def test_class_folders_take_the_pipelines_class_names(tmp_path):
     assert all(text.startswith(("c", "a", "b")[label]) for text, label in zip(texts, labels, strict=True))
     with pytest.raises(UserError, match="texts/c/: class folder other than a/ and b/"):
         text_data.prepare(str(tmp_path / "texts"), cache_root=str(tmp_path / "cache"), class_names=("a", "b"))
+
+
+def test_table_texts_keep_long_fields_and_json_line_separators(tmp_path):
+    long_text = "word " * 40_000  # over the csv module's default field limit of 131,072 characters
+    (tmp_path / "long.csv").write_text(f'text,label\n"{long_text}",pos\nshort,neg\n')
+    ((texts, labels),) = text_data.read_source_texts(str(tmp_path / "long.csv"), FORMAT).values()
+    assert texts[0] == long_text and labels.tolist() == [1, 0]
+    separators = "line\u2028para\u2029next\u0085"  # valid unescaped inside a JSON string
+    rows = [{"text": separators, "label": "pos"}, {"text": "x", "label": "neg"}]
+    (tmp_path / "odd.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    ((texts, _),) = text_data.read_source_texts(str(tmp_path / "odd.jsonl"), FORMAT).values()
+    assert texts[0] == separators

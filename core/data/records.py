@@ -134,6 +134,10 @@ def read_meta(cache_dir: str) -> dict:
         raise UserError(f"{path}: unreadable cache metadata ({e}); delete {cache_dir} to rebuild it") from None
     for split in splits.values():
         sizes = split.get("bytes") or [None] * len(split["files"])  # caches before sizes were kept have none
+        if len(sizes) != len(split["files"]):
+            raise UserError(
+                f"{path}: {len(sizes)} shard sizes for {len(split['files'])} shards; delete {cache_dir} to rebuild it"
+            )
         for file, expected in zip(split["files"], sizes, strict=True):
             try:
                 size = tf.io.gfile.stat(file).length

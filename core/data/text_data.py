@@ -240,9 +240,10 @@ def _load_table(path, class_names, text_column, label_column, skipped):
             f"{path}: not UTF-8 ({e.reason} at byte {e.start}); expected a UTF-8 .csv or .jsonl file"
         ) from None
     if path.lower().endswith(".csv"):
+        csv.field_size_limit(max(csv.field_size_limit(), len(content)))  # a long text is one field
         reader = csv.DictReader(io.StringIO(content, newline=""))
         columns = reader.fieldnames or []
-        rows = ((reader.line_num, row) for row in reader)
+        rows = _csv_rows(path, reader)
     else:
         rows = _jsonl_rows(path, content)
         columns = None
@@ -256,18 +257,36 @@ def _load_table(path, class_names, text_column, label_column, skipped):
                     f"{path}:{line}: no {column!r} column (found {list(found)}); "
                     f"expected a {text_column!r} and a {label_column!r} column"
                 )
-        label = str(row[label_column]).strip()
+        text, label = row[text_column], row[label_column]
+        if not isinstance(text, str):  # a short CSV row (None), a JSON null, number or list
+            raise UserError(f"{path}:{line}: {text_column} is {text!r}; expected a string")
+        label = label.strip() if isinstance(label, str) else json.dumps(label)  # JSON labels: 1, null, ...
         if label not in index:
             raise UserError(f"{path}:{line}: label {label!r} is not a class; expected one of {', '.join(class_names)}")
-        texts.append(str(row[text_column]).encode("utf-8"))
+        texts.append(text.encode("utf-8"))
         labels.append(index[label])
     if not texts:
         raise UserError(f"{path}: no rows; expected rows with a {text_column!r} and a {label_column!r} column")
+    present = set(labels)
+    missing = [name for name, i in index.items() if i not in present]
+    if missing:  # as a missing class folder is for folder sources
+        raise UserError(f"{path}: no rows of class {', '.join(missing)}; expected rows of every class")
     return {"train": (_texts_array(texts), np.array(labels, dtype=np.int64))}
 
 
+def _csv_rows(path, reader):
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise UserError(
+            f"{path}:{reader.line_num}: not valid CSV ({e}); expected a header row, then text and label"
+        ) from None
+
+
 def _jsonl_rows(path, content):
-    for line, text in enumerate(content.splitlines(), start=1):
+    # "\n" only: JSON strings may hold U+2028 and other characters splitlines() would break at.
+    for line, text in enumerate(content.split("\n"), start=1):
         if not text.strip():
             continue
         try:

@@ -61,6 +61,11 @@ def check_resume(run_dir, config, defaults=None):
     if not (tf.io.gfile.isdir(os.path.join(run_dir, "backup")) and tf.io.gfile.exists(stored_path)):
         return
     stored = {**(defaults or {}), **json.loads(files.read_text(stored_path))}
+    if stored.get("config_version", 1) < 2 and stored.get("pipeline") in config_lib.RAW_LEARNING_RATE_BEFORE_V2:
+        raise UserError(
+            f"{run_dir}: started before learning rates were per 1024 examples (config_version 1), so resuming "
+            "it would mix two recipes; start a new run with another --name (--config=its config.json converts it)"
+        )
     changed = sorted(
         k for k in set(stored) | set(config) if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k)
     )
