@@ -361,6 +361,9 @@ def test_imdb_compress_refuses_an_image_model(tmp_path):
     assert "\n" not in str(error.value)
 
 
+# Slow (about 45 s): the text compress command runs end to end in make test through
+# tests/test_template_copy.py, and prune/pqat on the Transformer through the test above.
+@pytest.mark.slow
 def test_imdb_compress_command_compresses_the_classifier_inside_the_text_model(tmp_path):
     from pipelines import imdb_transformer
     from tests.helpers import smoke_run
