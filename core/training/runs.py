@@ -7,7 +7,6 @@ import re
 import time
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -16,6 +15,7 @@ from core import config as config_lib
 from core import files
 from core.config import PRECISIONS
 from core.errors import UserError
+from core.training import optim
 
 # Config keys that may differ between a run and its resumption (they change nothing trained).
 RESUMABLE_CHANGES = {"verbose", "smoke", "cache_dir", "output_dir", "name", "config_version"}
@@ -128,8 +128,7 @@ class Schedule:
 
     @classmethod
     def of(cls, num_examples, global_batch, epochs):
-        steps_per_epoch = max(1, int(num_examples) // int(global_batch))
-        return cls(epochs, global_batch, steps_per_epoch, int(np.ceil(steps_per_epoch * epochs)))
+        return cls(epochs, global_batch, *optim.steps_for(num_examples, global_batch, epochs))
 
 
 def start_run(argv, *, pipeline, config_class, smoke, commands=()) -> Run:
