@@ -38,6 +38,8 @@ import tf_keras as keras
 from tensorflow_model_optimization.python.core.sparsity.keras import prunable_layer
 from tf_keras import layers
 
+from models import ngrams
+
 VARIANTS = {
     # name: (width, depth, heads, mlp_ratio)
     "tiny": (32, 1, 2, 2),  # smoke tests
@@ -148,11 +150,16 @@ class DotProductAttention(layers.Layer, prunable_layer.PrunableLayer):
         scores = tf.einsum("bhqd,bhkd->bhqk", query * (1.0 / math.sqrt(head_width)), key)
         scores = tf.cast(scores, tf.float32)
         if mask is not None:
-            # Padded keys get MASK_PENALTY before softmax: a weight of e^-16 ~ 1e-7 each, nothing.
-            # Not -1e9: int8 TFLite quantizes the scores over their whole range, and a range
-            # reaching -1e9 rounds every real score to the same value (uniform attention).
+            # A padded key scores MASK_PENALTY below the row's lowest score, whatever its own
+            # score: a weight of at most e^-16 ~ 1e-7 of any real key's. Penalising it relative to
+            # its own score (as before) let a trained model make padded keys outscore real ones,
+            # and then a review's logits depended on how much padding its batch had
+            # (tests/test_transformer.py builds such weights). Not -1e9: int8 TFLite quantizes
+            # the scores over their whole range, and a range reaching -1e9 rounds every real
+            # score to the same value (uniform attention); this keeps the range within 16 of it.
             key_mask = tf.reshape(tf.cast(mask, tf.float32), [tf.shape(mask)[0], 1, 1, tf.shape(mask)[1]])
-            scores += (1.0 - key_mask) * -MASK_PENALTY
+            floor = tf.stop_gradient(tf.reduce_min(scores, axis=-1, keepdims=True)) - MASK_PENALTY
+            scores = scores * key_mask + floor * (1.0 - key_mask)
         weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
         attended = tf.einsum("bhqk,bhkd->bqhd", weights, value)
         return tf.reshape(attended, (batch, length, width))
@@ -251,15 +258,32 @@ def text_classifier(
     dropout=0.1,
     embedding_dropout=0.1,
     bigram_buckets=0,
+    ngram_buckets=0,
+    ngram_order=2,
+    ngram_scale=1.0,
+    branch_dropout=0.0,
     name="text_transformer",
 ):
     """Token ids (0 = padding, any length up to `max_length`) -> class logits.
 
     Pooling is the mean over real tokens (no [CLS] token: mean pooling trains faster from scratch
     on short budgets, and needs no extra position).
+
+    With `ngram_buckets`, a naive-Bayes-weighted bag of words and hashed n-grams
+    (`models/ngrams.py`) adds its logits to the Transformer's; its ratio table must then be set
+    with `model.get_layer("ngram_logits").set_log_ratios(...)`. Variant "none" is that part alone.
     """
-    width, depth, heads, mlp_ratio = _variant(variant)
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+    ngram_logits = None
+    if ngram_buckets:
+        ngram_ids = ngrams.NgramIds(vocab_size, ngram_buckets, ngram_order, name="ngram_ids")(token_ids)
+        table_size = vocab_size + ngram_buckets
+        ngram_logits = ngrams.NgramLogits(table_size, num_classes, ngram_scale, name="ngram_logits")(ngram_ids)
+    if variant == "none":
+        if ngram_logits is None:
+            raise ValueError("variant 'none' (no Transformer) needs ngram_buckets")
+        return keras.Model(token_ids, ngram_logits, name=name)
+    width, depth, heads, mlp_ratio = _variant(variant)
     mask = PaddingMask(name="padding_mask")(token_ids)
     x = layers.Embedding(vocab_size, width, embeddings_initializer=_truncated_normal(), name="token_embedding")(
         token_ids
@@ -278,6 +302,8 @@ def text_classifier(
     x = encoder(x, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, mask=mask)
     x = MaskedMeanPooling(name="pooling")([x, mask])
     logits = classifier_head(x, num_classes=num_classes, dropout=dropout)
+    if ngram_logits is not None:
+        logits = ngrams.BranchDropout(branch_dropout, name="transformer_and_ngrams")([logits, ngram_logits])
     return keras.Model(token_ids, logits, name=name)
 
 

@@ -76,17 +76,44 @@ def test_attention_ignores_masked_keys():
     np.testing.assert_allclose(attention([qkv, mask])[:, :2], attention([changed, mask])[:, :2], atol=1e-5)
 
 
-def test_masked_keys_weigh_at_most_e_to_the_minus_penalty():
-    # The bound the finite MASK_PENALTY gives (int8-friendly, see DotProductAttention): a masked
-    # key that scores s more than every real key gets at most e^(s - penalty) of its weight.
+def test_masked_keys_weigh_at_most_e_to_the_minus_penalty_whatever_they_score():
+    # A masked key that scores 40 above every real key still gets at most e^-penalty of a real
+    # key's weight (the old mask, relative to the key's own score, gave it e^(40 - 16)).
     head_width = 4
     parts = np.zeros((1, 3, 3, 2, head_width), np.float32)  # batch, tokens, q/k/v, heads, head width
     parts[:, :, 0, :, 0] = 1.0  # every query
-    parts[0, 2, 1, :, 0] = 4.0 * np.sqrt(head_width)  # the masked token's key: score 4, real keys 0
+    parts[0, 2, 1, :, 0] = 40.0 * np.sqrt(head_width)  # the masked token's key: score 40, real keys 0
     parts[0, 2, 2, :, 1] = 1.0  # only the masked token carries a value
     qkv = tf.constant(parts.reshape(1, 3, 3 * 2 * head_width))
     out = transformer.DotProductAttention(2)([qkv, tf.constant([[1.0, 1.0, 0.0]])])
-    assert 0 < float(tf.reduce_max(out)) <= np.exp(4.0 - transformer.MASK_PENALTY)
+    assert 0 < float(tf.reduce_max(out)) <= np.exp(-transformer.MASK_PENALTY)
+
+
+def test_logits_do_not_depend_on_padding_even_where_padded_keys_outscore_real_ones():
+    # The failing case built on purpose (a fresh model passes trivially): padding's embedding
+    # and the first block's query and key weights make every padded key score ~50 above the
+    # real ones, far past MASK_PENALTY. A review's logits alone and in a batch padded to
+    # max_length must still agree.
+    model = transformer.text_classifier("tiny", vocab_size=50, max_length=64, dropout=0.0, embedding_dropout=0.0)
+    width = transformer.VARIANTS["tiny"][0]
+    pattern = np.tile([1.0, -1.0], width // 2).astype(np.float32)  # LayerNorm leaves it as it is
+    table = model.get_layer("token_embedding").embeddings.numpy()
+    table[0] = 5.0 * pattern  # padding (id 0)
+    model.get_layer("token_embedding").embeddings.assign(table)
+    qkv = model.get_layer("encoder_block1_qkv")
+    kernel, bias = qkv.kernel.numpy(), qkv.bias.numpy()
+    kernel[:, :width], bias[:width] = 0.0, 4.0 * pattern  # every query: 4 * pattern
+    kernel[:, width : 2 * width] = 4.0 * np.eye(width)  # keys: 4 * the normalised token
+    qkv.kernel.assign(kernel)
+    qkv.bias.assign(bias)
+    model.get_layer("head_logits").kernel.assign(tf.random.normal((width, 2), seed=4))  # zero-init otherwise
+    review = np.random.default_rng(5).integers(2, 50, (1, 12)).astype("int32")
+    longer = np.random.default_rng(6).integers(2, 50, (1, 40)).astype("int32")
+    batch = np.zeros((2, 64), np.int32)
+    batch[0, :12], batch[1, :40] = review[0], longer[0]
+    alone, in_batch = model(review).numpy()[0], model(batch).numpy()[0]
+    assert np.abs(alone).max() > 1e-2  # the head reads something
+    np.testing.assert_allclose(in_batch, alone, atol=1e-3)
 
 
 def test_bigram_ids_are_zero_where_a_pair_touches_padding():
