@@ -18,7 +18,10 @@ of .txt files, or a .csv or .jsonl file with text and label columns (core/data/t
 """
 
 import dataclasses
+import time
 
+import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 import strategies
@@ -28,7 +31,7 @@ from core.data import text_data
 from core.errors import UserError
 from core.tasks import text_classification
 from core.training import optim, runs, trainer
-from models import text_preprocessing, transformer
+from models import ngrams, text_preprocessing, transformer
 
 PIPELINE = "imdb_transformer"
 CLASS_NAMES = ("neg", "pos")  # label i is CLASS_NAMES[i]: folder names, and the labels of a .csv
@@ -38,13 +41,19 @@ DATA_FORMAT = text_data.Texts(CLASS_NAMES, tfds_name="imdb_reviews", text_column
 @dataclasses.dataclass(frozen=True)
 class Config:
     # model
-    model: str = "small"  # transformer size variant: tiny | small | base (models/transformer.VARIANTS)
+    model: str = "small"  # transformer size variant: tiny | small | base, or none (n-gram part alone)
     tokenizer: str = "words"  # words (TextVectorization) | wordpiece (tensorflow-text subwords)
     #: tokenizer vocabulary (most frequent words, or WordPiece's target size), padding and OOV included
     vocab_size: int = 20000
     max_length: int = 400  # tokens per review; longer ones keep their first and last halves
     #: hashed (word, next word) embeddings, e.g. 262144; 0 = words only (measured better so far)
     bigram_buckets: int = 0
+    #: naive-Bayes bag of words and hashed n-grams beside the Transformer (models/ngrams.py); 0 = off
+    ngram_buckets: int = 1 << 20
+    ngram_order: int = 2  # 2 = words and bigrams, 3 adds trigrams
+    ngram_scale: float = 4.0  # multiplies the n-gram weights: their learning rate relative to the rest
+    #: share of training examples that see only the Transformer, and again only the n-grams
+    branch_dropout: float = 0.33
     dropout: float = 0.1  # in the encoder, on the embeddings and before the head
     # data
     val_fraction: float = 0.1  # share of each class carved from train for validation (seeded)
@@ -54,12 +63,14 @@ class Config:
     # optimisation
     batch_size: int = 64  # global, split across replicas (as fast per review as 256 here, 4x the steps)
     epochs: int = 2  # full passes over the training split
-    learning_rate: float = 0.032  # AdamW peak, per 1024 examples, scaled linearly with batch_size
+    #: AdamW peak, per 1024 examples, scaled linearly with batch_size. 0.032 trained unstably: the
+    #: loss climbed back at the peak on some data orders (BENCHMARKS.md, "Why seeds collapsed")
+    learning_rate: float = 0.008
     weight_decay: float = 0.01  # AdamW decoupled decay (not on biases, norms, position table)
     warmup_fraction: float = 0.1  # linear warm-up over this share of steps, then cosine decay to 0
 
     def __post_init__(self):
-        config_lib.check_choice("model", self.model, tuple(transformer.VARIANTS))
+        config_lib.check_choice("model", self.model, (*transformer.VARIANTS, "none"))
         config_lib.check_choice("tokenizer", self.tokenizer, text_classification.TOKENIZERS)
         config_lib.check_positive(
             self,
@@ -71,10 +82,18 @@ class Config:
             "examples_per_shard",
             "length_bucket",
         )
-        config_lib.check_positive(self, "max_examples", "bigram_buckets", "weight_decay", allow_zero=True)
+        config_lib.check_positive(self, "ngram_scale")
+        config_lib.check_positive(
+            self, "max_examples", "bigram_buckets", "ngram_buckets", "weight_decay", allow_zero=True
+        )
+        config_lib.check_choice("ngram_order", self.ngram_order, (1, 2, 3))
+        if self.model == "none" and not self.ngram_buckets:
+            raise UserError("--model=none: the n-gram part alone needs --ngram_buckets above 0")
         for name in ("val_fraction", "warmup_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise UserError(f"--{name}={getattr(self, name)}: expected a number between 0 and 1")
+        if not 0 <= self.branch_dropout <= 0.5:
+            raise UserError(f"--branch_dropout={self.branch_dropout}: expected a number in [0, 0.5]")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout={self.dropout}: expected a number in [0, 1)")
         if self.vocab_size < 3:
@@ -87,7 +106,9 @@ class Config:
 
 # `make tune` searches these Config fields (core/tuning.py); every other field stays as configured.
 SEARCH_SPACE = {
-    "learning_rate": tuning.Float(8e-3, 0.064, log=True),  # per 1024 examples
+    "learning_rate": tuning.Float(2e-3, 0.032, log=True),  # per 1024 examples
+    "ngram_scale": tuning.Float(1.0, 16.0, log=True),
+    "branch_dropout": tuning.Float(0.0, 0.5, step=0.05),
     "weight_decay": tuning.Float(1e-3, 0.1, log=True),
     "dropout": tuning.Float(0.0, 0.3, step=0.05),
     "warmup_fraction": tuning.Float(0.05, 0.3, step=0.05),
@@ -101,6 +122,7 @@ SMOKE = dict(
     vocab_size=200,
     max_length=64,
     bigram_buckets=512,
+    ngram_buckets=1024,
     batch_size=32,
     epochs=2,
     max_examples=512,
@@ -116,8 +138,9 @@ SMOKE = dict(
 # Stage 2: model ----------------------------------------------------------------------------
 
 
-def make_model(run, schedule):
-    """Builds and compiles the token-id classifier under the strategy's scope."""
+def make_model(run, schedule, ngram_log_ratios=None):
+    """Builds and compiles the token-id classifier under the strategy's scope; the n-gram part
+    gets the ratios counted on the training split."""
     cfg = run.cfg
     peak = strategies.scale_learning_rate(cfg.learning_rate, cfg.batch_size)
     with run.strategy.scope():
@@ -129,7 +152,13 @@ def make_model(run, schedule):
             dropout=cfg.dropout,
             embedding_dropout=cfg.dropout,
             bigram_buckets=cfg.bigram_buckets,
+            ngram_buckets=cfg.ngram_buckets,
+            ngram_order=cfg.ngram_order,
+            ngram_scale=cfg.ngram_scale,
+            branch_dropout=cfg.branch_dropout,
         )
+        if ngram_log_ratios is not None:  # bench-input only times steps, and leaves them 0
+            model.get_layer("ngram_logits").set_log_ratios(ngram_log_ratios)
         model.compile(
             optimizer=optim.adamw_warmup_cosine(
                 peak, schedule.total_steps, warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay
@@ -149,7 +178,22 @@ def train(run, model, datasets, schedule):
     return trainer.fit(run, model, datasets, schedule)
 
 
-# Stage 4: evaluate (`evaluate` subcommand; training ends with text_classification.save_and_report)
+# Stage 4: weigh the two parts on the validation split -------------------------------------
+
+
+def weigh_branches(model, data, vectorizer, truncate, chunk=500):
+    """Sets how much the Transformer's and the n-gram part's logits count in the sum, by
+    cross-entropy on the validation split (models/ngrams.weigh_branches); returns the weights."""
+    texts, labels = text_data.read_texts(data.splits["val"])
+    branches = keras.Model(model.input, [model.get_layer(name).output for name in ("head_logits", "ngram_logits")])
+    outputs = [branches(truncate(vectorizer(tf.constant(texts[i : i + chunk])))) for i in range(0, len(texts), chunk)]
+    transformer_logits, ngram_logits = (np.concatenate([out[k].numpy() for out in outputs]) for k in (0, 1))
+    weights = ngrams.weigh_branches(transformer_logits, ngram_logits, labels)
+    model.get_layer("transformer_and_ngrams").branch_weights.assign(weights)
+    return weights
+
+
+# Stage 5: evaluate (`evaluate` subcommand; training ends with text_classification.save_and_report)
 
 
 def evaluate_command(argv):
@@ -169,15 +213,20 @@ def compress_command(argv):
 def main(argv):
     run = text_classification.start_run(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE)
     data = text_classification.prepare_data(run, DATA_FORMAT)
+    started = time.perf_counter()  # tokenizer and n-gram counts are part of the training time
     vectorizer = text_classification.fit_tokenizer(run.cfg, data)
     truncate = text_preprocessing.HeadTailTruncate(run.cfg.max_length)
+    log_ratios = text_classification.fit_ngram_log_ratios(run.cfg, data, vectorizer, truncate, len(CLASS_NAMES))
+    setup_seconds = time.perf_counter() - started
     schedule = runs.Schedule.of(data.splits["train"].num_examples, run.cfg.batch_size, run.cfg.epochs)
     datasets = text_classification.make_datasets(run, data, vectorizer, truncate)
-    model = make_model(run, schedule)
-    result = train(run, model, datasets, schedule)
+    model = make_model(run, schedule, log_ratios)
+    result = {**train(run, model, datasets, schedule), "setup_seconds": setup_seconds}
     model = trainer.unreplicated(model)  # every worker, together (a collective read)
 
     if run.is_chief:
+        if run.cfg.ngram_buckets and run.cfg.model != "none":
+            result["selected_on_val"] = {"branch_weights": weigh_branches(model, data, vectorizer, truncate)}
         exported = text_classification.export(vectorizer, truncate, model)
         text_classification.save_and_report(run, exported, data, schedule, result)
     strategies.barrier(run.strategy)  # workers leave together, after the chief's report

@@ -24,6 +24,7 @@ import strategies
 from core import config as config_lib
 from core.errors import UserError
 from core.training import runs
+from models import ngrams
 from pipelines import cifar10_cnn, cifar10_vit, imdb_transformer
 
 GLOBAL_BATCH = 64
@@ -39,7 +40,9 @@ PIPELINES = {
             vocab_size=500,
             max_length=32,
             bigram_buckets=256,
+            ngram_buckets=512,
             dropout=0.0,
+            branch_dropout=0.0,  # random per replica, like dropout
             learning_rate=0.05 * 1024 / GLOBAL_BATCH,
         ),
     ),
@@ -59,10 +62,13 @@ def fixed_data(name, rng):
     return images, tf.one_hot(rng.integers(0, 10, GLOBAL_BATCH * STEPS), 10)
 
 
-def build_model(name, pipeline, run, inputs):
+def build_model(name, pipeline, run, inputs, labels):
     schedule = runs.Schedule(epochs=STEPS, global_batch=GLOBAL_BATCH, steps_per_epoch=1, total_steps=STEPS)
     if name in TEXT_PIPELINES:
-        return pipeline.make_model(run, schedule)
+        cfg = run.cfg
+        to_ngrams = ngrams.NgramIds(cfg.vocab_size, cfg.ngram_buckets, cfg.ngram_order)
+        ratios = ngrams.log_count_ratios(to_ngrams(inputs).numpy(), labels, to_ngrams.table_size, 2)
+        return pipeline.make_model(run, schedule, ratios)
     return pipeline.make_model(run, schedule, inputs[:256])
 
 
@@ -87,7 +93,7 @@ def main(argv):
 
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
     run = runs.Run(name, run, cfg, strategy, "float32", dir="", is_chief=True)
-    model = build_model(name, pipeline, run, inputs)
+    model = build_model(name, pipeline, run, inputs, labels)
     history = model.fit(dataset, epochs=STEPS, steps_per_epoch=1, verbose=0)
     print(
         json.dumps(

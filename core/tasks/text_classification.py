@@ -28,7 +28,7 @@ from core.compression import command
 from core.data import cache, input_bench, input_pipeline, text_data
 from core.errors import UserError
 from core.training import evaluation, report, runs
-from models import text_preprocessing
+from models import ngrams, text_preprocessing
 
 COMMANDS = [
     "evaluate --model=PATH --data=PATH",  # besides training, for --help
@@ -65,6 +65,24 @@ def fit_tokenizer(cfg, data):
     vectorizer = text_preprocessing.make_vectorizer(cfg.vocab_size)
     vectorizer.adapt(tf.data.Dataset.from_tensor_slices(texts).batch(1024))
     return vectorizer
+
+
+def fit_ngram_log_ratios(cfg, data, vectorizer, truncate, num_classes, chunk=1000):
+    """The n-gram part's naive-Bayes ratios, counted on the training split (every worker
+    computes the same ones). None when the config has no n-gram part (--ngram_buckets=0).
+
+    The ids come from the model's own `NgramIds` layer, so counting and serving hash alike.
+    """
+    if not cfg.ngram_buckets:
+        return None
+    texts, labels = text_data.read_texts(data.splits["train"])
+    to_ngrams = ngrams.NgramIds(cfg.vocab_size, cfg.ngram_buckets, cfg.ngram_order)
+    batches = [
+        to_ngrams(truncate(vectorizer(tf.constant(texts[i : i + chunk])))).numpy() for i in range(0, len(texts), chunk)
+    ]
+    width = max(batch.shape[1] for batch in batches)
+    ids = np.concatenate([np.pad(batch, [[0, 0], [0, width - batch.shape[1]]]) for batch in batches])
+    return ngrams.log_count_ratios(ids, labels, to_ngrams.table_size, num_classes)
 
 
 def tokenized(vectorizer, truncate):

@@ -46,6 +46,7 @@ def summarise(runs_metrics):
         "val_accuracy_no_tta",
         "test_accuracy",
         "train_seconds",
+        "setup_seconds",
         "train_step_seconds",
         "examples_per_second",
     ):

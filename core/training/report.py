@@ -81,6 +81,12 @@ def write_report(run, schedule, result, data, scores, *, model_name, tta=0):
         "final_step": result["final_step"],
         "resumed_at_epoch": epochs - result["epochs_run"],
         "train_seconds": round(result["train_seconds"], 2),
+        # Fitting done before `fit` on the training split (a tokenizer, feature counts): part of
+        # the cost of training, not in train_seconds.
+        "setup_seconds": round(result.get("setup_seconds", 0.0), 2),
+        # Values the pipeline chose on the validation split after training (the text model's
+        # branch weights), so val_accuracy is no longer unseen data for them; test still is.
+        "selected_on_val": result.get("selected_on_val", {}),
         # Time inside train steps only (no per-epoch validation); like speed records, it includes
         # the first epoch's tracing and input-cache filling.
         "train_step_seconds": round(result["train_step_seconds"], 2),
