@@ -172,7 +172,10 @@ class BranchDropout(layers.Layer, prunable_layer.PrunableLayer):
         return {**super().get_config(), "rate": self.rate}
 
 
-def weigh_branches(a_logits, b_logits, labels, grid=np.linspace(0.0, 2.0, 41)):
+BRANCH_WEIGHT_GRID = tuple(np.linspace(0.0, 2.0, 41))  # each branch weight, in steps of 0.05
+
+
+def weigh_branches(a_logits, b_logits, labels, grid=BRANCH_WEIGHT_GRID):
     """The (weight of a, weight of b) on the grid that minimise cross-entropy of the weighted
     sum's softmax: stacking the two branches on held-out examples (the validation split), where
     neither has seen the labels. On the training split the n-gram part is near-perfect and
