@@ -120,6 +120,9 @@ def test_bad_data_ends_in_one_line_error(reviews, expected, tmp_path, capsys):
         (["--tokenizer=bpe"], "--tokenizer=bpe: expected one of words, wordpiece"),
         (["--bigram_buckets=1"], "--bigram_buckets=1: expected 0 (off) or at least 2"),
         (["--dropout=1.5"], "--dropout=1.5: expected a number in [0, 1)"),
+        (["--branch_dropout=0.7"], "--branch_dropout=0.7: expected a number in [0, 0.5]"),
+        (["--ngram_order=4"], "--ngram_order=4: expected one of 1, 2, 3"),
+        (["--model=none", "--ngram_buckets=0"], "--model=none: the n-gram part alone needs --ngram_buckets above 0"),
         (["--data=/no/such/reviews"], "/no/such/reviews"),
     ],
 )
