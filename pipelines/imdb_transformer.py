@@ -1,16 +1,24 @@
-"""IMDB sentiment classification with a small Transformer, trained from scratch, in Keras 2.
+"""IMDB sentiment classification with a small Transformer and a naive-Bayes n-gram part, from scratch, in Keras 2.
 
 Run:    make train PIPELINE=imdb_transformer STRATEGY=auto
         python -m pipelines.imdb_transformer --data=../shared/data/imdb/aclImdb_v1_labeled.tar.gz
         python -m pipelines.imdb_transformer evaluate --model=runs/imdb_transformer/<name>/model.keras --data=PATH
 Try:    python -m pipelines.imdb_transformer --smoke      (seconds, synthetic reviews, any machine)
-Result: 86.66 ± 1.37% test accuracy, 257 s fit, 187 reviews/s; mean of 3 runs, 2-core Xeon CPU,
-        mixed_bfloat16, 2026-11-22 (`make bench PIPELINE=imdb_transformer RUNS=3`, BENCHMARKS.md).
-        The goal, >= 90.5% in <= 5 minutes, is not reached (BENCHMARKS.md).
+Result: 91.09 ± 0.13% test accuracy over 5 seeds (90.89-91.25%), 205 s fit + 4 s of tokenizer and
+        n-gram counting, 247 reviews/s; 2-core AMD EPYC with AVX512-BF16, mixed_bfloat16,
+        2026-12-02 (`make bench PIPELINE=imdb_transformer RUNS=5`, BENCHMARKS.md). The goal,
+        >= 90.5% in <= 5 minutes, is met. The n-gram part alone (--model=none) scores
+        91.35 ± 0.08% in 17 s: the Transformer does not add to it (BENCHMARKS.md, "Ablation").
 
-The recipe, for a few minutes on a CPU: a 2-block, 64-wide encoder over word embeddings; reviews
-cut to their head and tail; batches grouped by length; AdamW with warm-up and cosine decay. The
-saved model.keras takes raw strings: tokenizer and truncation are its first layers.
+The recipe, for a few minutes on a CPU: NBSVM inside the model (words and hashed bigrams, each
+weighted by its naive-Bayes log-count ratio from the training split; models/ngrams.py) beside a
+2-block, 64-wide Transformer over word embeddings. They train together, and a third of the
+examples train each part alone (branch dropout), so the Transformer keeps learning after the
+n-gram part has fitted the training split; the two parts' logits are then weighed on the
+validation split. Reviews are cut to their head and tail; batches are grouped by length; AdamW
+with warm-up and cosine decay peaks at 5e-4 (0.008 per 1024 examples): 4x the old peak made
+the loss climb back after warm-up, and seed 0 collapsed (BENCHMARKS.md, "Why seeds collapsed").
+The saved model.keras takes raw strings: tokenizer and truncation are its first layers.
 
 Copy this file to start a new text task: change `CLASS_NAMES` (and where --data=tfds reads),
 `Config` and `make_model`; the stages in `main` stay. --data also takes a folder of class folders
