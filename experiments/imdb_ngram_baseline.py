@@ -21,15 +21,9 @@ import tf_keras as keras
 from tf_keras import layers
 
 from core.data import text_data
+from core.tasks import text_classification
 from core.training import evaluation, optim
 from models import text_preprocessing, transformer
-
-
-def token_ids(vectorizer, truncate, texts, chunk=1000):
-    """Raw strings -> one int32 array of token ids, padded with 0 to the longest review."""
-    chunks = [truncate(vectorizer(tf.constant(texts[i : i + chunk]))).numpy() for i in range(0, len(texts), chunk)]
-    width = max(c.shape[1] for c in chunks)
-    return np.concatenate([np.pad(c, [[0, 0], [0, width - c.shape[1]]]) for c in chunks])
 
 
 def bag_of_ngrams(vocab_size, bigram_buckets, width):
@@ -72,7 +66,9 @@ def main():
     vectorizer = text_preprocessing.make_vectorizer(args.vocab_size)
     vectorizer.adapt(tf.data.Dataset.from_tensor_slices(train_texts).batch(1024))
     truncate = text_preprocessing.HeadTailTruncate(args.max_length)
-    train_ids, val_ids, test_ids = (token_ids(vectorizer, truncate, t) for t in (train_texts, val_texts, test_texts))
+    train_ids, val_ids, test_ids = (
+        text_classification.token_id_matrix(vectorizer, truncate, t) for t in (train_texts, val_texts, test_texts)
+    )
 
     model = bag_of_ngrams(args.vocab_size, args.bigram_buckets, args.width)
     total_steps = optim.steps_for(len(train_ids), args.batch_size, args.epochs)[1]

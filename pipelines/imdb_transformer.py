@@ -28,8 +28,6 @@ of .txt files, or a .csv or .jsonl file with text and label columns (core/data/t
 import dataclasses
 import time
 
-import numpy as np
-import tensorflow as tf
 import tf_keras as keras
 
 import strategies
@@ -189,13 +187,13 @@ def train(run, model, datasets, schedule):
 # Stage 4: weigh the two parts on the validation split -------------------------------------
 
 
-def weigh_branches(model, data, vectorizer, truncate, chunk=500):
+def weigh_branches(model, data, vectorizer, truncate):
     """Sets how much the Transformer's and the n-gram part's logits count in the sum, by
     cross-entropy on the validation split (models/ngrams.weigh_branches); returns the weights."""
     texts, labels = text_data.read_texts(data.splits["val"])
     branches = keras.Model(model.input, [model.get_layer(name).output for name in ("head_logits", "ngram_logits")])
-    outputs = [branches(truncate(vectorizer(tf.constant(texts[i : i + chunk])))) for i in range(0, len(texts), chunk)]
-    transformer_logits, ngram_logits = (np.concatenate([out[k].numpy() for out in outputs]) for k in (0, 1))
+    ids = text_classification.token_id_matrix(vectorizer, truncate, texts)
+    transformer_logits, ngram_logits = branches.predict(ids, batch_size=500, verbose=0)
     weights = ngrams.weigh_branches(transformer_logits, ngram_logits, labels)
     model.get_layer("transformer_and_ngrams").branch_weights.assign(weights)
     return weights

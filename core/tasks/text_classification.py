@@ -67,7 +67,15 @@ def fit_tokenizer(cfg, data):
     return vectorizer
 
 
-def fit_ngram_log_ratios(cfg, data, vectorizer, truncate, num_classes, chunk=1000):
+def token_id_matrix(vectorizer, truncate, texts, chunk=1000):
+    """Raw strings -> one int32 array of token ids, zero-padded to the longest review (tokenized
+    `chunk` texts at a time, so memory stays bounded on 25,000 reviews)."""
+    chunks = [truncate(vectorizer(tf.constant(texts[i : i + chunk]))).numpy() for i in range(0, len(texts), chunk)]
+    width = max(c.shape[1] for c in chunks)
+    return np.concatenate([np.pad(c, [[0, 0], [0, width - c.shape[1]]]) for c in chunks])
+
+
+def fit_ngram_log_ratios(cfg, data, vectorizer, truncate, num_classes):
     """The n-gram part's naive-Bayes ratios, counted on the training split (every worker
     computes the same ones). None when the config has no n-gram part (--ngram_buckets=0).
 
@@ -77,11 +85,7 @@ def fit_ngram_log_ratios(cfg, data, vectorizer, truncate, num_classes, chunk=100
         return None
     texts, labels = text_data.read_texts(data.splits["train"])
     to_ngrams = ngrams.NgramIds(cfg.vocab_size, cfg.ngram_buckets, cfg.ngram_order)
-    batches = [
-        to_ngrams(truncate(vectorizer(tf.constant(texts[i : i + chunk])))).numpy() for i in range(0, len(texts), chunk)
-    ]
-    width = max(batch.shape[1] for batch in batches)
-    ids = np.concatenate([np.pad(batch, [[0, 0], [0, width - batch.shape[1]]]) for batch in batches])
+    ids = to_ngrams(token_id_matrix(vectorizer, truncate, texts)).numpy()
     return ngrams.log_count_ratios(ids, labels, to_ngrams.table_size, num_classes)
 
 
