@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import tensorflow as tf
 import tf_keras as keras
 
@@ -26,8 +27,12 @@ def test_groups_scale_freeze_and_decay():
         l2=0.5,
     )
     assert not np.any(deltas["frozen/kernel:0"]) and not np.any(deltas["frozen/bias:0"])
-    np.testing.assert_allclose(deltas["fast/bias:0"], -0.1 * (4.0 + 0.125 * before["fast/bias:0"]), rtol=1e-6)
-    np.testing.assert_allclose(deltas["fast/kernel:0"], -0.1 * (1.0 + 0.5 * before["fast/kernel:0"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        deltas["fast/bias:0"], -0.1 * (4.0 + 0.125 * before["fast/bias:0"]), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        deltas["fast/kernel:0"], -0.1 * (1.0 + 0.5 * before["fast/kernel:0"]), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_group_freezes_after_until_step():
@@ -42,14 +47,51 @@ def test_triangular_schedule_rises_then_falls_to_zero():
     np.testing.assert_allclose(values, [0.4, 1.2, 2.0, 1.0, 0.0, 0.0], atol=1e-6)
 
 
-def test_lookahead_ends_on_the_slow_weights():
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    x, y = np.ones((8, 3), np.float32), np.zeros((8, 1), np.float32)
-    lookahead = optim.Lookahead(total_steps=8, every=2)
-    model.fit(x, y, batch_size=1, epochs=1, verbose=0, callbacks=[lookahead])
-    for slow, fast in zip(lookahead._slow, model.weights, strict=False):
-        np.testing.assert_allclose(slow.numpy(), fast.numpy())
+def test_lookahead_averages_inside_the_step_and_ends_on_the_slow_weights():
+    """Every `every` steps slow <- d * slow + (1 - d) * fast and fast <- slow, with
+    d = base**every * (step / total)**3; at the last step fast <- slow."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+    lookahead = optim.Lookahead(total_steps=7, every=2, base=0.9)
+    opt = optim.GroupedSGD(learning_rate=0.1, momentum=0.0, nesterov=False, lookahead=lookahead, averaged=model.weights)
+    [kernel] = model.weights
+    fast = kernel.numpy().astype(np.float64)
+    slow = fast.copy()
+    for step in range(1, 8):
+        opt.apply_gradients([(tf.ones_like(kernel), kernel)])
+        fast = fast - 0.1
+        if step % 2 == 0:
+            decay = 0.9**2 * (step / 7) ** 3
+            slow = decay * slow + (1 - decay) * fast
+            fast = slow.copy()
+        if step == 7:
+            fast = slow.copy()
+        np.testing.assert_allclose(kernel.numpy(), fast, rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_lookahead_averages_batchnorm_statistics_and_is_checkpointed(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.BatchNormalization()])
+    lookahead = optim.Lookahead(total_steps=6, every=2)
+    optimizer = optim.GroupedSGD(0.1, lookahead=lookahead, averaged=model.weights)
+    model.compile(optimizer=optimizer, loss="mse", steps_per_execution=4)
+    x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    model.fit(x, np.zeros((6, 2), np.float32), batch_size=1, epochs=1, verbose=0)
+    slow = [v.numpy() for v in optimizer.variables if "/slow/" in v.name]  # in the order of model.weights
+    assert len(slow) == len(model.weights) == 6  # kernel, bias, gamma, beta, moving mean and variance
+    for copy, weight in zip(slow, model.weights, strict=True):  # the run ended on the slow weights
+        np.testing.assert_allclose(copy, weight.numpy())
+    # The slow copies are optimizer variables: saved and restored with the weights (a resume).
+    model.save_weights(str(tmp_path / "ckpt"))
+    for v in optimizer.variables:
+        v.assign(tf.zeros_like(v))
+    model.load_weights(str(tmp_path / "ckpt"))
+    restored = [v.numpy() for v in optimizer.variables if "/slow/" in v.name]
+    for before, after in zip(slow, restored, strict=True):
+        np.testing.assert_allclose(after, before)
+
+
+def test_lookahead_without_the_weights_to_average_is_an_error():
+    with pytest.raises(ValueError, match="averaged=model.weights"):
+        optim.GroupedSGD(0.1, lookahead=optim.Lookahead(total_steps=10))
 
 
 def test_steps_for_drops_the_partial_batch():

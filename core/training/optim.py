@@ -30,19 +30,83 @@ class ParamGroup:
     until_step: int = -1  # freeze the variable from this optimizer step on (-1: never)
 
 
+class TriangularSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from `start * peak` to `peak` at `warmup` of the steps, then linear to 0.
+
+    airbench's schedule: warm-up keeps the huge peak learning rate (1.5 per 1024 examples) from
+    blowing up the first steps; decay to zero gives the last-epoch accuracy jump.
+    """
+
+    def __init__(self, peak, total_steps, warmup=0.2, start=0.2):
+        self.peak, self.total_steps, self.warmup, self.start = peak, total_steps, warmup, start
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup_steps = max(1.0, self.warmup * self.total_steps)
+        rise = self.start + (1.0 - self.start) * step / warmup_steps
+        fall = (self.total_steps - step) / max(1.0, self.total_steps - warmup_steps)
+        return self.peak * tf.clip_by_value(tf.minimum(rise, fall), 0.0, 1.0)
+
+    def get_config(self):
+        return dict(peak=self.peak, total_steps=self.total_steps, warmup=self.warmup, start=self.start)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
+    """Lookahead / EMA of all weights, airbench style: every `every` steps a slow copy moves toward
+    the fast weights and the fast weights are reset to it; at the last step the model keeps the
+    slow weights.
+
+    The slow copy's decay ramps up as `base**every * (step/total_steps)**3`: no averaging early,
+    when weights move far, and heavy averaging in the final low-learning-rate steps. BatchNorm's
+    moving statistics are averaged too, so they match the averaged weights.
+    """
+
+    total_steps: int
+    every: int = 5
+    base: float = 0.95
+
+
 class GroupedSGD(keras.optimizers.SGD):
-    """Nesterov SGD with per-variable learning-rate groups and coupled L2 weight decay.
+    """Nesterov SGD with per-variable learning-rate groups, coupled L2 weight decay and lookahead.
 
     The update for a variable `w` in a group with multipliers (m_lr, m_wd) uses the gradient
     `m_lr * g + m_wd * l2 * w`: the learning-rate multiplier scales only the loss gradient, so
     PyTorch's "64x lr, 1/64 weight_decay" group (airbench's BatchNorm biases, same absolute decay
     per step) is m_lr=64, m_wd=1 here. The first group whose pattern matches wins.
+
+    `lookahead` (a `Lookahead`) averages `averaged` (the model's weights, BatchNorm statistics
+    included) inside the train step, after the update: it then acts on the same steps whatever
+    `steps_per_execution` is, where a Keras callback would run once per host call (32 steps on a
+    TPU). The slow copies are optimizer variables, so checkpoints and resumes keep them.
     """
 
-    def __init__(self, learning_rate=0.1, momentum=0.9, nesterov=True, l2=0.0, groups=(), name="GroupedSGD", **kwargs):
+    def __init__(
+        self,
+        learning_rate=0.1,
+        momentum=0.9,
+        nesterov=True,
+        l2=0.0,
+        groups=(),
+        lookahead=None,
+        averaged=(),
+        name="GroupedSGD",
+        **kwargs,
+    ):
         super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs)
         self.l2 = float(l2)
         self.groups = tuple(g if isinstance(g, ParamGroup) else ParamGroup(**g) for g in groups)
+        self.lookahead = lookahead if isinstance(lookahead, Lookahead) or lookahead is None else Lookahead(**lookahead)
+        if self.lookahead and not averaged:
+            raise ValueError("GroupedSGD: lookahead needs the model weights to average (averaged=model.weights)")
+        self._averaged = [w for w in averaged if w.dtype.is_floating]
+        self._slow = []
+
+    def build(self, var_list):
+        super().build(var_list)
+        if self.lookahead and not self._slow:
+            # Starts from the weights at the first step (after a restore: restored with the rest).
+            self._slow = [self.add_variable_from_reference(w, "slow", initial_value=w) for w in self._averaged]
 
     def _group_of(self, variable):
         for group in self.groups:
@@ -66,73 +130,34 @@ class GroupedSGD(keras.optimizers.SGD):
 
         tf.cond(self.iterations < group.until_step, update, lambda: tf.constant(False))
 
+    def apply_gradients(self, grads_and_vars, *args, **kwargs):
+        iteration = super().apply_gradients(grads_and_vars, *args, **kwargs)
+        if self.lookahead:
+            # In cross-replica context, as a callback would be: reading a BatchNorm statistic
+            # (sync-on-read) there averages it over the replicas, and an assign sets every copy.
+            tf.distribute.get_replica_context().merge_call(lambda _: self._average())
+        return iteration
+
+    def _average(self):
+        step, every, total = self.iterations, self.lookahead.every, self.lookahead.total_steps
+
+        def move(decay):
+            for slow, fast in zip(self._slow, self._averaged, strict=True):
+                slow.assign(decay * slow + (1.0 - decay) * tf.cast(fast, slow.dtype))
+                fast.assign(tf.cast(slow, getattr(fast, "true_dtype", fast.dtype)))
+            return tf.constant(True)
+
+        progress = tf.minimum(tf.cast(step, tf.float32) / total, 1.0)
+        skip = lambda: tf.constant(False)  # noqa: E731
+        tf.cond(step % every == 0, lambda: move(self.lookahead.base**every * progress**3), skip)
+        tf.cond(step == total, lambda: move(tf.constant(1.0)), skip)  # end on the slow weights
+
     def get_config(self):
         config = super().get_config()
         config.update(l2=self.l2, groups=[dataclasses.asdict(g) for g in self.groups])
+        if self.lookahead:
+            config.update(lookahead=dataclasses.asdict(self.lookahead))
         return config
-
-
-class TriangularSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from `start * peak` to `peak` at `warmup` of the steps, then linear to 0.
-
-    airbench's schedule: warm-up keeps the huge peak learning rate (1.5 per 1024 examples) from
-    blowing up the first steps; decay to zero gives the last-epoch accuracy jump.
-    """
-
-    def __init__(self, peak, total_steps, warmup=0.2, start=0.2):
-        self.peak, self.total_steps, self.warmup, self.start = peak, total_steps, warmup, start
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warmup_steps = max(1.0, self.warmup * self.total_steps)
-        rise = self.start + (1.0 - self.start) * step / warmup_steps
-        fall = (self.total_steps - step) / max(1.0, self.total_steps - warmup_steps)
-        return self.peak * tf.clip_by_value(tf.minimum(rise, fall), 0.0, 1.0)
-
-    def get_config(self):
-        return dict(peak=self.peak, total_steps=self.total_steps, warmup=self.warmup, start=self.start)
-
-
-class Lookahead(keras.callbacks.Callback):
-    """Lookahead / EMA of all weights, airbench style: every `every` steps the slow copy moves
-    toward the fast weights and the fast weights are reset to it; at the end of training the
-    model keeps the slow weights.
-
-    The slow copy's decay ramps up as `base**every * (step/total)**3`: no averaging early, when
-    weights move far, and heavy averaging in the final low-learning-rate steps. BatchNorm's moving
-    statistics are averaged too, so they match the averaged weights.
-
-    On resume from a backup the slow copy restarts from the restored weights (it is not part of
-    the checkpoint); the effect is small because averaging is weak early and strong only at the
-    very end.
-    """
-
-    def __init__(self, total_steps, every=5, base=0.95):
-        super().__init__()
-        self.total_steps, self.every, self.base = total_steps, every, base
-        self._slow = None
-        self._last_step = 0
-
-    def on_train_begin(self, logs=None):
-        self._slow = [tf.Variable(w, trainable=False) for w in self.model.weights if w.dtype.is_floating]
-        self._fast = [w for w in self.model.weights if w.dtype.is_floating]
-        self._last_step = int(self.model.optimizer.iterations.numpy())
-
-    @tf.function
-    def _update(self, decay):
-        for slow, fast in zip(self._slow, self._fast, strict=True):
-            slow.assign(decay * slow + (1.0 - decay) * tf.cast(fast, slow.dtype))
-            fast.assign(tf.cast(slow, fast.dtype))
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step // self.every > self._last_step // self.every:
-            progress = min(step / self.total_steps, 1.0)
-            self._update(tf.constant(self.base**self.every * progress**3, tf.float32))
-        self._last_step = step
-
-    def on_train_end(self, logs=None):
-        self._update(tf.constant(1.0))
 
 
 def label_smoothing_loss(smoothing):
