@@ -99,23 +99,22 @@ SMOKE = dict(
 # Stage 1: data ----------------------------------------------------------------------------
 
 
-def augment_batch(cfg, seed, epoch=None):
+def augment_batch(cfg, seed):
     """Training batches: flip (airbench's alternating flip by default) and random translation."""
-    return image_classification.augmented_inputs(
-        len(CLASS_NAMES), flip=cfg.flip, translate=cfg.translate, seed=seed, epoch=epoch
-    )
+    return image_classification.augmented_inputs(len(CLASS_NAMES), flip=cfg.flip, translate=cfg.translate, seed=seed)
 
 
 def make_datasets(run, data, epoch_counter):
-    train_batch_fn = augment_batch(run.cfg, run.opts.seed, epoch_counter.epoch)
-    return image_classification.make_datasets(run, data, train_batch_fn=train_batch_fn)
+    train_batch_fn = augment_batch(run.cfg, run.opts.seed)
+    return image_classification.make_datasets(run, data, train_batch_fn=train_batch_fn, epoch_counter=epoch_counter)
 
 
 # Stage 2: model ----------------------------------------------------------------------------
 
 
-def make_optimizer(cfg, schedule):
-    """airbench's optimiser: Nesterov SGD, triangular schedule, per-group learning rates."""
+def make_optimizer(cfg, schedule, model):
+    """airbench's optimiser: Nesterov SGD, triangular schedule, per-group learning rates, and
+    lookahead over all of `model`'s weights (in the train step: the same on any steps_per_execution)."""
     peak = strategies.scale_learning_rate(cfg.learning_rate, cfg.batch_size)
     return optim.GroupedSGD(
         learning_rate=optim.TriangularSchedule(peak, schedule.total_steps, warmup=cfg.warmup_fraction),
@@ -129,6 +128,8 @@ def make_optimizer(cfg, schedule):
             # absolute decay per step; GroupedSGD never scales decay by lr_multiplier, so 1.0.
             optim.ParamGroup(r"_bn\d/beta", lr_multiplier=cfg.bias_lr_multiplier),
         ],
+        lookahead=optim.Lookahead(schedule.total_steps, every=cfg.lookahead_every) if cfg.lookahead_every else None,
+        averaged=model.weights,
     )
 
 
@@ -140,7 +141,7 @@ def make_model(run, schedule, train_images):
         model = cnn.cnn(cfg.model, num_classes=len(CLASS_NAMES), image_shape=IMAGE_SHAPE)
         cnn.init_whitening(model, train_images)
         model.compile(
-            optimizer=make_optimizer(cfg, schedule),
+            optimizer=make_optimizer(cfg, schedule, model),
             loss=optim.label_smoothing_loss(cfg.label_smoothing),
             metrics=["accuracy"],
             jit_compile=run.opts.jit_compile,
@@ -153,10 +154,7 @@ def make_model(run, schedule, train_images):
 
 
 def train(run, model, datasets, schedule, epoch_counter):
-    callbacks = [epoch_counter]
-    if run.cfg.lookahead_every:
-        callbacks.append(optim.Lookahead(schedule.total_steps, every=run.cfg.lookahead_every))
-    return trainer.fit(run, model, datasets, schedule, callbacks=callbacks)
+    return trainer.fit(run, model, datasets, schedule, callbacks=[epoch_counter])
 
 
 # Stage 4: evaluate (`evaluate` subcommand; training ends with image_classification.save_and_report)
@@ -180,7 +178,7 @@ def main(argv):
     run = image_classification.start_run(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE)
     data = image_classification.prepare_data(run, DATA_FORMAT)
     schedule = runs.Schedule.of(data.splits["train"].num_examples, run.cfg.batch_size, run.cfg.epochs)
-    epoch_counter = image_classification.EpochCounter()
+    epoch_counter = image_classification.EpochCounter(schedule.steps_per_epoch)
     datasets = make_datasets(run, data, epoch_counter)
     model = make_model(run, schedule, image_classification.first_train_images(data))
     result = train(run, model, datasets, schedule, epoch_counter)

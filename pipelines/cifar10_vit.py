@@ -123,20 +123,18 @@ SMOKE = dict(
 # Stage 1: data -----------------------------------------------------------------------------
 
 
-def augment_batch(cfg, seed, epoch=None):
+def augment_batch(cfg, seed):
     """Training batches: random crop (reflect-padded translation) and flip, in the input pipeline.
 
     Only these two: stronger augmentation (RandAugment, mixup, CutMix) is what lets ViTs reach
     their long-schedule accuracy on CIFAR, but it slows learning, and these schedules are short.
     """
-    return image_classification.augmented_inputs(
-        len(CLASS_NAMES), flip=cfg.flip, translate=cfg.translate, seed=seed, epoch=epoch
-    )
+    return image_classification.augmented_inputs(len(CLASS_NAMES), flip=cfg.flip, translate=cfg.translate, seed=seed)
 
 
 def make_datasets(run, data, epoch_counter):
-    train_batch_fn = augment_batch(run.cfg, run.opts.seed, epoch_counter.epoch)
-    return image_classification.make_datasets(run, data, train_batch_fn=train_batch_fn)
+    train_batch_fn = augment_batch(run.cfg, run.opts.seed)
+    return image_classification.make_datasets(run, data, train_batch_fn=train_batch_fn, epoch_counter=epoch_counter)
 
 
 # Stage 2: model ----------------------------------------------------------------------------
@@ -208,7 +206,7 @@ def main(argv):
     run = image_classification.start_run(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE)
     data = image_classification.prepare_data(run, DATA_FORMAT)
     schedule = runs.Schedule.of(data.splits["train"].num_examples, run.cfg.batch_size, run.cfg.epochs)
-    epoch_counter = image_classification.EpochCounter()
+    epoch_counter = image_classification.EpochCounter(schedule.steps_per_epoch)
     datasets = make_datasets(run, data, epoch_counter)
     model = make_model(run, schedule, image_classification.first_train_images(data))
     result = train(run, model, datasets, schedule, epoch_counter)

@@ -62,7 +62,7 @@ def test_empty_split_is_a_clear_error():
 def _augment(images, epoch=None, **overrides):
     cfg = cifar10_cnn.Config(**overrides)
     labels = tf.zeros([images.shape[0]], tf.int32)
-    out, one_hot = cifar10_cnn.augment_batch(cfg, seed=1, epoch=epoch)(tf.constant(images), labels)
+    out, one_hot = cifar10_cnn.augment_batch(cfg, seed=1)(tf.constant(images), labels, epoch=epoch)
     assert one_hot.shape == (images.shape[0], 10)
     return out.numpy()
 

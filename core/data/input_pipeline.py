@@ -86,6 +86,7 @@ def make_dataset(
     repeat=None,
     batcher=None,
     parse_batch_fn=None,
+    epoch_counter=None,
     knobs=InputKnobs(),
 ):
     """Builds one input pipeline.
@@ -101,6 +102,13 @@ def make_dataset(
     input_context: from `distribute_datasets_from_function`; selects this worker's shards.
     batcher: (dataset, batch_size, drop_remainder) -> batched dataset, for examples that do not
         batch as they are (variable-length sequences: padding, length bucketing).
+    epoch_counter: training only, an object with `steps_per_epoch` and `first_epoch` (a host
+        variable, the epoch fit starts at); batch_fn then also gets each batch's epoch as
+        `epoch=`, counted here from the batch's position (batch i of this pipeline belongs to
+        epoch first_epoch + i // (steps_per_epoch * the replicas it feeds)). That is exact
+        whatever the prefetch depth or steps_per_execution, where a variable set by an
+        epoch-begin callback races the prefetched batches. (Exact with in-order input; with
+        first-ready input a batch near an epoch's end may be consumed a few steps off its count.)
     knobs: the tuning options (`InputKnobs`); the defaults are the tuned pipeline.
     """
     files = list(files)
@@ -169,7 +177,15 @@ def make_dataset(
         ds = batcher(ds, batch_size, drop_remainder)
     else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel, deterministic=ordered)
-    if batch_fn is not None:
+    if batch_fn is not None and epoch_counter is not None:
+        replicas = input_context.num_replicas_in_sync // workers if input_context is not None else 1
+        batches_per_epoch = epoch_counter.steps_per_epoch * replicas
+
+        def with_epoch(index, batch):
+            return batch_fn(*batch, epoch=epoch_counter.first_epoch + index // batches_per_epoch)
+
+        ds = ds.enumerate().map(with_epoch, num_parallel_calls=parallel, deterministic=ordered)
+    elif batch_fn is not None:
         ds = ds.map(batch_fn, num_parallel_calls=parallel, deterministic=ordered)
     if knobs.prefetch:
         ds = ds.prefetch(AUTOTUNE)  # overlap input with the train step on the accelerator/CPU

@@ -64,8 +64,7 @@ def flip_and_translate(images, *, flip, translate, seed, epoch=None):
     flip="alternate" (airbench's derandomized flip): an image is flipped in epochs of one parity
     and not in the other, the parity fixed per image by a hash of its pixels. Every two epochs
     then show each image both ways, where a coin toss leaves a quarter of them one-sided.
-    `epoch` is a variable the `EpochCounter` callback advances; batches prefetched across an
-    epoch boundary may use the old parity, which only blurs the alternation for a few batches.
+    `epoch` is the batch's epoch, which the input pipeline counts (`EpochCounter`).
     flip="random" is a coin toss per image. `translate` shifts by up to that many pixels each
     way, filling with reflect padding (a random crop of the padded image).
     """
@@ -102,11 +101,12 @@ def flip_and_translate(images, *, flip, translate, seed, epoch=None):
     return tf.bitcast(out, tf.uint8)[..., :channels]
 
 
-def augmented_inputs(num_classes, *, flip, translate, seed, epoch=None):
-    """A batch map for training: `flip_and_translate`, then `model_inputs`."""
+def augmented_inputs(num_classes, *, flip, translate, seed):
+    """A batch map for training: `flip_and_translate`, then `model_inputs`; `epoch` (from
+    `EpochCounter`) drives the alternating flip."""
     to_inputs = model_inputs(num_classes)
 
-    def fn(images, labels):
+    def fn(images, labels, epoch=None):
         images = flip_and_translate(images, flip=flip, translate=translate, seed=seed, epoch=epoch)
         return to_inputs(images, labels)
 
@@ -114,21 +114,29 @@ def augmented_inputs(num_classes, *, flip, translate, seed, epoch=None):
 
 
 class EpochCounter(keras.callbacks.Callback):
-    """Publishes the current epoch to the input pipeline (for the alternating flip)."""
+    """Gives the training input each batch's epoch (for the alternating flip).
 
-    def __init__(self):
+    The input pipeline counts epochs from each batch's position (`input_pipeline.make_dataset`),
+    so no callback acts per step or per epoch: the count is the same for any steps_per_execution
+    and any prefetch depth. This callback only sets the epoch fit starts at (later than 0 after
+    a resume), when training begins and before fit creates its input iterator.
+    """
+
+    def __init__(self, steps_per_epoch):
         super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
         with tf.device("/cpu:0"):  # read by the input pipeline, which runs on the host CPU
-            self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="input_epoch")
+            self.first_epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="first_epoch")
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch.assign(epoch)
+    def on_train_begin(self, logs=None):
+        self.first_epoch.assign(int(self.model.optimizer.iterations.numpy()) // self.steps_per_epoch)
 
 
-def train_input(data, *, train_batch_fn, seed):
+def train_input(data, *, train_batch_fn, seed, epoch_counter):
     """`input_pipeline.make_dataset` arguments of the training split: one place, so training and
     `bench-input` build the very same pipeline."""
     return dict(
+        epoch_counter=epoch_counter,
         training=True,
         parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
         parse_batch_fn=lambda records: image_data.parse_examples(records, data.image_shape),
@@ -138,14 +146,15 @@ def train_input(data, *, train_batch_fn, seed):
     )
 
 
-def make_datasets(run, data, *, train_batch_fn):
-    """(train, val, validation_steps) for `fit`: augmented training batches, plain val batches."""
+def make_datasets(run, data, *, train_batch_fn, epoch_counter):
+    """(train, val, validation_steps) for `fit`: augmented training batches (`train_batch_fn`
+    gets each batch's epoch from `epoch_counter`), plain val batches."""
     global_batch, seed = run.cfg.batch_size, run.opts.seed
     train = input_pipeline.distributed_dataset(
         run.strategy,
         data.splits["train"].files,
         global_batch=global_batch,
-        **train_input(data, train_batch_fn=train_batch_fn, seed=seed),
+        **train_input(data, train_batch_fn=train_batch_fn, seed=seed, epoch_counter=epoch_counter),
     )
     val, validation_steps = input_pipeline.validation_dataset(
         run.strategy,
@@ -296,12 +305,15 @@ def bench_input_task(run, *, data_format, augment_batch, make_model):
     stored format, and the pipeline's model for the train step's consumption rate."""
     data = prepare_data(run, data_format)
     train = data.splits["train"]
+    schedule = runs.Schedule.of(train.num_examples, run.cfg.batch_size, run.cfg.epochs)
     args = train_input(
-        data, train_batch_fn=augment_batch(run.cfg, run.opts.seed, EpochCounter().epoch), seed=run.opts.seed
+        data,
+        train_batch_fn=augment_batch(run.cfg, run.opts.seed),
+        seed=run.opts.seed,
+        epoch_counter=EpochCounter(schedule.steps_per_epoch),
     )
 
     def train_consumption(batches, steps):
-        schedule = runs.Schedule.of(train.num_examples, run.cfg.batch_size, run.cfg.epochs)
         model = make_model(run, schedule, first_train_images(data))
         return input_bench.time_train_steps(model, batches[:2], steps)
 
