@@ -14,9 +14,11 @@ from core.training import runs, trainer
 from tests.helpers import run_module
 
 
-def _model():
+def _model(steps_per_execution=1):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss="mse", metrics=["accuracy"], steps_per_execution=steps_per_execution
+    )
     return model
 
 
@@ -33,13 +35,14 @@ class PoisonWeightsAfter(keras.callbacks.Callback):
 
 
 @pytest.mark.faults
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(tmp_path):
+@pytest.mark.parametrize("steps_per_execution, where", [(1, "step 1"), (3, r"steps 1-3 \(one host call\)")])
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(tmp_path, steps_per_execution, where):
     x, y = np.ones((64, 2), np.float32), np.zeros((64, 1), np.float32)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
-    model = _model()
+    model = _model(steps_per_execution)
     with pytest.raises(
         trainer.TrainingDiverged,
-        match=r"NaN/inf at epoch 3, step 1; the last finite weights are in .*checkpoints/latest",
+        match=rf"NaN/inf at epoch 3, {where}; the last finite weights are in .*checkpoints/latest",
     ):
         run = runs.Run("test", config_lib.RunOptions(verbose=0), None, None, "float32", str(tmp_path), True)
         schedule = runs.Schedule(epochs=5, global_batch=8, steps_per_epoch=8, total_steps=40)

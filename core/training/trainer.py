@@ -69,20 +69,28 @@ def _is_finite(logs):
 
 
 class StopOnNaN(keras.callbacks.TerminateOnNaN):
-    """TerminateOnNaN that also records where it stopped, for the error message."""
+    """TerminateOnNaN that also records where it stopped, for the error message.
+
+    Keras calls it once per host call, which runs `steps_per_execution` steps (32 on a TPU): it
+    then names the call's steps. Nothing is saved after a NaN, so the steps run past it in the
+    same call change nothing that is kept.
+    """
 
     def __init__(self):
         super().__init__()
-        self.stopped_at = None
-        self._epoch = 0
+        self.stopped_at = None  # (epoch, first step of the call, last step of the call), 0-based
+        self._epoch = self._first = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
+    def on_batch_begin(self, batch, logs=None):
+        self._first = batch
+
     def on_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            self.stopped_at = (self._epoch, batch)
+            self.stopped_at = (self._epoch, self._first, batch)
             self.model.stop_training = True
 
     def healthy(self, logs):
@@ -271,9 +279,10 @@ def fit(run, model, datasets, schedule, *, callbacks=()):
         )
         train_seconds = time.perf_counter() - start
         if nan_guard.stopped_at is not None:
-            epoch, batch = nan_guard.stopped_at
+            epoch, first, last = nan_guard.stopped_at
+            steps = f"step {last + 1}" if first == last else f"steps {first + 1}-{last + 1} (one host call)"
             raise TrainingDiverged(
-                f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, step {batch + 1}; the last "
+                f"training stopped: the loss became NaN/inf at epoch {epoch + 1}, {steps}; the last "
                 f"finite weights are in {checkpoints}/latest (lower the learning rate or use --precision=float32)"
             )
         return {
