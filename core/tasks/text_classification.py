@@ -166,9 +166,10 @@ def train_input(cfg, seed, data, vectorizer, truncate, static_shapes=False):
 
 def make_datasets(run, data, vectorizer, truncate):
     """(train, val, validation_steps) for `fit`: length-bucketed training batches, val batches
-    padded to their longest text; under TPUStrategy both padded to max_length."""
+    padded to their longest text; under XLA (TPUStrategy or --jit_compile) both padded to
+    max_length, since XLA compiles one program per input shape."""
     cfg, strategy = run.cfg, run.strategy
-    static_shapes = strategies.resolved_name(strategy) == "tpu"
+    static_shapes = strategies.resolved_name(strategy) == "tpu" or run.opts.jit_compile
     train_ds = input_pipeline.distributed_dataset(
         strategy,
         data.splits["train"].files,
