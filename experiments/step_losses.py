@@ -18,22 +18,9 @@ import shutil
 import sys
 import tempfile
 
-import tensorflow as tf
 import tf_keras as keras
 
-
-def in_order(name):
-    original = getattr(tf.data.Dataset, name)
-
-    def patched(self, *args, **kwargs):
-        if kwargs.get("deterministic") is not None:
-            kwargs["deterministic"] = True
-        if name == "map":
-            kwargs.pop("num_parallel_calls", None)
-            kwargs.pop("deterministic", None)
-        return original(self, *args, **kwargs)
-
-    setattr(tf.data.Dataset, name, patched)
+from tests.execution_agreement import in_order_tf_data
 
 
 class RecordLosses(keras.callbacks.Callback):
@@ -46,8 +33,7 @@ class RecordLosses(keras.callbacks.Callback):
 
 
 def main(out_json, *pipelines):
-    for name in ("map", "interleave", "batch"):
-        in_order(name)
+    in_order_tf_data()
     fit = keras.Model.fit
     results = {}
     for pipeline in pipelines:
