@@ -18,25 +18,49 @@ TUNER    ?= hyperband
 TRIALS   ?= 10
 # Python 3.11 where there is one (the version tested most); else python3 (setup.cfg says which work).
 PYTHON   ?= $(shell command -v python3.11 || echo python3)
-# VENV=none installs into PYTHON's own environment instead of .venv (Colab: its Python has no
-# working venv, and a notebook's kernel should see the packages). TPU=1 adds TensorFlow's TPU
-# build (TPU VMs, Colab's TPU runtime): the plain tensorflow wheel cannot drive one. GPU=1 adds
-# the CUDA libraries TensorFlow was built against (tensorflow[and-cuda]).
-VENV     ?= .venv
-TPU      ?=
+# STACK: the pinned set `make install` puts in the environment (TPU=1 is STACK=tpu):
+#   (none)  setup.cfg's pins, TensorFlow 2.21: CPU, and GPU with GPU=1 (the CUDA libraries
+#           TensorFlow was built against, tensorflow[and-cuda])
+#   tpu     requirements-tpu.txt: tensorflow-tpu 2.20.0 with an exact libtpu (TPU VMs, Colab's TPU
+#           runtime: the plain tensorflow wheel cannot drive a TPU). Never import it on a machine
+#           without a TPU: it asks the cloud metadata server for TPU settings and hangs.
+#   tf2.20  the tpu set with plain tensorflow 2.20.0: `make test STACK=tf2.20` runs the tests on
+#           the TPU set's versions on any machine
+# Each stack gets its own virtual environment (.venv, .venv-tpu, .venv-tf2.20). VENV=none installs
+# into PYTHON's own environment instead (Colab: its Python has no working venv, and a notebook's
+# kernel should see the packages); pass the same STACK or TPU=1 to every make command there.
+STACK    ?= $(if $(TPU),tpu)
+ifneq ($(filter-out tpu tf2.20,$(STACK)),)
+$(error STACK=$(STACK): expected tpu or tf2.20, or no STACK for setup.cfg's pins)
+endif
+VENV     ?= .venv$(if $(STACK),-$(STACK))
 GPU      ?=
-TF_VERSION     := $(shell sed -n 's/^ *tensorflow==//p' setup.cfg)
-TF_TPU_VERSION ?= $(TF_VERSION)
-LIBTPU_INDEX   := https://storage.googleapis.com/libtpu-tf-releases/index.html
+TF_VERSION := $(shell sed -n 's/^ *tensorflow==//p' setup.cfg)
+TPU_PINS   := requirements-tpu.txt
+# The stack's pins as pip arguments: the TPU set, with plain tensorflow in tensorflow-tpu's place
+# and no libtpu (the tpu stack swaps them in afterwards; see requirements-tpu.txt).
+STACK_PINS  = $$(grep -v '^\#' $(TPU_PINS) | sed -e '/^libtpu==/d' -e 's/^tensorflow-tpu==/tensorflow==/')
+TPU_BUILD   = $$(grep -E '^(tensorflow-tpu|libtpu)==' $(TPU_PINS))
+# setup.cfg's test extras (pytest, ruff, ...), for stacks installed without setup.cfg's pins.
+TEST_EXTRAS = $$($(PYTHON) -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
+	print(' '.join(l for l in c['options.extras_require']['test'].splitlines() if l and not l.startswith('\#')))")
 ifeq ($(VENV),none)
 # Runtime packages only: the test extras (pytest, ipykernel, ...) would replace the notebook
 # server's own kernel packages under a running Colab session.
 PY       := $(PYTHON)
-INSTALLED := .installed-$(notdir $(PYTHON))
+INSTALLED := .installed-$(notdir $(PYTHON))$(if $(STACK),-$(STACK))
 EXTRAS   :=
+# One Python holds one stack: `make train` without TPU=1 after `make install TPU=1` would lay
+# setup.cfg's TensorFlow 2.21 over the TPU build.
+OTHER_STACK := $(filter-out $(INSTALLED),$(wildcard .installed-$(notdir $(PYTHON)) .installed-$(notdir $(PYTHON))-*))
+ifneq ($(OTHER_STACK),)
+ifneq ($(filter-out help lint clean-runs check-tpu-stack,$(or $(MAKECMDGOALS),help)),)
+$(error $(PYTHON) already holds the stack marked by $(OTHER_STACK): pass the STACK it was installed with (TPU=1 for tpu) to every make command, or delete $(OTHER_STACK) to install over it)
+endif
+endif
 else
 PY       := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed
+INSTALLED := $(VENV)/.installed$(if $(STACK),-$(STACK))
 EXTRAS   := [test]
 endif
 # Offline default: the shared copy of the pipeline's dataset when it is beside this checkout, else TFDS.
@@ -63,7 +87,7 @@ endif
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate compress tune bench bench-input lint test test-faults test-all clean-runs
+.PHONY: help install check-tpu-stack train evaluate compress tune bench bench-input lint test test-faults test-all clean-runs
 
 help: ## list the targets (this text)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -72,26 +96,38 @@ help: ## list the targets (this text)
 	@echo "             WORKERS=$(WORKERS) NETWORK=$(NETWORK) (multiworker on this machine: private|host) RUNS=$(RUNS) (bench) NAME=run-name"
 	@echo "             DATA=... MODEL=... CONFIG=config.json STAGES=$(STAGES) ARGS=\"--key=value ...\""
 	@echo "             TUNER=$(TUNER) (hyperband|bayesian|random) TRIALS=$(TRIALS) (tune)"
-	@echo "             VENV=$(VENV) (none: install into PYTHON=$(PYTHON)) TPU=1 GPU=1 (install tensorflow-tpu==$(TF_TPU_VERSION), tensorflow[and-cuda])"
+	@echo "             STACK=$(STACK) (none: setup.cfg, TF $(TF_VERSION) | tpu: $(TPU_PINS) | tf2.20: that set, plain TF) TPU=1 (STACK=tpu) GPU=1 (tensorflow[and-cuda])"
+	@echo "             VENV=$(VENV) (none: install into PYTHON=$(PYTHON))"
 
-install: $(INSTALLED) $(if $(TPU),$(INSTALLED)-tpu) $(if $(GPU),$(INSTALLED)-gpu) ## create .venv and install setup.cfg's pins (VENV=none: into PYTHON; TPU=1, GPU=1: accelerator builds)
+install: $(INSTALLED) $(if $(GPU),$(INSTALLED)-gpu) ## create .venv and install setup.cfg's pins (STACK=tpu|tf2.20 or TPU=1: requirements-tpu.txt; VENV=none: into PYTHON)
 
-$(INSTALLED): setup.cfg pyproject.toml
+$(INSTALLED): setup.cfg pyproject.toml $(if $(STACK),$(TPU_PINS))
 ifneq ($(VENV),none)
 	$(PYTHON) -m venv $(VENV)
 endif
 	$(PY) -m pip install --quiet --upgrade pip
+ifeq ($(STACK),)
 	$(PY) -m pip install --quiet -e '.$(EXTRAS)'
-	touch $@
-
-# tensorflow-tpu installs over the tensorflow package (Cloud TPU's documented way); libtpu comes with it.
-$(INSTALLED)-tpu: $(INSTALLED)
-	$(PY) -m pip install --quiet tensorflow-tpu==$(TF_TPU_VERSION) -f $(LIBTPU_INDEX)
+else
+	$(PY) -m pip install --quiet $(STACK_PINS) $(if $(EXTRAS),$(TEST_EXTRAS))
+	$(PY) -m pip install --quiet --no-deps -e .
+endif
+ifeq ($(STACK),tpu)
+	$(PY) -m pip uninstall --quiet --yes tensorflow
+	$(PY) -m pip install --quiet --no-deps $(TPU_BUILD)
+endif
 	touch $@
 
 $(INSTALLED)-gpu: $(INSTALLED)
+ifneq ($(STACK),)
+	$(error GPU=1 adds the CUDA libraries of setup.cfg's TensorFlow $(TF_VERSION); it does not combine with STACK=$(STACK))
+endif
 	$(PY) -m pip install --quiet 'tensorflow[and-cuda]==$(TF_VERSION)'
 	touch $@
+
+check-tpu-stack: ## install STACK=tpu into .venv-tpu, never importing it, and check libtpu exports what TF's TPU loader needs
+	$(MAKE) --no-print-directory install STACK=tpu VENV=.venv-tpu
+	$(PYTHON) deploy/check_tpu_stack.py .venv-tpu $(TPU_PINS)
 
 train: install ## train PIPELINE under STRATEGY (multiworker: WORKERS local processes)
 ifeq ($(STRATEGY),multiworker)

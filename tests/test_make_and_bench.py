@@ -2,6 +2,7 @@
 runs, and RELIABILITY.md names only tests that exist."""
 
 import json
+import os
 import re
 import subprocess
 
@@ -48,29 +49,54 @@ def test_bench_stops_at_a_failing_run_and_keeps_earlier_ones(tmp_path):
     assert "failed with exit status 2" in result.stderr.strip().splitlines()[-1]
 
 
+def _dry_run(*variables, ok=True):
+    # Without the caller's MAKEFLAGS: under `make test STACK=tf2.20` they would set STACK here too.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    result = subprocess.run(
+        ["make", "-n", "-B", "install", *variables], cwd=REPO, capture_output=True, text=True, env=env
+    )
+    assert (result.returncode == 0) == ok, result.stderr
+    return result.stdout.splitlines() if ok else result.stderr.strip().splitlines()
+
+
 def test_make_install_for_colab_uses_the_kernels_python_and_adds_the_accelerator_build(tmp_path):
     # What the notebooks run on Colab: no venv, no test extras, then the TPU or GPU build.
-    def dry_run(*variables):
-        result = subprocess.run(
-            ["make", "-n", "-B", "install", "VENV=none", "PYTHON=/opt/py/bin/python3", *variables],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout.splitlines()
-
+    colab = ("VENV=none", "PYTHON=/opt/py/bin/python3")
     tf_version = re.search(r"^\s*tensorflow==(\S+)$", open(f"{REPO}/setup.cfg").read(), re.M).group(1)
-    tpu = dry_run("TPU=1")
+    tpu = _dry_run(*colab, "TPU=1")
     assert not any(" -m venv" in line for line in tpu)
-    assert "/opt/py/bin/python3 -m pip install --quiet -e '.'" in tpu
-    assert (
-        f"/opt/py/bin/python3 -m pip install --quiet tensorflow-tpu=={tf_version} "
-        "-f https://storage.googleapis.com/libtpu-tf-releases/index.html"
-    ) in tpu
-    gpu = dry_run("GPU=1")
+    # The TPU set instead of setup.cfg's pins, not on top of them; the TPU build last, alone.
+    assert not any("-e '.'" in line or "-e '.[test]'" in line for line in tpu)
+    assert "/opt/py/bin/python3 -m pip install --quiet --no-deps -e ." in tpu
+    assert tpu[-3:] == [
+        "/opt/py/bin/python3 -m pip uninstall --quiet --yes tensorflow",
+        "/opt/py/bin/python3 -m pip install --quiet --no-deps "
+        "$(grep -E '^(tensorflow-tpu|libtpu)==' requirements-tpu.txt)",
+        "touch .installed-python3-tpu",
+    ]
+    gpu = _dry_run(*colab, "GPU=1")
     assert f"/opt/py/bin/python3 -m pip install --quiet 'tensorflow[and-cuda]=={tf_version}'" in gpu
-    assert not any("tensorflow-tpu" in line for line in gpu)
+    assert not any("tensorflow-tpu" in line or "requirements-tpu" in line for line in gpu)
+
+
+def test_each_stack_has_its_own_environment_and_a_bad_stack_is_one_line():
+    assert "/.venv/bin/python -m pip install --quiet -e '.[test]'" in " /".join(_dry_run())
+    tf220 = _dry_run("STACK=tf2.20")
+    assert tf220[0].endswith("-m venv .venv-tf2.20") and tf220[-1] == "touch .venv-tf2.20/.installed-tf2.20"
+    assert not any("uninstall" in line for line in tf220)  # plain tensorflow 2.20 stays
+    assert _dry_run("TPU=1")[-1] == "touch .venv-tpu/.installed-tpu"
+    [error] = _dry_run("STACK=tf2.19", ok=False)
+    assert "STACK=tf2.19: expected tpu or tf2.20" in error
+
+
+def test_a_python_holding_one_stack_refuses_another(tmp_path):
+    marker = os.path.join(REPO, ".installed-python9-tpu")
+    open(marker, "w").close()
+    try:
+        [error] = _dry_run("VENV=none", "PYTHON=/opt/py/bin/python9", ok=False)
+    finally:
+        os.remove(marker)
+    assert "already holds the stack marked by .installed-python9-tpu" in error and "TPU=1" in error
 
 
 @pytest.mark.parametrize("target", ["train", "evaluate", "tune"])
