@@ -25,15 +25,18 @@ NOTEBOOKS = {
         "runtime": "**Runtime → Change runtime type → TPU** (v5e-1, v6e-1 or v2-8: each is a TPU VM)",
         "accelerator": "TPU",
         "install_note": (
-            "Colab's TPU runtime no longer comes with TensorFlow. `make install TPU=1` installs this "
-            "repository's pinned packages, then TensorFlow's TPU build (`tensorflow-tpu`, with the "
-            "`libtpu` runtime) from Google's wheel index over the plain `tensorflow` wheel, which "
-            "cannot drive a TPU VM. Without it, `STRATEGY=tpu` stops with one line saying so."
+            "Colab's TPU runtime no longer comes with TensorFlow. `make install TPU=1` installs the "
+            "TPU stack pinned in `requirements-tpu.txt`, from PyPI: TensorFlow's TPU build "
+            "`tensorflow-tpu` 2.20.0 with exactly the `libtpu` it loads (0.0.14), `tf-keras` 2.20.1, "
+            "`tensorflow-text` 2.20.0 and the rest, instead of the CPU/GPU pins (TensorFlow 2.21). "
+            "Every later `make` command here passes `TPU=1` too, so none lays the CPU build over it. "
+            "Checked without a TPU: the set installs, and its libtpu exports every symbol the TPU "
+            "loader needs (`make check-tpu-stack`). **Not yet run on a real TPU.**"
         ),
         "params": {
             "STRATEGY": ("tpu", "tpu | auto (auto: the TPU if there is one, else the GPUs, else the CPU)"),
             "NAME": ("colab-tpu", "run folder: runs/<PIPELINE>/<NAME>/ (rerun the same NAME to resume)"),
-            "INSTALL": ("TPU=1", "make install extras: TPU=1 adds tensorflow-tpu (TPU VMs)"),
+            "INSTALL": ("TPU=1", "install stack, passed to every make command: TPU=1 is requirements-tpu.txt"),
         },
     },
     "colab_gpu.ipynb": {
@@ -49,7 +52,7 @@ NOTEBOOKS = {
         "params": {
             "STRATEGY": ("auto", "auto: one GPU -> default, several -> mirrored, none -> CPU"),
             "NAME": ("colab-gpu", "run folder: runs/<PIPELINE>/<NAME>/ (rerun the same NAME to resume)"),
-            "INSTALL": ("GPU=1", "make install extras: GPU=1 adds tensorflow[and-cuda]"),
+            "INSTALL": ("GPU=1", "passed to every make command: GPU=1 adds tensorflow[and-cuda]"),
         },
     },
 }
@@ -132,7 +135,8 @@ if IN_COLAB and not os.path.exists("Makefile"):
 assert os.path.exists("Makefile"), f"{os.getcwd()}: expected the repository's root (its Makefile)"
 
 # Colab: install into the notebook's own Python (it has no working venv); elsewhere make's .venv.
-MAKE = f"make VENV=none PYTHON={sys.executable}" if IN_COLAB else "make"
+# INSTALL goes to every command: it names the stack the environment holds.
+MAKE = (f"make VENV=none PYTHON={sys.executable}" if IN_COLAB else "make") + (f" {INSTALL}" if INSTALL else "")
 RUN_DIR = f"{OUTPUT_DIR}/{PIPELINE}/{NAME}"
 
 
@@ -147,7 +151,7 @@ def sh(command):
         raise RuntimeError(f"`{command}` failed with exit status {process.returncode} (its output is above)")
 """),
         markdown(f"## Install\n\n{spec['install_note']}"),
-        code('sh(f"{MAKE} install {INSTALL}")'),
+        code('sh(f"{MAKE} install")'),
         markdown(f"""
 ## Train
 

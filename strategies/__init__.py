@@ -30,8 +30,6 @@ from core.errors import UserError
 from strategies import tf_config
 
 STRATEGY_NAMES = ("auto", "default", "mirrored", "multiworker", "tpu")
-# Where Google publishes the tensorflow-tpu and libtpu wheels (pip --find-links).
-LIBTPU_INDEX = "https://storage.googleapis.com/libtpu-tf-releases/index.html"
 
 
 def make_strategy(name: str, *, tpu: str = "local", cpu_devices: int = 0) -> tf.distribute.Strategy:
@@ -221,8 +219,8 @@ def _tpu(tpu):
         if missing:
             raise UserError(
                 f"TPU devices found ({_local_tpu_devices()[0]}) but {missing}: the CPU/GPU tensorflow "
-                f"wheel cannot drive a TPU VM; run `make install TPU=1` (pip install "
-                f"tensorflow-tpu=={tf.__version__} -f {LIBTPU_INDEX})"
+                f"{tf.__version__} wheel cannot drive a TPU VM; run `make install TPU=1`, which installs "
+                "requirements-tpu.txt (TensorFlow's TPU build with the libtpu it loads) in its place"
             )
     # Connecting to a grpc:// address where nothing listens blocks for minutes (measured:
     # still waiting after 120 s), so knock on the port first.

@@ -29,8 +29,8 @@ EPOCHS, STEPS_PER_EPOCH = 6, 7
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 JOB_FLAGS = ["--strategy=multiworker", "--smoke", "--max_examples=3000", f"--epochs={EPOCHS}", "--verbose=2"]
 # How far a resumed run's figures may be from the uninterrupted run's. Input order is not
-# deterministic (parallel interleave), the redone epoch sees other batches and lookahead restarts
-# its average, so runs differ a little. Measured here (RELIABILITY.md), 5 uninterrupted runs:
+# deterministic (parallel interleave) and the redone epoch sees other batches, so runs differ a
+# little. Measured here (RELIABILITY.md), 5 uninterrupted runs:
 # final loss 1.699-1.722, val_loss 1.744-1.779, val_accuracy 0.74-0.80 (50 images); 6 resumed
 # runs, killed at steps 9-33: 1.704-1.720, 1.741-1.779, 0.70-0.80. The bounds are about twice
 # the uninterrupted spread: a resume that lost the optimizer state or an epoch's progress lands

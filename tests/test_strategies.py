@@ -83,7 +83,7 @@ def test_tpu_without_tpu_fails_fast_with_user_error(monkeypatch):
     "installed, expected",
     [
         ({}, "tensorflow-tpu is not installed"),
-        ({"tensorflow-tpu": "2.21.0"}, "the libtpu runtime is not installed"),
+        ({"tensorflow-tpu": "2.20.0"}, "the libtpu runtime is not installed"),
     ],
 )
 def test_tpu_vm_without_the_tpu_runtime_says_what_to_install(monkeypatch, installed, expected):
@@ -108,8 +108,8 @@ def test_tpu_vm_without_the_tpu_runtime_says_what_to_install(monkeypatch, instal
         strategies.make_strategy("tpu")
     message = str(e.value)
     assert message.startswith(f"TPU devices found (/dev/vfio/0) but {expected}")
-    assert f"pip install tensorflow-tpu=={tf.__version__} -f {strategies.LIBTPU_INDEX}" in message
-    assert "make install TPU=1" in message and "\n" not in message
+    assert f"tensorflow {tf.__version__} wheel cannot drive a TPU VM" in message
+    assert "make install TPU=1" in message and "requirements-tpu.txt" in message and "\n" not in message
 
 
 def test_tpu_at_unreachable_grpc_address_fails_fast():
