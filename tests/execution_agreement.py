@@ -28,7 +28,7 @@ from core.training import evaluation
 # CNN's whitening bias to freeze mid-run, with steps_per_epoch not a multiple of 4 (the last
 # call of each epoch is shorter).
 FLAGS = {
-    "cifar10_cnn": ["--max_examples=500", "--epochs=3", "--whiten_bias_epochs=1"],
+    "cifar10_cnn": ["--max_examples=500", "--epochs=3", "--whiten_bias_epochs=1", "--lookahead_every=5"],
     "cifar10_vit": ["--max_examples=500", "--epochs=3"],
     "imdb_transformer": ["--max_examples=500", "--epochs=3"],
 }
