@@ -1,7 +1,10 @@
 """Trains one pipeline at smoke size under several `--steps_per_execution` values, float32 and
 deterministic, and prints as JSON how far each run's final weights are from the first run's.
 
-Run:    python -m tests.execution_agreement cifar10_cnn 1 4 [--flag=value ...]
+Run:    python -m tests.execution_agreement cifar10_cnn 1 4 4xla [--flag=value ...]
+
+Each run is a number of steps per call, with `xla` appended for --jit_compile (XLA fuses ops
+differently, so its weights are compared but not expected to match to float tolerance).
 
 A TPU runs 32 train steps per host call, CPU and GPU runs 1, so the recipe benchmarked here is
 the TPU's only if nothing in it depends on how steps are grouped into calls. The runs use the
@@ -54,19 +57,21 @@ def in_order_tf_data():
 @dataclasses.dataclass
 class Outcome:
     steps_per_execution: int
+    jit_compile: bool
     final_step: int
     steps_per_epoch: int
     max_abs_diff: float  # against the first run's weights
     max_rel_diff: float  # largest |a - b| / (|b| + 1e-3): tiny weights do not hide a difference
 
 
-def train(name, steps_per_execution, workdir, extra, index):
+def train(name, steps_per_execution, jit_compile, workdir, extra, index):
     pipeline = importlib.import_module(f"pipelines.{name}")
     run_dir = pipeline.main(
         [
             "--smoke",
             "--precision=float32",
             f"--steps_per_execution={steps_per_execution}",
+            f"--jit_compile={jit_compile}",
             f"--output_dir={workdir}",
             f"--cache_dir={workdir}/cache",
             f"--name=run{index}-spe{steps_per_execution}",
@@ -86,13 +91,14 @@ def _numeric(weights):
 
 
 def main(argv):
-    name, values = argv[0], [int(a) for a in argv[1:] if not a.startswith("--")]
+    name, specs = argv[0], [a for a in argv[1:] if not a.startswith("--")]
     extra = [a for a in argv[1:] if a.startswith("--")]
     in_order_tf_data()
     outcomes, reference = [], None
     with tempfile.TemporaryDirectory() as workdir:
-        for index, value in enumerate(values):
-            weights, metrics = train(name, value, workdir, extra, index)
+        for index, spec in enumerate(specs):
+            value, jit_compile = int(spec.removesuffix("xla")), spec.endswith("xla")
+            weights, metrics = train(name, value, jit_compile, workdir, extra, index)
             reference = reference or weights
             # Numbers only: the text model also keeps its vocabulary (strings), fixed before training.
             weights, reference_numbers = _numeric(weights), _numeric(reference)
@@ -101,6 +107,7 @@ def main(argv):
             outcomes.append(
                 Outcome(
                     steps_per_execution=value,
+                    jit_compile=jit_compile,
                     final_step=int(metrics["final_step"]),
                     steps_per_epoch=int(metrics["steps"]) // int(metrics["epochs"]),
                     max_abs_diff=float(max(d.max() for d in diffs)),

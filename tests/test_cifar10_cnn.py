@@ -186,6 +186,7 @@ def test_multiworker_matches_default_loss(default_losses):
     assert multiworker["loss"] == pytest.approx(default_losses["loss"], rel=LOSS_RTOL)
 
 
+@pytest.mark.slow  # 28 s; two-worker training stays in make test (test_deploy, the loss agreement)
 def test_make_train_multiworker_runs_two_local_workers(tmp_path):
     import subprocess
 

@@ -49,6 +49,7 @@ def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
     assert set(report["per_class_accuracy"]) == set(cifar10_vit.CLASS_NAMES)
 
 
+@pytest.mark.slow  # 15 s; the CNN's and the text model's mirrored tests cover it in make test
 def test_mirrored_matches_default_loss():
     default = helpers.strategy_losses("cifar10_vit", "--strategy=default")
     mirrored = helpers.strategy_losses("cifar10_vit", "--strategy=mirrored", "--cpu_devices=2")

@@ -7,7 +7,6 @@ per call and compares the final weights.
 """
 
 import json
-import os
 import types
 
 import numpy as np
@@ -25,11 +24,18 @@ PIPELINES = ("cifar10_cnn", "cifar10_vit", "imdb_transformer")
 DETERMINISTIC = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
-@pytest.mark.parametrize("pipeline", PIPELINES)
-def test_four_steps_per_call_end_on_the_same_weights_as_one(pipeline):
-    result = run_module("tests.execution_agreement", pipeline, "1", "4", env=DETERMINISTIC, timeout=240)
+@pytest.fixture(scope="module", params=PIPELINES)
+def runs(request):
+    """One process per pipeline: 1 step per call, 4, and 4 compiled by XLA (TF_CPP_MIN_LOG_LEVEL=0:
+    XLA logs when it compiles)."""
+    env = {**DETERMINISTIC, "TF_CPP_MIN_LOG_LEVEL": "0"}
+    result = run_module("tests.execution_agreement", request.param, "1", "4", "4xla", env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, four = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_four_steps_per_call_end_on_the_same_weights_as_one(runs):
+    (one, four, _), _ = runs
     # Long enough to matter: the last call of each epoch is shorter than 4 steps, and the CNN's
     # lookahead (every 5 steps) fires at least twice at steps that are not the end of a call.
     assert one["steps_per_epoch"] % 4 != 0 and one["final_step"] >= 3 * one["steps_per_epoch"] >= 20
@@ -38,24 +44,12 @@ def test_four_steps_per_call_end_on_the_same_weights_as_one(pipeline):
     assert four["max_abs_diff"] < 1e-6 and four["max_rel_diff"] < 1e-4, four
 
 
-@pytest.mark.parametrize("pipeline", PIPELINES)
-def test_smoke_run_trains_and_evaluates_xla_compiled_with_several_steps_per_call(pipeline, tmp_path):
-    result = run_module(
-        f"pipelines.{pipeline}",
-        "--smoke",
-        "--jit_compile=true",
-        "--steps_per_execution=4",
-        f"--output_dir={tmp_path}/runs",
-        f"--cache_dir={tmp_path}/cache",
-        env={"TF_CPP_MIN_LOG_LEVEL": "0"},  # XLA says when it compiled
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Compiled cluster using XLA" in result.stderr
-    [run_dir] = [root for root, _, names in os.walk(tmp_path / "runs") if "metrics.json" in names]
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        metrics = json.load(f)
-    assert metrics["final_step"] == metrics["steps"] and 0 <= metrics["val_accuracy"] <= 1
+def test_training_and_evaluation_compile_with_xla_and_several_steps_per_call(runs):
+    """The TPU's way of running (the steps compiled by XLA, 4 per host call) trains every
+    pipeline to its last step; validation each epoch runs XLA-compiled too."""
+    (one, _, xla), stderr = runs
+    assert "Compiled cluster using XLA" in stderr
+    assert xla["jit_compile"] and xla["final_step"] == one["final_step"]
 
 
 def test_xla_text_batches_have_one_static_shape_under_any_strategy(monkeypatch):

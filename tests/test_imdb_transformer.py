@@ -80,6 +80,7 @@ def test_mirrored_matches_default_loss():
     assert mirrored["loss"] == pytest.approx(default["loss"], rel=LOSS_RTOL)
 
 
+@pytest.mark.slow  # 27 s; mirrored (here) and the CNN's multiworker test cover it in make test
 def test_multiworker_matches_default_loss():
     default = helpers.strategy_losses("imdb_transformer", "--strategy=default")
     multiworker = helpers.strategy_losses("imdb_transformer", "--strategy=multiworker", workers=2)

@@ -242,7 +242,10 @@ def test_cache_on_a_gfile_url_is_built_locally_and_read_through_gfile():
     assert again.cache_dir == data.cache_dir  # reused, not rebuilt
 
 
-@pytest.mark.parametrize("pipeline", ["cifar10_cnn", "imdb_transformer"])
+@pytest.mark.parametrize(
+    "pipeline",
+    [pytest.param("cifar10_cnn", marks=pytest.mark.slow), "imdb_transformer"],  # the CNN's: 14 s, make test-all
+)
 def test_bench_input_tiny_mode_writes_its_report(tmp_path, pipeline):
     result = run_module(
         f"pipelines.{pipeline}",

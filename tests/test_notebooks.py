@@ -50,7 +50,14 @@ def outputs_text(book):
     return "".join(out.get("text", "") for cell in book.cells if cell.cell_type == "code" for out in cell.outputs)
 
 
-@pytest.mark.parametrize("name, stages", [("colab_tpu.ipynb", "prune,pqat"), ("colab_gpu.ipynb", "ptq_int8")])
+@pytest.mark.parametrize(
+    "name, stages",
+    [
+        ("colab_tpu.ipynb", "prune,pqat"),
+        # The same cells with other parameters (23 s): make test-all.
+        pytest.param("colab_gpu.ipynb", "ptq_int8", marks=pytest.mark.slow),
+    ],
+)
 def test_notebook_runs_on_cpu_with_the_make_targets(name, stages, tmp_path, monkeypatch):
     book = execute(name, ci_parameters(tmp_path, stages), tmp_path, monkeypatch)
     run_dir = tmp_path / "runs" / "cifar10_cnn" / "ci"

@@ -395,6 +395,7 @@ def test_the_shipped_imdb_search_result_loads_as_a_config():
     assert (cfg.model, cfg.batch_size) == ("tiny", 32)
 
 
+@pytest.mark.slow  # 24 s; make test-all
 def test_executions_per_trial_average_runs_with_consecutive_seeds(tmp_path):
     result = run_module(
         *_tune_args(
