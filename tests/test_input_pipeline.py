@@ -59,6 +59,26 @@ def test_empty_split_is_a_clear_error():
         input_pipeline.make_dataset([], batch_size=8, training=True, parse_fn=_parse_id)
 
 
+def test_each_batch_gets_its_epoch_counted_from_its_position(tmp_path):
+    """Batch i of an input pipeline feeding 2 of 4 replicas belongs to epoch
+    first_epoch + i // (2 * steps_per_epoch): exact however far the input runs ahead."""
+    files = _write_ids(tmp_path, 40, 10)
+    counter = type("Counter", (), {"steps_per_epoch": 3, "first_epoch": tf.Variable(5, dtype=tf.int64)})()
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
+    ds = input_pipeline.make_dataset(
+        files,
+        batch_size=2,
+        training=True,
+        parse_fn=_parse_id,
+        input_context=context,
+        batch_fn=lambda ids, epoch: epoch,
+        epoch_counter=counter,
+        num_examples=40,
+    )
+    epochs = [int(e) for e in ds.take(14)]
+    assert epochs == [5] * 6 + [6] * 6 + [7] * 2
+
+
 def _augment(images, epoch=None, **overrides):
     cfg = cifar10_cnn.Config(**overrides)
     labels = tf.zeros([images.shape[0]], tf.int32)

@@ -4,6 +4,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from core.training import optim
+from tests.helpers import last_json_line, run_python
 
 
 def _one_step(groups, l2=0.0, steps=1, lr=0.1):
@@ -87,6 +88,37 @@ def test_lookahead_averages_batchnorm_statistics_and_is_checkpointed(tmp_path):
     restored = [v.numpy() for v in optimizer.variables if "/slow/" in v.name]
     for before, after in zip(slow, restored, strict=True):
         np.testing.assert_allclose(after, before)
+
+
+def test_lookahead_under_mirrored_leaves_every_replica_with_the_same_weights():
+    """Two replicas, each with its own BatchNorm statistics (they differ without lookahead):
+    after the last step (fast <- slow) every replica holds the same copy of every weight and of
+    every slow copy, so a checkpoint, which saves one replica's, loses nothing."""
+    code = """
+import json, numpy as np, tensorflow as tf, tf_keras as keras
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from core.training import optim
+from tests.helpers import last_json_line, run_python
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization()])
+    optimizer = optim.GroupedSGD(0.1, lookahead=optim.Lookahead(total_steps=6, every=2), averaged=model.weights)
+    model.compile(optimizer=optimizer, loss="mse", steps_per_execution=2)
+x = np.random.default_rng(0).normal(size=(48, 3)).astype(np.float32)
+x[::2] += 3.0  # the replicas' halves of each batch differ, so would their statistics
+model.fit(x, np.zeros((48, 4), np.float32), batch_size=8, epochs=1, verbose=0, shuffle=False)
+spread = {v.name: max(float(np.abs(c.numpy() - v.values[0].numpy()).max()) for c in v.values)
+          for v in [*model.weights, *optimizer.variables] if hasattr(v, "values")}
+print(json.dumps({"final_step": int(optimizer.iterations.numpy()), "spread": spread}))
+"""
+    result = run_python(code, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = last_json_line(result.stdout)
+    assert out["final_step"] == 6
+    moving = [name for name in out["spread"] if "moving" in name]
+    assert len(moving) == 4  # moving mean and variance, and their slow copies
+    assert max(out["spread"].values()) < 1e-6, out["spread"]
 
 
 def test_lookahead_without_the_weights_to_average_is_an_error():

@@ -182,6 +182,7 @@ def make_dataset(
         batches_per_epoch = epoch_counter.steps_per_epoch * replicas
 
         def with_epoch(index, batch):
+            batch = batch if isinstance(batch, tuple) else (batch,)
             return batch_fn(*batch, epoch=epoch_counter.first_epoch + index // batches_per_epoch)
 
         ds = ds.enumerate().map(with_epoch, num_parallel_calls=parallel, deterministic=ordered)

@@ -133,18 +133,33 @@ class GroupedSGD(keras.optimizers.SGD):
     def apply_gradients(self, grads_and_vars, *args, **kwargs):
         iteration = super().apply_gradients(grads_and_vars, *args, **kwargs)
         if self.lookahead:
-            # In cross-replica context, as a callback would be: reading a BatchNorm statistic
-            # (sync-on-read) there averages it over the replicas, and an assign sets every copy.
-            tf.distribute.get_replica_context().merge_call(lambda _: self._average())
+            self._average()
         return iteration
 
     def _average(self):
+        """The lookahead update, in each replica, after the step's update.
+
+        Every replica computes the same new values and assigns its own copies: trainable weights
+        and the slow copies are mirrored (the same on every replica), and BatchNorm's moving
+        statistics, which are per replica (sync-on-read), enter as their mean over the replicas,
+        what reading them on the host gives. No merge_call: strategies that skip it (GPUs under
+        XLA) refuse one here. The mean is taken every step, outside the conditions, so that every
+        replica reaches the same collectives.
+        """
+        replica = tf.distribute.get_replica_context()
+        current = []
+        for weight in self._averaged:
+            value = tf.convert_to_tensor(weight)
+            if weight.synchronization == tf.VariableSynchronization.ON_READ:
+                value = replica.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+            current.append(value)
         step, every, total = self.iterations, self.lookahead.every, self.lookahead.total_steps
 
         def move(decay):
-            for slow, fast in zip(self._slow, self._averaged, strict=True):
-                slow.assign(decay * slow + (1.0 - decay) * tf.cast(fast, slow.dtype))
-                fast.assign(tf.cast(slow, getattr(fast, "true_dtype", fast.dtype)))
+            for slow, weight, value in zip(self._slow, self._averaged, current, strict=True):
+                averaged = decay * slow + (1.0 - decay) * tf.cast(value, slow.dtype)
+                slow.assign(averaged)
+                weight.assign(tf.cast(averaged, getattr(weight, "true_dtype", weight.dtype)))
             return tf.constant(True)
 
         progress = tf.minimum(tf.cast(step, tf.float32) / total, 1.0)
@@ -155,8 +170,7 @@ class GroupedSGD(keras.optimizers.SGD):
     def get_config(self):
         config = super().get_config()
         config.update(l2=self.l2, groups=[dataclasses.asdict(g) for g in self.groups])
-        if self.lookahead:
-            config.update(lookahead=dataclasses.asdict(self.lookahead))
+        # Not `lookahead`: it needs the model's weights (`averaged`), which a config cannot carry.
         return config
 
 
