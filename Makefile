@@ -52,7 +52,7 @@ INSTALLED := .installed-$(notdir $(PYTHON))$(if $(STACK),-$(STACK))
 EXTRAS   :=
 # One Python holds one stack: `make train` without TPU=1 after `make install TPU=1` would lay
 # setup.cfg's TensorFlow 2.21 over the TPU build.
-OTHER_STACK := $(filter-out $(INSTALLED),$(wildcard .installed-$(notdir $(PYTHON)) .installed-$(notdir $(PYTHON))-*))
+OTHER_STACK := $(filter-out $(INSTALLED),$(wildcard $(addprefix .installed-$(notdir $(PYTHON)),-tpu -tf2.20) .installed-$(notdir $(PYTHON))))
 ifneq ($(OTHER_STACK),)
 ifneq ($(filter-out help lint clean-runs check-tpu-stack,$(or $(MAKECMDGOALS),help)),)
 $(error $(PYTHON) already holds the stack marked by $(OTHER_STACK): pass the STACK it was installed with (TPU=1 for tpu) to every make command, or delete $(OTHER_STACK) to install over it)
@@ -62,6 +62,15 @@ else
 PY       := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed$(if $(STACK),-$(STACK))
 EXTRAS   := [test]
+# On a TPU VM that installed only the TPU stack, a command without TPU=1 would build a CPU .venv
+# and train on the CPU.
+ifeq ($(STACK)$(VENV)$(wildcard .venv/.installed),.venv)
+ifneq ($(wildcard .venv-tpu/.installed-tpu),)
+ifneq ($(filter-out help install clean-runs check-tpu-stack,$(or $(MAKECMDGOALS),help)),)
+$(error only the TPU stack is installed here (.venv-tpu): pass TPU=1 to every make command (make train TPU=1 ...), or run `make install` first for the CPU stack)
+endif
+endif
+endif
 endif
 # Offline default: the shared copy of the pipeline's dataset when it is beside this checkout, else TFDS.
 OFFLINE_cifar10 := ../shared/data/cifar10/cifar10-jpeg-train.tar.gz
@@ -114,7 +123,7 @@ else
 endif
 ifeq ($(STACK),tpu)
 	$(PY) -m pip uninstall --quiet --yes tensorflow
-	$(PY) -m pip install --quiet --no-deps $(TPU_BUILD)
+	$(PY) -m pip install --quiet --no-deps --force-reinstall $(TPU_BUILD)
 endif
 	touch $@
 

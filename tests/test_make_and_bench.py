@@ -4,6 +4,7 @@ runs, and RELIABILITY.md names only tests that exist."""
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -70,7 +71,7 @@ def test_make_install_for_colab_uses_the_kernels_python_and_adds_the_accelerator
     assert "/opt/py/bin/python3 -m pip install --quiet --no-deps -e ." in tpu
     assert tpu[-3:] == [
         "/opt/py/bin/python3 -m pip uninstall --quiet --yes tensorflow",
-        "/opt/py/bin/python3 -m pip install --quiet --no-deps "
+        "/opt/py/bin/python3 -m pip install --quiet --no-deps --force-reinstall "
         "$(grep -E '^(tensorflow-tpu|libtpu)==' requirements-tpu.txt)",
         "touch .installed-python3-tpu",
     ]
@@ -97,6 +98,25 @@ def test_a_python_holding_one_stack_refuses_another(tmp_path):
     finally:
         os.remove(marker)
     assert "already holds the stack marked by .installed-python9-tpu" in error and "TPU=1" in error
+    # The GPU build's marker is not a stack: GPU=1 goes with setup.cfg's pins.
+    gpu_marker = os.path.join(REPO, ".installed-python9-gpu")
+    open(gpu_marker, "w").close()
+    try:
+        assert _dry_run("VENV=none", "PYTHON=/opt/py/bin/python9", "GPU=1")[-1] == "touch .installed-python9-gpu"
+    finally:
+        os.remove(gpu_marker)
+
+
+def test_a_checkout_with_only_the_tpu_stack_asks_for_tpu_1(tmp_path):
+    for name in ("Makefile", "setup.cfg", "pyproject.toml", "requirements-tpu.txt"):
+        shutil.copy(os.path.join(REPO, name), tmp_path)
+    (tmp_path / ".venv-tpu").mkdir()
+    (tmp_path / ".venv-tpu" / ".installed-tpu").touch()
+    result = subprocess.run(["make", "-n", "lint"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "only the TPU stack is installed here (.venv-tpu): pass TPU=1 to every make command" in result.stderr
+    result = subprocess.run(["make", "-n", "lint", "TPU=1"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and ".venv-tpu/bin/python -m ruff" in result.stdout
 
 
 @pytest.mark.parametrize("target", ["train", "evaluate", "tune"])
