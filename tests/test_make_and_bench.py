@@ -51,8 +51,10 @@ def test_bench_stops_at_a_failing_run_and_keeps_earlier_ones(tmp_path):
 
 
 def _dry_run(*variables, ok=True):
-    # Without the caller's MAKEFLAGS: under `make test STACK=tf2.20` they would set STACK here too.
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    # Without the caller's make variables: `make test STACK=tf2.20` exports STACK (command-line
+    # variables go to the environment and MAKEFLAGS) and would set it here too.
+    caller = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "STACK", "TPU", "GPU", "VENV", "PYTHON")
+    env = {k: v for k, v in os.environ.items() if k not in caller}
     result = subprocess.run(
         ["make", "-n", "-B", "install", *variables], cwd=REPO, capture_output=True, text=True, env=env
     )
@@ -112,10 +114,11 @@ def test_a_checkout_with_only_the_tpu_stack_asks_for_tpu_1(tmp_path):
         shutil.copy(os.path.join(REPO, name), tmp_path)
     (tmp_path / ".venv-tpu").mkdir()
     (tmp_path / ".venv-tpu" / ".installed-tpu").touch()
-    result = subprocess.run(["make", "-n", "lint"], cwd=tmp_path, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "STACK", "TPU")}
+    result = subprocess.run(["make", "-n", "lint"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert result.returncode != 0
     assert "only the TPU stack is installed here (.venv-tpu): pass TPU=1 to every make command" in result.stderr
-    result = subprocess.run(["make", "-n", "lint", "TPU=1"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(["make", "-n", "lint", "TPU=1"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert result.returncode == 0 and ".venv-tpu/bin/python -m ruff" in result.stdout
 
 
