@@ -31,7 +31,8 @@ GLOBAL_BATCH = 64
 STEPS = 4
 # Each pipeline with its tiny model and a learning rate that moves the loss visibly in 4 steps.
 PIPELINES = {
-    "cifar10_cnn": (cifar10_cnn, dict(model="tiny", lookahead_every=0, learning_rate=0.5)),
+    # lookahead_every=2: the averaging (and its all-reduce of BatchNorm statistics) runs at step 2.
+    "cifar10_cnn": (cifar10_cnn, dict(model="tiny", lookahead_every=2, learning_rate=0.5)),
     "cifar10_vit": (cifar10_vit, dict(model="tiny", stem=(8,), patch_size=4, learning_rate=0.5)),
     "imdb_transformer": (
         imdb_transformer,

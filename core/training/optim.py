@@ -149,7 +149,10 @@ class GroupedSGD(keras.optimizers.SGD):
         replica = tf.distribute.get_replica_context()
         current = []
         for weight in self._averaged:
-            value = tf.convert_to_tensor(weight)
+            # On the replica's device: strategies that all-reduce through merge_call (multi-worker
+            # on CPUs) send the result to the tensor's device, and refuse a tensor without one.
+            with tf.device(weight.device):
+                value = tf.identity(weight)
             if weight.synchronization == tf.VariableSynchronization.ON_READ:
                 value = replica.all_reduce(tf.distribute.ReduceOp.MEAN, value)
             current.append(value)
