@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import nbformat
 import pytest
@@ -144,3 +145,18 @@ def test_notebook_is_valid_and_uses_make_targets_only(name):
         word in source for word in ("import tensorflow", "from pipelines", "from core")
     )  # no copy of the code
     assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code")  # committed clean
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_install_stack_goes_to_every_make_command(name):
+    """INSTALL (TPU=1 on the TPU notebook) names the stack Colab's Python holds: every make
+    command gets it, or a later one would lay setup.cfg's TensorFlow over the TPU build."""
+    book = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
+    lines = "\n".join(cell.source for cell in book.cells if cell.cell_type == "code").splitlines()
+    [definition] = [line for line in lines if line.startswith("MAKE = ")]
+    for in_colab, install, expected in [(True, "TPU=1", "make VENV=none PYTHON=/py TPU=1"), (False, "", "make")]:
+        scope = {"IN_COLAB": in_colab, "INSTALL": install, "sys": types.SimpleNamespace(executable="/py")}
+        exec(definition, scope)
+        assert scope["MAKE"] == expected
+    commands = [line for line in lines if "sh(" in line and "def sh" not in line]
+    assert len(commands) >= 3 and all("{MAKE} " in line for line in commands), commands
