@@ -110,6 +110,15 @@ def main(venv, pins_file):
     if not shutil.which("nm"):
         sys.exit("nm: not found; the symbol check needs binutils (apt-get install binutils)")
     site, problems = sites[0], []
+    # Files the check reads: a missing one is one line naming it, not a traceback.
+    expected = {
+        pins_file: "expected the TPU stack's pins (requirements-tpu.txt)",
+        os.path.join(site, LOADER_LIBRARY): "expected TensorFlow's TPU build (make install STACK=tpu)",
+        os.path.join(site, "libtpu", "libtpu.so"): "expected the pinned libtpu (make install STACK=tpu)",
+    }
+    for path, what in expected.items():
+        if not os.path.isfile(path):
+            sys.exit(f"{path}: not found; {what}")
 
     versions, pins = installed_versions(site), exact_pins(pins_file)
     for name, version in pins.items():
@@ -137,7 +146,7 @@ def main(venv, pins_file):
     with tempfile.TemporaryDirectory() as workdir:
         try:
             version, newest = newest_libtpu(os.path.join(venv, "bin", "python"), workdir)
-        except (OSError, subprocess.CalledProcessError, ValueError) as error:
+        except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as error:  # KeyError: no libtpu.so
             print(f"newest libtpu: not checked (download failed: {str(getattr(error, 'stderr', error)).strip()[:200]})")
         else:
             print(

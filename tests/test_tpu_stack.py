@@ -90,3 +90,13 @@ def test_stack_check_without_a_stack_is_one_line(tmp_path):
     assert result.stderr.strip() == (
         f"{tmp_path}: expected one lib/python3*/site-packages (is the TPU stack installed? make install STACK=tpu)"
     )
+
+
+@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("nm")), reason="needs gcc and nm (binutils)")
+def test_stack_check_without_the_tpu_build_is_one_line(tmp_path):
+    venv, pins_file = _fake_stack(tmp_path, ["TpuA_DoWork"], ["TpuA_DoWork"], {"libtpu": "0.0.14"})
+    library = venv / "lib" / "python3.11" / "site-packages" / "tensorflow" / "libtensorflow_cc.so.2"
+    library.unlink()  # plain tensorflow's layout: no TPU loader
+    result = subprocess.run([sys.executable, CHECK, str(venv), str(pins_file)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{library}: not found; expected TensorFlow's TPU build (make install STACK=tpu)"
