@@ -14,7 +14,7 @@ Writes, in `compress/` beside the model (or --output_dir):
 The pipeline supplies a `Task` (core/compression/stages.py is model-agnostic): the model to
 compress (inputs -> logits), fine-tuning batches and loss, the evaluation split as arrays, and
 representative inputs for int8 calibration. Accuracy is always the `.tflite` file's, run in
-the TFLite interpreter on the evaluation split; the Keras model's own accuracy is reported
+LiteRT on the evaluation split; the Keras model's own accuracy is reported
 beside it as a check that conversion changed nothing it should not.
 
 Fine-tuning runs in float32 under `--strategy`: default (one device), mirrored (all local GPUs,
@@ -27,10 +27,9 @@ fine-tunes for about one epoch, which one host does in minutes, and neither TFMO
 tests its wrappers there. The fallback is the same command on one host (a TPU VM's own CPU
 counts), with `--strategy=mirrored` where it has several GPUs.
 
-`--int8_float_ops=BATCH_MATMUL,...` leaves the named TFLite ops in float32 in `ptq_int8` (the
-rest int8). A model with int8 matmuls must run on TFLite's own kernels
-(`core/compression/tflite.delegate`); with BATCH_MATMUL float, XNNPack can run it, several times
-faster (figures: BENCHMARKS.md, 'XNNPack int8 BATCH_MATMUL').
+Every `.tflite` is scored and timed in LiteRT (`ai-edge-litert`) with its default XNNPack
+delegate; the report names the ops XNNPack did not take, per variant. `--int8_float_ops=
+BATCH_MATMUL,...` leaves the named TFLite ops in float32 in `ptq_int8` (the rest int8).
 `--eval_split=test` scores every variant on the data's test split where it has one.
 """
 
@@ -252,7 +251,7 @@ def measure(name, chain, keras_model, tflite_bytes, task, opts, output_dir, seco
         "sparsity": round(stages.sparsity(keras_model), 4),
         "weight_types": tflite.weight_tensor_types(tflite_bytes),
         "float_ops": tflite.float_ops(tflite_bytes),
-        "delegate": tflite.delegate(tflite_bytes),  # what accuracy and latency ran on
+        "xnnpack": tflite.delegation(tflite_bytes),  # which ops accuracy and latency ran on XNNPack
     }
     if seconds is not None:
         row["stage_seconds"] = round(seconds, 1)
@@ -270,14 +269,14 @@ def write_report(report, output_dir):
     lines = [
         f"# Compression: {report['pipeline']}",
         "",
-        f"Model `{report['model']}`; accuracy of each `.tflite` in the TFLite interpreter on "
+        f"Model `{report['model']}`; accuracy of each `.tflite` in LiteRT (XNNPack) on "
         f"{report['eval_examples']} {report['eval_split']} examples; latency at batch 1, median of "
         f"{report['options']['latency_runs']} invokes; {report['environment']['cpu']}, "
         f"{report['environment']['date']}.",
         "",
         "| variant | accuracy | Δ vs float32 | size | gzip size | gzip ratio "
-        "| latency 1 thread | latency 2 threads | sparsity |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| latency 1 thread | latency 2 threads | sparsity | ops on XNNPack |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for v in report["variants"]:
         lines.append(
@@ -285,10 +284,17 @@ def write_report(report, output_dir):
             f"{v['size_bytes'] / 1024:.0f} KiB | {v['gzip_bytes'] / 1024:.0f} KiB | "
             f"{base['gzip_bytes'] / v['gzip_bytes']:.1f}x | {v['latency_ms']['1']:.2f} ms | "
             f"{v['latency_ms']['2']:.2f} ms | "
-            f"{100 * v['sparsity']:.0f}% |"
+            f"{100 * v['sparsity']:.0f}% | {xnnpack_column(v['xnnpack'])} |"
         )
     files.write_text(os.path.join(output_dir, "report.md"), "\n".join(lines) + "\n")
     plot(report, os.path.join(output_dir, "accuracy_vs_size.png"))
+
+
+def xnnpack_column(delegation):
+    """E.g. "211 of 212 (not: CAST)": how much of the model XNNPack ran."""
+    text = f"{delegation['delegated_ops']} of {delegation['ops']}"
+    left = ", ".join(f"{name} x{count}" if count > 1 else name for name, count in delegation["not_delegated"].items())
+    return f"{text} (not: {left})" if left else text
 
 
 def plot(report, path):

@@ -1,7 +1,9 @@
-"""TFLite conversion and measurement: Keras model -> `.tflite`, scored in the TFLite interpreter.
+"""TFLite conversion and measurement: Keras model -> `.tflite`, scored in LiteRT (`ai-edge-litert`).
 
 Every figure in a compression report comes from here, measured on the `.tflite` bytes, never
 assumed from the Keras model:
+- runtime: LiteRT's interpreter with its default CPU delegate, XNNPack, as devices run it;
+  `delegation` says which ops XNNPack took (the report shows it per variant);
 - accuracy: the interpreter run over the evaluation split in batches (the input tensor is
   resized to the batch, `num_threads` set), so 10,000 images take seconds, not minutes;
 - size: bytes of the file, and of the file gzipped (level 9), which is what pruning shrinks:
@@ -19,20 +21,23 @@ Conversion modes (`convert(model, mode)`):
   qat       a quantization-aware-trained model: its fake-quant ranges become the int8 scales
 """
 
-import functools
 import gzip
+import json
 import os
 import statistics
 import time
 import warnings
 
+import flatbuffers
 import numpy as np
 import tensorflow as tf
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from core.errors import UserError
 
 MODES = ("float32", "dynamic", "float16", "int8", "qat")
-NO_DELEGATE = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES  # TFLite's own kernels only
+NO_DELEGATE = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES  # LiteRT's own kernels only
 
 
 def convert(model, mode, representative=None, float_ops=()):
@@ -40,7 +45,7 @@ def convert(model, mode, representative=None, float_ops=()):
 
     `float_ops` (int8 only): TFLite op names to leave in float32, the rest int8 ("selective
     quantization", through TFLite's QuantizationDebugger). With BATCH_MATMUL float, a
-    Transformer can run on XNNPack (see `delegate`).
+    Transformer's attention stays float (an experiment; every op int8 is the default).
     """
     if mode not in MODES:
         raise UserError(f"tflite mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -67,7 +72,7 @@ def convert(model, mode, representative=None, float_ops=()):
     if float_ops and mode != "int8":
         raise UserError(f"tflite mode {mode}: float_ops={','.join(float_ops)} applies to int8 only")
     if float_ops:
-        with warnings.catch_warnings():  # the debugger builds an interpreter too (see `interpreter`)
+        with warnings.catch_warnings():  # the debugger builds a tf.lite.Interpreter (deprecated) of its own
             warnings.simplefilter("ignore", UserWarning)
             debugger = tf.lite.experimental.QuantizationDebugger(
                 converter=converter,
@@ -85,47 +90,53 @@ def sizes(tflite_bytes):
     return len(tflite_bytes), len(gzip.compress(tflite_bytes, compresslevel=9))
 
 
-def interpreter(tflite_bytes, threads):
-    """An interpreter for the bytes, with XNNPack unless `delegate` says it computes them wrong."""
-    resolver = tf.lite.experimental.OpResolverType.AUTO if delegate(tflite_bytes) == "xnnpack" else NO_DELEGATE
-    return _interpreter(tflite_bytes, threads, resolver)
+def interpreter(tflite_bytes, threads, *, xnnpack=True):
+    """A LiteRT interpreter for the bytes, with LiteRT's default CPU delegate (XNNPack) unless
+    `xnnpack=False` (LiteRT's own kernels only: the reference for checking the delegate)."""
+    resolver = OpResolverType.AUTO if xnnpack else NO_DELEGATE
+    try:
+        return Interpreter(model_content=tflite_bytes, num_threads=threads, experimental_op_resolver_type=resolver)
+    except ValueError as error:  # LiteRT's own words, e.g. "Model provided has model identifier ..."
+        raise UserError(f"not a .tflite model LiteRT can read ({str(error).splitlines()[0]})") from None
 
 
-def _interpreter(tflite_bytes, threads, resolver=tf.lite.experimental.OpResolverType.AUTO):
-    # tf.lite.Interpreter warns that it moves to the ai_edge_litert package; it still works in
-    # TF 2.21 and needs no extra dependency, so the warning is silenced, not acted on yet.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return tf.lite.Interpreter(
-            model_content=tflite_bytes, num_threads=threads, experimental_op_resolver_type=resolver
-        )
+def delegation(tflite_bytes, threads=1):
+    """What XNNPack took: {"delegate", "ops", "delegated_ops", "not_delegated": {op name: count}}.
 
-
-@functools.lru_cache(maxsize=8)  # asked once per interpreter built, several per variant
-def delegate(tflite_bytes):
-    """ "xnnpack" (TFLite's default CPU delegate), or "none" for models with an int8 BATCH_MATMUL.
-
-    XNNPack in TF 2.21 computes int8 BATCH_MATMUL wrongly when the right-hand operand has a
-    nonzero zero point, that is, when its calibrated range is not symmetric around 0, while
-    TFLite's own kernels get it right (tests/test_compression.py keeps such a case). Attention's
-    weights x values matmul is one, and costs a ViT much of its accuracy (figures: BENCHMARKS.md,
-    'XNNPack int8 BATCH_MATMUL'). Such models run on TFLite's built-in kernels, which are correct;
-    anyone deploying them should do the same
-    (`experimental_op_resolver_type=BUILTIN_WITHOUT_DEFAULT_DELEGATES`, or no XNNPack delegate
-    on a phone).
+    LiteRT appends one DELEGATE node per partition XNNPack claims; a partition covers the ops
+    between its input and output tensors, found here by walking back from its outputs.
     """
-    tensors, ops = _tensors_and_ops(tflite_bytes)
+    runner = interpreter(tflite_bytes, threads)
+    runner.allocate_tensors()
+    nodes = runner._get_ops_details()  # the public API has no per-op view
+    ops = [n for n in nodes if n["op_name"] != "DELEGATE"]
+    producer = {t: op["index"] for op in ops for t in op["outputs"]}
+    by_index = {op["index"]: op for op in ops}
+    taken = set()
+    for partition in (n for n in nodes if n["op_name"] == "DELEGATE"):
+        boundary, pending = set(partition["inputs"]), list(partition["outputs"])
+        while pending:
+            tensor = pending.pop()
+            index = producer.get(tensor)
+            if tensor in boundary or index is None or index in taken:
+                continue
+            taken.add(index)
+            pending.extend(by_index[index]["inputs"])
+    left = {}
     for op in ops:
-        if op["op_name"] == "BATCH_MATMUL" and any(
-            tensors[i]["dtype"] == np.int8 for i in op["inputs"] if i in tensors
-        ):
-            return "none"
-    return "xnnpack"
+        if op["index"] not in taken:
+            left[op["op_name"]] = left.get(op["op_name"], 0) + 1
+    return {
+        "delegate": "xnnpack" if taken else "none",
+        "ops": len(ops),
+        "delegated_ops": len(taken),
+        "not_delegated": left,
+    }
 
 
 def _tensors_and_ops(tflite_bytes):
-    """({tensor index: details}, [op details]) of a model, read with TFLite's own kernels."""
-    runner = _interpreter(tflite_bytes, 1, NO_DELEGATE)
+    """({tensor index: details}, [op details]) of a model, read with LiteRT's own kernels."""
+    runner = interpreter(tflite_bytes, 1, xnnpack=False)
     tensors = {d["index"]: d for d in runner.get_tensor_details()}
     return tensors, runner._get_ops_details()  # the public API has no per-op view
 
@@ -175,7 +186,7 @@ def latency_ms(tflite_bytes, example, *, threads, runs=50, warmup=5):
 
 def weight_tensor_types(tflite_bytes):
     """{dtype name: count} over the model's constant tensors (weights), e.g. {"int8": 12, "int32": 12}."""
-    runner = _interpreter(tflite_bytes, 1, NO_DELEGATE)
+    runner = interpreter(tflite_bytes, 1, xnnpack=False)
     counts = {}
     for detail in runner.get_tensor_details():
         try:
@@ -199,6 +210,35 @@ def float_ops(tflite_bytes):
         if any(tensors[i]["dtype"] == np.float32 for i in indices if i in tensors):
             counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
     return counts
+
+
+METADATA_NAME = "classifier.json"  # the model's metadata entry that deploy/classify.py reads
+
+
+def with_metadata(tflite_bytes, info):
+    """The model with `info` (a JSON-ready dict: class names, input rules) stored in it, as the
+    flatbuffer's metadata entry METADATA_NAME: one file carries what a device needs. LiteRT
+    ignores metadata when it runs the model."""
+    model = schema.ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(info, ensure_ascii=False).encode("utf-8"), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+    model.metadata = [m for m in model.metadata or [] if m.name != METADATA_NAME.encode()] + [entry]
+    builder = flatbuffers.Builder(len(tflite_bytes) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def read_metadata(tflite_bytes):
+    """The dict `with_metadata` stored, or None."""
+    model = schema.Model.GetRootAs(tflite_bytes, 0)
+    for index in range(model.MetadataLength()):
+        entry = model.Metadata(index)
+        if entry.Name() == METADATA_NAME.encode():
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return None
 
 
 def write(tflite_bytes, path):
