@@ -89,14 +89,14 @@ export TF_CPP_MIN_LOG_LEVEL ?= 1
 
 # A mistyped PIPELINE stops here with one line, not in Python's "No module named" traceback.
 PIPELINES := $(sort $(basename $(notdir $(filter-out %/__init__.py,$(wildcard pipelines/*.py)))))
-ifneq ($(filter train evaluate compress tune bench bench-input,$(MAKECMDGOALS)),)
+ifneq ($(filter train evaluate compress export tune bench bench-input,$(MAKECMDGOALS)),)
 ifeq ($(filter $(PIPELINE),$(PIPELINES)),)
 $(error PIPELINE=$(PIPELINE): no such pipeline; expected one of $(PIPELINES))
 endif
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install check-tpu-stack train evaluate compress tune bench bench-input lint test test-faults test-all clean-runs
+.PHONY: help install check-tpu-stack train evaluate compress export tune bench bench-input lint test test-faults test-all clean-runs
 
 help: ## list the targets (this text)
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -150,6 +150,9 @@ evaluate: install ## accuracy of MODEL=runs/.../model.keras on DATA (a folder, .
 
 compress: install ## TFMOT STAGES (e.g. prune,ptq_int8,pqat) on MODEL=runs/.../model.keras; report in compress/ beside it
 	$(PY) -m pipelines.$(PIPELINE) compress --model=$(MODEL) --stages=$(STAGES) $(ARGS)
+
+export: install ## SavedModel of MODEL=runs/.../model.keras for TF Serving (raw images/strings in), in export/<version>/ beside it
+	$(PY) -m pipelines.$(PIPELINE) export --model=$(MODEL) $(ARGS)
 
 tune: install ## keras-tuner search over the pipeline's SEARCH_SPACE (TUNER=hyperband|bayesian|random TRIALS=N); rerun to resume
 	$(PY) -m pipelines.$(PIPELINE) tune --tuner=$(TUNER) --trials=$(TRIALS) $(TRAIN_FLAGS)

@@ -281,8 +281,8 @@ def check_positive(cfg, *names, allow_zero=False):
             raise UserError(f"--{name}={value}: expected a number {bound}")
 
 
-def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tune=None):
-    """Entry point of a pipeline module: `[evaluate|compress|bench-input|tune] --key=value ...`.
+def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tune=None, export=None):
+    """Entry point of a pipeline module: `[evaluate|compress|export|bench-input|tune] --key=value ...`.
 
     The commands other than training return a dict that is printed as one JSON line. A `UserError` anywhere prints
     `error: <message>` and exits 2, as does a machine fault `errors.environment_failure` knows (full
@@ -290,7 +290,13 @@ def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tun
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
-        commands = {"evaluate": evaluate, "compress": compress, "bench-input": bench_input, "tune": tune}
+        commands = {
+            "evaluate": evaluate,
+            "compress": compress,
+            "export": export,
+            "bench-input": bench_input,
+            "tune": tune,
+        }
         if argv[:1] and argv[0] in commands:
             if commands[argv[0]] is None:
                 raise UserError(f"this pipeline has no {argv[0]} command")

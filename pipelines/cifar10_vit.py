@@ -199,6 +199,12 @@ def compress_command(argv):
     return image_classification.compress_command(argv, pipeline=PIPELINE, config_class=Config, data_format=DATA_FORMAT)
 
 
+def export_command(argv):
+    """`export --model=PATH`: a SavedModel whose serving_default signature takes encoded images and
+    returns class probabilities and names (core/serving.py), checked in a fresh process."""
+    return image_classification.export_command(argv, pipeline=PIPELINE, config_class=Config, data_format=DATA_FORMAT)
+
+
 # Main: the stages in order -----------------------------------------------------------------
 
 
@@ -240,5 +246,10 @@ def tune_command(argv):
 
 if __name__ == "__main__":
     config_lib.run_cli(
-        main, evaluate_command, compress=compress_command, bench_input=bench_input_command, tune=tune_command
+        main,
+        evaluate_command,
+        compress=compress_command,
+        export=export_command,
+        bench_input=bench_input_command,
+        tune=tune_command,
     )

@@ -87,3 +87,44 @@ def history_losses(run_dir):
     lines = (run_dir / "history.csv").read_text().strip().splitlines()
     column = lines[0].split(",").index("loss")
     return [float(line.split(",")[column]) for line in lines[1:]]
+
+
+SERVE_REQUEST = os.path.join(REPO, "deploy", "serve_request.py")
+
+
+def serve_request(export_dir, instances, tmp_path):
+    """Sends {"instances": ...} to deploy/serve_request.py in a fresh process that cannot import
+    this repository (no PYTHONPATH, run from `tmp_path`): TensorFlow and the SavedModel alone."""
+    import json
+
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"instances": instances}))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ""}
+    return subprocess.run(
+        [sys.executable, SERVE_REQUEST, str(export_dir), str(request)],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def call_signature(export_dir, call, tmp_path):
+    """`call` (Python source using `f`, the loaded serving_default, and `tf`) in a fresh process
+    with TensorFlow alone; returns (returncode, the error's informative line or stdout)."""
+    code = (
+        "import sys, tensorflow as tf\n"
+        f"f = tf.saved_model.load({str(export_dir)!r}).signatures['serving_default']\n"
+        "try:\n"
+        f"    print({call})\n"
+        "except Exception as e:\n"
+        "    noise = ('Graph execution error', 'Detected at node', '<stack traces', '[[')\n"
+        "    lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(noise)]\n"
+        "    print(lines[0]); sys.exit(3)\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300
+    )
+    return result.returncode, result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr

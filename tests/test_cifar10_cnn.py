@@ -1,13 +1,17 @@
 """End-to-end behaviour of the cifar10_cnn pipeline: smoke training, reports, evaluation,
 strategies agreeing with each other, and one-line errors for bad input."""
 
+import base64
 import json
 import os
 import sys
 
+import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 import tf_keras as keras
+from PIL import Image
 
 from core import config as config_lib
 from core.errors import UserError
@@ -299,3 +303,53 @@ def test_saved_copy_is_float32_and_computes_the_same(tmp_path):
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(model(x, training=False), copy(x, training=False), atol=0.05)
+
+
+def test_export_serves_encoded_images_as_model_keras_and_evaluate_score_them(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    folder = write_image_folder(tmp_path / "files", cifar10_cnn.CLASS_NAMES, per_class=2, seed=3)
+    for png in sorted(folder.glob("*/0.png")):  # half JPEG: its IDCT must match training's decoder
+        Image.open(png).save(png.with_suffix(".jpg"), quality=75)
+        png.unlink()
+    result = run_module("pipelines.cifar10_cnn", "export", f"--model={run_dir}/model.keras", "--check_examples=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = last_json_line(result.stdout)
+    export_dir = summary["export"]
+    assert summary["signature"]["inputs"] == {"image_bytes": "string [batch]"}
+    assert summary["signature"]["outputs"]["probabilities"] == "float32 [batch, 10]"
+    assert summary["check"]["max_probability_difference"] <= 1e-4 and summary["check"]["same_predicted_classes"]
+
+    files = sorted(folder.glob("*/*"))
+    big = tmp_path / "big.png"  # another size: resized in the graph
+    Image.open(files[0]).resize((48, 40)).save(big)
+    instances = [{"image_bytes": {"b64": base64.b64encode(f.read_bytes()).decode()}} for f in [*files, big]]
+    response = helpers.serve_request(export_dir, instances, tmp_path)
+    assert response.returncode == 0, response.stderr[-3000:]
+    predictions = json.loads(response.stdout)["predictions"]
+    assert predictions[0]["class_names"] == list(cifar10_cnn.CLASS_NAMES)
+    model = keras.models.load_model(run_dir / "model.keras")
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32) for f in files])
+    expected = tf.nn.softmax(model(pixels), axis=-1).numpy()
+    served = np.array([p["probabilities"] for p in predictions[:-1]])
+    assert np.abs(served - expected).max() <= 1e-4
+    served_accuracy = np.mean(
+        [p["predicted_class"] == f.parent.name for p, f in zip(predictions[:-1], files, strict=True)]
+    )
+    evaluated = run_module(
+        "pipelines.cifar10_cnn", "evaluate", f"--model={run_dir}/model.keras", f"--data={folder}", "--tta=0"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert last_json_line(evaluated.stdout)["accuracy"] == pytest.approx(served_accuracy)
+
+    # Bad input: one line each, from the graph or TensorFlow's binding of the signature.
+    corrupt = helpers.serve_request(export_dir, [{"image_bytes": {"b64": "bm90IGFuIGltYWdl"}}], tmp_path)
+    assert corrupt.returncode == 2
+    assert "image_bytes: not a JPEG, PNG, GIF or BMP file" in corrupt.stderr.strip().splitlines()[-1]
+    for call, expected_line in [
+        ("f(image_bytes=tf.constant([1.0]))", "expected to be a string tensor but is a float tensor"),
+        ("f(image_bytes=tf.constant([[b'x']]))", "Shape of tensor image_bytes [1,1] is not compatible"),
+        ("f(image_bytes=tf.constant([], tf.string))", "image_bytes: an empty batch"),
+        ("f(images=tf.constant([b'x']))", "missing a required argument: 'image_bytes'"),
+    ]:
+        returncode, line = helpers.call_signature(export_dir, call, tmp_path)
+        assert returncode == 3 and expected_line in line, (call, line)

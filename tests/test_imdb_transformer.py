@@ -72,6 +72,42 @@ def test_evaluate_a_pos_neg_folder(smoke_run, tmp_path):
     assert set(report["per_class_accuracy"]) == {"neg", "pos"}
 
 
+def test_export_serves_raw_strings_as_model_keras_and_evaluate_score_them(smoke_run, tmp_path):
+    reviews = {
+        "pos": ["A great, wonderful film.", "Wonderful! Great acting.", "GREAT. Ünïcode wonderful"],
+        "neg": ["Awful and boring.", "Boring, awful plot.", "awful<br />boring ÉCOLE"],
+    }
+    folder = write_review_folder(tmp_path / "reviews", reviews)
+    result = run_module(
+        "pipelines.imdb_transformer", "export", f"--model={smoke_run}/model.keras", "--check_examples=32"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = last_json_line(result.stdout)
+    assert summary["signature"]["inputs"] == {"text": "string [batch]"}
+    assert summary["check"]["max_probability_difference"] <= 1e-4 and summary["check"]["same_predicted_classes"]
+
+    texts = [text for name in ("neg", "pos") for text in reviews[name]]
+    labels = [name for name in ("neg", "pos") for _ in reviews[name]]
+    response = helpers.serve_request(summary["export"], texts, tmp_path)  # bare strings: one input
+    assert response.returncode == 0, response.stderr[-3000:]
+    predictions = json.loads(response.stdout)["predictions"]
+    model = keras.models.load_model(smoke_run / "model.keras")
+    expected = keras.activations.softmax(model(np.array(texts))).numpy()
+    assert np.abs(np.array([p["probabilities"] for p in predictions]) - expected).max() <= 1e-4
+    served_accuracy = np.mean([p["predicted_class"] == label for p, label in zip(predictions, labels, strict=True)])
+    evaluated = run_module(
+        "pipelines.imdb_transformer", "evaluate", f"--model={smoke_run}/model.keras", f"--data={folder}"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert last_json_line(evaluated.stdout)["accuracy"] == pytest.approx(served_accuracy)
+
+    empty = helpers.serve_request(summary["export"], [{"text": "fine"}, {"text": "  "}], tmp_path)
+    assert empty.returncode == 2
+    assert "text: an empty (or all-whitespace) review" in empty.stderr.strip().splitlines()[-1]
+    returncode, line = helpers.call_signature(summary["export"], "f(text=tf.constant([3]))", tmp_path)
+    assert returncode == 3 and "expected to be a string tensor but is a int32 tensor" in line, line
+
+
 def test_mirrored_matches_default_loss():
     default = helpers.strategy_losses("imdb_transformer", "--strategy=default")
     mirrored = helpers.strategy_losses("imdb_transformer", "--strategy=mirrored", "--cpu_devices=2")

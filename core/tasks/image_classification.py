@@ -23,6 +23,7 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
+from core import serving
 from core.compression import command
 from core.data import cache, image_data, input_bench, input_pipeline
 from core.errors import UserError
@@ -297,6 +298,27 @@ def compress_command(argv, *, pipeline, config_class, data_format):
         return compression_task(model, run_config, opts, config_class=config_class, data_format=data_format)
 
     return command.compress_command(argv, pipeline=pipeline, make_task=make_task)
+
+
+def run_data(model_path, config_class, data_format):
+    """The data of the training run that wrote `model_path` (its config.json: source, cache, seed)."""
+    run_opts, cfg = config_lib.from_dict(command.run_config(model_path), config_lib.RunOptions, config_class)
+    return cache.prepare_run_data(data_format, run_opts, cfg)
+
+
+def export_command(argv, *, pipeline, config_class, data_format):
+    """`export --model=PATH`: core/serving.py; checked on the run's first validation images, sent
+    PNG-encoded (lossless, so both sides see the same pixels)."""
+
+    def check_inputs(model_path, count):
+        data = run_data(model_path, config_class, data_format)
+        images = next(iter(local_dataset(data, "val", batch_size=count)))[0].numpy()
+        instances = [{"image_bytes": serving.b64(tf.io.encode_png(image.astype(np.uint8)).numpy())} for image in images]
+        return instances, images
+
+    return serving.export_command(
+        argv, pipeline=pipeline, class_names=data_format.class_names, check_inputs=check_inputs
+    )
 
 
 def bench_input_task(run, *, data_format, augment_batch, make_model):

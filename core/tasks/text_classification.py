@@ -23,7 +23,7 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import files
+from core import files, serving
 from core.compression import command
 from core.data import cache, input_bench, input_pipeline, text_data
 from core.errors import UserError
@@ -311,6 +311,20 @@ def compress_command(argv, *, pipeline, config_class, data_format):
         return compression_task(model, run_config, opts, config_class=config_class, data_format=data_format)
 
     return command.compress_command(argv, pipeline=pipeline, make_task=make_task)
+
+
+def export_command(argv, *, pipeline, config_class, data_format):
+    """`export --model=PATH`: core/serving.py; checked on the run's first validation reviews."""
+
+    def check_inputs(model_path, count):
+        run_opts, cfg = config_lib.from_dict(command.run_config(model_path), config_lib.RunOptions, config_class)
+        data = cache.prepare_run_data(data_format, run_opts, cfg)
+        texts = list(text_data.read_texts(data.splits["val"])[0][:count])
+        return [{"text": text} for text in texts], tf.constant(texts)
+
+    return serving.export_command(
+        argv, pipeline=pipeline, class_names=data_format.class_names, check_inputs=check_inputs
+    )
 
 
 def parse_token_ids(serialized):
