@@ -19,18 +19,27 @@ from tf_keras import layers
 # fails deep inside Keras with "'str' object is not callable").
 from models import transformer  # noqa: F401
 
+# standardize_review's rewrites, in order, as RE2 patterns (tf.strings.regex_replace). They are
+# data so that a .tflite's metadata can carry them to a tokenizer outside TensorFlow
+# (deploy/classify.py), which must reproduce them byte for byte.
+REVIEW_REWRITES = (
+    (r"<br\s*/?>", " "),  # HTML line breaks to spaces
+    (r"([!?.,;:()\"])", r" \1 "),  # punctuation split off as tokens of its own
+    (r"'s\b", " 's"),  # "film's" -> "film 's"
+)
+
 
 @keras.utils.register_keras_serializable(package="text_preprocessing")
 def standardize_review(text):
-    """Lower-case; HTML line breaks to spaces; punctuation split off as tokens of its own.
+    """Lower-case (ASCII letters only: tf.strings.lower leaves "É" as it is), then REVIEW_REWRITES.
 
     Keeping "!" and "?" as tokens (the default standardizer deletes them) keeps a signal that
     sentiment models use, and splitting "'s" keeps "film's" and "film" one word.
     """
     text = tf.strings.lower(text)
-    text = tf.strings.regex_replace(text, r"<br\s*/?>", " ")
-    text = tf.strings.regex_replace(text, r"([!?.,;:()\"])", r" \1 ")
-    return tf.strings.regex_replace(text, r"'s\b", " 's")
+    for pattern, rewrite in REVIEW_REWRITES:
+        text = tf.strings.regex_replace(text, pattern, rewrite)
+    return text
 
 
 @keras.utils.register_keras_serializable(package="text_preprocessing")
@@ -111,6 +120,29 @@ def learn_wordpiece_vocabulary(texts, vocab_size):
 def make_vectorizer(vocab_size, name="tokenizer"):
     """Word-level tokenizer: ids 0 = padding, 1 = out of vocabulary, then words by frequency."""
     return layers.TextVectorization(max_tokens=vocab_size, standardize=standardize_review, output_mode="int", name=name)
+
+
+def tokenizer_metadata(vectorizer, truncate):
+    """What a tokenizer outside TensorFlow needs to give the ids `truncate(vectorizer(texts))`
+    gives (deploy/classify.py implements it): JSON-ready, for a .tflite's metadata."""
+    config = vectorizer.get_config()
+    standardize = config.get("standardize")
+    if (
+        not isinstance(vectorizer, layers.TextVectorization)
+        or config.get("split") != "whitespace"
+        or "standardize_review" not in str(standardize)
+    ):
+        return {"kind": type(vectorizer).__name__, "supported": False}
+    return {
+        "kind": "words",
+        "lowercase": "ascii",  # tf.strings.lower: A-Z only
+        "rewrites": [list(rewrite) for rewrite in REVIEW_REWRITES],  # RE2 patterns, applied in order to UTF-8
+        "split": "ascii_whitespace",  # tf.strings.split: space, \t, \n, \v, \f, \r
+        "vocabulary": vectorizer.get_vocabulary(),  # id = index; 0 padding, 1 out of vocabulary
+        "padding_id": 0,
+        "unknown_id": 1,
+        "truncation": {"max_length": truncate.max_length, "keep": "head_and_tail", "head": truncate.max_length // 2},
+    }
 
 
 def end_to_end(vectorizer, truncate, classifier, name="review_classifier"):

@@ -4,7 +4,9 @@
     make compress PIPELINE=<pipeline> MODEL=runs/<pipeline>/<name>/model.keras STAGES=prune,pqat
 
 Writes, in `compress/` beside the model (or --output_dir):
-    <variant>.tflite   one per variant ("float32" is the trained model, unchanged)
+    <variant>.tflite   one per variant ("float32" is the trained model, unchanged), carrying what a
+                       device needs as metadata: class names, input rules, for text the
+                       vocabulary and truncation (deploy/classify.py reads them, no TensorFlow)
     <variant>/         the variant's Keras stage result as a SavedModel (Keras stages only)
     report.json        {"variants": [{"name", "stages", "accuracy", "size_bytes", "gzip_bytes",
                         "latency_ms": {"1": ms, "2": ms}, "sparsity"}, ...], ...}
@@ -109,6 +111,7 @@ class Task:
     eval_labels: np.ndarray  # integer class ids
     representative: list  # input batches for int8 calibration
     eval_split: str  # which split eval_inputs are, for the report
+    metadata: dict = dataclasses.field(default_factory=dict)  # stored in every .tflite (tflite.with_metadata)
 
 
 def fine_tune(train_ds, num_examples, opts, loss):
@@ -231,7 +234,9 @@ def run_stage(stage, model, tune, opts):
 
 
 def measure(name, chain, keras_model, tflite_bytes, task, opts, output_dir, seconds=None):
-    """One report row: the `.tflite` file's accuracy, sizes and latency, measured."""
+    """One report row: the `.tflite` file's accuracy, sizes and latency, measured on the file as
+    written, with the task's metadata in it."""
+    tflite_bytes = tflite.with_metadata(tflite_bytes, task.metadata)
     tflite.write(tflite_bytes, os.path.join(output_dir, f"{name}.tflite"))
     size, gzipped = tflite.sizes(tflite_bytes)
     keras_accuracy = float(

@@ -288,7 +288,25 @@ def compression_task(model, run_config, opts, *, config_class, data_format):
         eval_labels=labels,
         representative=[train_images[i : i + 32] for i in range(0, len(train_images), 32)],  # fewer on small data
         eval_split=split,
+        metadata=tflite_metadata(data.class_names, data.image_shape),
     )
+
+
+def tflite_metadata(class_names, image_shape):
+    """What a .tflite of the model needs beside it: class names and the pixels it takes."""
+    height, width, channels = (int(d) for d in image_shape)
+    return {
+        "task": "image_classification",
+        "class_names": list(class_names),
+        "input": {
+            "height": height,
+            "width": width,
+            "channels": channels,
+            "pixels": "float32 0-255, RGB, not normalised (the model normalises)",
+            "decode": "JPEG with the accurate integer IDCT (PIL's default)",
+        },
+        "output": "logits",
+    }
 
 
 def compress_command(argv, *, pipeline, config_class, data_format):

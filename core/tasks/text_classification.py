@@ -301,7 +301,19 @@ def compression_task(model, run_config, opts, *, config_class, data_format):
         eval_labels=np.asarray(labels),
         representative=[train_ids[i : i + 32] for i in range(0, len(train_ids), 32)],  # fewer on small data
         eval_split=split,
+        metadata=tflite_metadata(vectorizer, truncate, data_format.class_names, cfg.max_length),
     )
+
+
+def tflite_metadata(vectorizer, truncate, class_names, max_length):
+    """What a .tflite of the classifier needs beside it: token ids in, so the tokenizer too."""
+    return {
+        "task": "text_classification",
+        "class_names": list(class_names),
+        "input": {"token_ids": "int32 [1, pad_to]", "pad_to": max_length},
+        "output": "logits",
+        "tokenizer": text_preprocessing.tokenizer_metadata(vectorizer, truncate),
+    }
 
 
 def compress_command(argv, *, pipeline, config_class, data_format):
