@@ -143,9 +143,15 @@ class DotProductAttention(layers.Layer, prunable_layer.PrunableLayer):
         batch, length = tf.shape(qkv)[0], tf.shape(qkv)[1]
         width = qkv.shape[-1] // 3
         head_width = width // self.heads
-        # (batch, length, 3, heads, head_width) -> three (batch, heads, length, head_width)
-        qkv = tf.reshape(qkv, (batch, length, 3, self.heads, head_width))
-        query, key, value = tf.unstack(tf.transpose(qkv, (2, 0, 3, 1, 4)))
+        # [q | k | v] -> three (batch, heads, length, head_width). Sliced, not unstacked: int8
+        # TFLite's UNPACK has no XNNPack kernel, its STRIDED_SLICE does.
+        query, key, value = (
+            tf.transpose(
+                tf.reshape(qkv[:, :, i * width : (i + 1) * width], (batch, length, self.heads, head_width)),
+                (0, 2, 1, 3),
+            )
+            for i in range(3)
+        )
         # scale the (smaller) query rather than the (length x length) scores
         scores = tf.einsum("bhqd,bhkd->bhqk", query * (1.0 / math.sqrt(head_width)), key)
         scores = tf.cast(scores, tf.float32)

@@ -416,3 +416,28 @@ def test_int8_text_model_runs_on_every_review_length():
     int8 = tflite.convert(model, "int8", representative=[ids[i : i + 50] for i in range(0, 400, 50)])
     logits = tflite.predict(int8, ids, batch_size=100)
     assert np.isfinite(logits).all()
+
+
+def test_int8_transformer_attention_and_layer_norms_run_on_xnnpack():
+    # LiteRT's XNNPack takes int8 BATCH_MATMUL only with a right operand of zero point 0, and
+    # none of the ops Keras' LayerNormalization lowers to. QAT therefore gives q/k/v a symmetric
+    # range and swaps each LayerNorm for LayerNormInt8 (same weights, same outputs).
+    images, labels = _images(32)
+    model = transformer.image_classifier("tiny", patch_size=4)
+    friendly = stages.xnnpack_friendly(model)
+    assert sum(isinstance(layer, stages.LayerNormInt8) for layer in friendly.layers) == 3
+    np.testing.assert_allclose(friendly(images), model(images), atol=1e-5)
+
+    tune = stages.FineTune(
+        train_ds=tf.data.Dataset.from_tensor_slices((images, labels)).batch(16).repeat(),
+        steps_per_epoch=2,
+        epochs=1,
+        learning_rate=1e-5,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        verbose=0,
+    )
+    int8 = tflite.convert(stages.qat(model, tune), "qat", [images])
+    assert tflite.float_ops(int8) == {}
+    left = tflite.delegation(int8)["not_delegated"]
+    assert not {"BATCH_MATMUL", "SQUARED_DIFFERENCE", "SUB", "MUL", "MEAN", "UNPACK"} & set(left), left
+    assert left["RSQRT"] == 3 and left["SOFTMAX"] == 1, left

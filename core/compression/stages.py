@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import default_8bit_quantize_registry
 
 from core.errors import UserError
 
@@ -196,12 +197,12 @@ def qat(model, tune, *, scheme=None):
 
     The whole model is annotated: TFMOT's default 8-bit registry covers the stock layers, and
     `quantize_configs()` / OutputQuantizeConfig the rest (Embedding, the Transformer's custom
-    layers, Normalization, LayerNormalization).
+    layers, Normalization, LayerNormalization). Transformers are first made XNNPack-friendly
+    (`xnnpack_friendly`), so the int8 model runs mostly on LiteRT's XNNPack.
     """
-    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import default_8bit_quantize_registry
-
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
     configs = quantize_configs()
+    model = xnnpack_friendly(model)
 
     # Layers TFMOT has no config for (the input Normalization, LayerNormalization, the repo's
     # weight-free custom layers) compute in float during QAT but quantize their output, so the
@@ -216,6 +217,8 @@ def qat(model, tune, *, scheme=None):
             # all the same (with a no-op config): TFMOT otherwise asks its registry for an output
             # quantizer for any unannotated layer that feeds an annotated one, and fails on ours.
             return tfmot.quantization.keras.quantize_annotate_layer(layer, NoQuantizeConfig())
+        if isinstance(layer, keras.layers.Dense) and layer.name.endswith(QKV_SUFFIX):
+            return tfmot.quantization.keras.quantize_annotate_layer(layer, SymmetricOutputDenseConfig())
         config = None if registry.supports(layer) else configs.get(layer.__class__.__name__, OutputQuantizeConfig())
         return tfmot.quantization.keras.quantize_annotate_layer(layer, config)
 
@@ -226,6 +229,60 @@ def qat(model, tune, *, scheme=None):
         )
     calibrate_ranges(quantized, tune)
     return _fine_tune(quantized, tune)
+
+
+QKV_SUFFIX = "_qkv"  # models/transformer.encoder_block's fused [q | k | v] projection
+
+
+def xnnpack_friendly(model):
+    """The model with each last-axis LayerNormalization replaced by `LayerNormInt8` (same
+    weights): in an int8 Transformer, Keras' LayerNormalization lowers to ops LiteRT's XNNPack
+    runs only in float, so every one ran on LiteRT's own kernels (figures: BENCHMARKS.md,
+    "int8 Transformers on LiteRT"). Other models come back as they are."""
+    if not any(_is_last_axis_norm(layer) for layer in model.layers):
+        return model
+
+    def clone(layer):
+        if not _is_last_axis_norm(layer):
+            return layer
+        replacement = LayerNormInt8(epsilon=layer.epsilon, name=layer.name)
+        replacement.build(layer.input_shape)
+        replacement.set_weights(layer.get_weights())
+        return replacement
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def _is_last_axis_norm(layer):
+    if not isinstance(layer, keras.layers.LayerNormalization) or not (layer.center and layer.scale):
+        return False
+    rank = len(layer.input_shape)
+    return [axis % rank for axis in layer.axis] == [rank - 1]
+
+
+@keras.utils.register_keras_serializable(package="compression")
+class LayerNormInt8(keras.layers.Layer):
+    """LayerNormalization over the last axis from ops XNNPack runs in int8: MEAN, SUB, MUL, MEAN,
+    then MUL and ADD by the scale and offset. Only the variance's epsilon ADD and its RSQRT (one
+    value per token) stay on LiteRT's own kernels. Same weights and result as Keras'."""
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        self.gamma = self.add_weight(name="gamma", shape=(width,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(width,), initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, x):
+        centred = x - tf.reduce_mean(x, axis=-1, keepdims=True)
+        variance = tf.reduce_mean(centred * centred, axis=-1, keepdims=True)
+        return centred * tf.math.rsqrt(variance + self.epsilon) * self.gamma + self.beta
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
 
 
 CALIBRATION_BATCHES = 16
@@ -331,6 +388,20 @@ class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         return {}
 
 
+class SymmetricOutputDenseConfig(default_8bit_quantize_registry.Default8BitQuantizeConfig):
+    """TFMOT's 8-bit Dense config with a symmetric output range, for attention's fused q/k/v
+    projection: keys and values then have a zero point of 0, the one int8 BATCH_MATMUL LiteRT's
+    XNNPack runs (it declines a right operand with another zero point). Pruned weights stay zero
+    (ZeroPreservingQuantizer), as TFMOT's prune-preserving scheme keeps them for other Dense layers."""
+
+    def __init__(self, weight_attrs=("kernel",), activation_attrs=("activation",), quantize_output=False):
+        super().__init__(list(weight_attrs), list(activation_attrs), quantize_output)
+        self.weight_quantizer = ZeroPreservingQuantizer(num_bits=8, per_axis=False, symmetric=True, narrow_range=True)
+        self.activation_quantizer = tfmot.quantization.keras.quantizers.MovingAverageQuantizer(
+            num_bits=8, per_axis=False, symmetric=True, narrow_range=False
+        )
+
+
 class NoQuantizeConfig(OutputQuantizeConfig):
     """Nothing quantized: for layers whose inputs and outputs are integers or masks."""
 
@@ -389,4 +460,6 @@ def _custom_objects():
         "NoQuantizeConfig": NoQuantizeConfig,
         "WeightTableQuantizeConfig": WeightTableQuantizeConfig,
         "ZeroPreservingQuantizer": ZeroPreservingQuantizer,
+        "SymmetricOutputDenseConfig": SymmetricOutputDenseConfig,
+        "LayerNormInt8": LayerNormInt8,
     }
