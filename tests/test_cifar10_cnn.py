@@ -353,3 +353,12 @@ def test_export_serves_encoded_images_as_model_keras_and_evaluate_score_them(smo
     ]:
         returncode, line = helpers.call_signature(export_dir, call, tmp_path)
         assert returncode == 3 and expected_line in line, (call, line)
+
+
+def test_export_of_a_file_that_is_not_a_model_is_one_line(tmp_path):
+    fake = tmp_path / "model.keras"
+    fake.write_text("not a model")
+    result = run_module("pipelines.cifar10_cnn", "export", f"--model={fake}")
+    assert result.returncode == 2
+    assert "model.keras: not a native .keras file" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "export").exists()
