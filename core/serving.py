@@ -24,13 +24,14 @@ model), and, from TensorFlow's own binding of the signature, a wrong dtype, rank
 After writing, the command checks the export in a fresh process that imports only TensorFlow
 (deploy/serve_request.py, answering a TF Serving REST request body): on `--check_examples` of the
 run's validation split, its probabilities must be within 1e-4 of model.keras's and its
-predicted classes equal.
+predicted classes equal. A version is published (renamed into place) only after that check.
 """
 
 import base64
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -168,7 +169,7 @@ def server(model, class_names):
 
 def next_version(base_dir):
     """1 + the highest numbered version folder in `base_dir` (TF Serving serves the highest)."""
-    versions = [int(name) for name in os.listdir(base_dir) if name.isdigit()] if os.path.isdir(base_dir) else []
+    versions = [int(name) for name in os.listdir(base_dir) if name.isdigit()]
     return max(versions, default=0) + 1
 
 
@@ -184,16 +185,25 @@ def export_command(argv, *, pipeline, class_names, check_inputs):
     model = evaluation.load_model(opts.model)
     module = server(model, class_names)
     base_dir = opts.output_dir or os.path.join(os.path.dirname(os.path.abspath(opts.model)), "export")
-    path = os.path.join(base_dir, str(next_version(base_dir)))
-    tmp = f"{path}.tmp-{os.getpid()}"  # a crash never leaves a half-written version TF Serving would load
-    tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
-    os.replace(tmp, path)
-    summary = {"pipeline": pipeline, "model": opts.model, "export": path, "signature": describe(path)}
-    if opts.check_examples:
-        instances, inputs = check_inputs(opts.model, opts.check_examples)
-        expected = tf.nn.softmax(model.predict(inputs, batch_size=256, verbose=0), axis=-1).numpy()
-        summary["check"] = check(path, instances, expected, class_names)
-    return summary
+    os.makedirs(base_dir, exist_ok=True)
+    # Written and checked under a temporary name, published only when the check passes: TF
+    # Serving serves the highest version number, never a half-written or rejected one.
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=base_dir)
+    try:
+        tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
+        summary = {"pipeline": pipeline, "model": opts.model, "signature": describe(tmp)}
+        if opts.check_examples:
+            instances, inputs = check_inputs(opts.model, opts.check_examples)
+            expected = tf.nn.softmax(model.predict(inputs, batch_size=256, verbose=0), axis=-1).numpy()
+            summary["check"] = check(tmp, instances, expected, class_names)
+        path = os.path.join(base_dir, str(next_version(base_dir)))
+        try:
+            os.rename(tmp, path)
+        except OSError as e:
+            raise UserError(f"export: cannot publish {path} ({e.strerror}); expected a new version folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failed export leaves nothing
+    return {**summary, "export": path}
 
 
 def describe(path):
@@ -216,7 +226,7 @@ def check(path, instances, expected, class_names):
         request = os.path.join(tmp, "request.json")
         with open(request, "w") as f:
             json.dump({"instances": instances}, f)
-        env = {**os.environ, "PYTHONPATH": ""}  # nothing of this repository is importable there
+        env = {**os.environ, "PYTHONPATH": ""}  # it imports TensorFlow only (checked by its tests)
         result = subprocess.run(
             [sys.executable, SERVE_REQUEST, path, request],
             capture_output=True,

@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image
 
 METADATA_NAME = "classifier.json"
+TASKS = ("image_classification", "text_classification")
+ASCII_WHITESPACE = b" \t\n\v\f\r"  # tf.strings.split's (and bytes.split()'s) separators
 
 
 class InputError(Exception):
@@ -94,6 +96,10 @@ class Classifier:
         except ValueError as e:
             raise InputError(f"{path}: not a .tflite model LiteRT can read ({str(e).splitlines()[0]})") from None
         self.info = read_metadata(model_bytes, path)
+        if not {"task", "class_names", "input"} <= set(self.info) or self.info["task"] not in TASKS:
+            raise InputError(
+                f"{path}: its {METADATA_NAME} is not one this script reads (task {self.info.get('task')!r})"
+            )
         self.class_names = self.info["class_names"]
         self.input = self.interpreter.get_input_details()[0]
         self.output_index = self.interpreter.get_output_details()[0]["index"]
@@ -113,7 +119,11 @@ class Classifier:
         return probabilities / probabilities.sum()
 
     def token_ids(self, text, where="review"):
-        if not text.strip():
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{where}: not valid UTF-8 text") from None
+        if not data.strip(ASCII_WHITESPACE):  # what the model's tokenizer splits on; "\xa0" is a word to it
             raise InputError(f"{where}: empty; expected a review with at least one word")
         return self.tokenizer(text, self.info["input"]["pad_to"])
 
@@ -149,6 +159,14 @@ def parse(argv):
     unknown = set(flags) - {"--texts", "--token_ids", "--threads"}
     if unknown:
         raise InputError(f"{sorted(unknown)[0]}: unknown flag; expected --texts=FILE, --token_ids, --threads=N")
+    if flags.get("--texts") is True:
+        raise InputError("--texts: expected --texts=FILE (one JSON string per line)")
+    if flags.get("--token_ids", True) is not True:
+        raise InputError("--token_ids takes no value")
+    threads = flags.get("--threads", "1")
+    if threads is True or not str(threads).isdigit() or int(threads) < 1:
+        raise InputError(f"--threads={threads if threads is not True else ''}: expected a whole number >= 1")
+    flags["--threads"] = int(threads)
     positional = [arg for arg in argv if not arg.startswith("--")]
     if not positional:
         raise InputError("usage: classify.py MODEL.tflite INPUT... [--texts=FILE.jsonl] [--token_ids] [--threads=N]")
@@ -174,7 +192,7 @@ def read_texts(path):
 
 def main(argv):
     model_path, items, flags = parse(argv)
-    classifier = Classifier(model_path, threads=int(flags.get("--threads", 1)))
+    classifier = Classifier(model_path, threads=flags["--threads"])
     if "--texts" in flags:
         items = items + read_texts(flags["--texts"])
     if not items:

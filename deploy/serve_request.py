@@ -13,6 +13,7 @@ Vertex AI, or in any program with `tf.saved_model.load`. Bad input prints one li
 """
 
 import base64
+import binascii
 import json
 import sys
 
@@ -45,12 +46,19 @@ def tensors(instances, input_specs):
         if sorted(instance) != names:
             fail(f"request: instance {index} has inputs {sorted(instance)}; the signature takes {names}")
         for name, value in instance.items():
+            where = f"request: instance {index} input {name!r}"
             if isinstance(value, dict) and set(value) == {"b64"}:
-                value = base64.b64decode(value["b64"])
+                try:
+                    value = base64.b64decode(value["b64"], validate=True)
+                except (binascii.Error, TypeError, ValueError):
+                    fail(f'{where}: "b64" is not base64 text; expected {{"b64": "<base64 of the file>"}}')
             elif isinstance(value, str):
-                value = value.encode("utf-8")
+                try:
+                    value = value.encode("utf-8")
+                except UnicodeEncodeError:
+                    fail(f"{where}: not valid Unicode (a lone surrogate); expected UTF-8 text")
             else:
-                fail(f"request: instance {index} input {name!r} is {type(value).__name__}; expected a string")
+                fail(f'{where} is {type(value).__name__}; expected a string or {{"b64": ...}}')
             columns[name].append(value)
     return {name: tf.constant(values, dtype=input_specs[name].dtype) for name, values in columns.items()}
 

@@ -93,8 +93,8 @@ SERVE_REQUEST = os.path.join(REPO, "deploy", "serve_request.py")
 
 
 def serve_request(export_dir, instances, tmp_path):
-    """Sends {"instances": ...} to deploy/serve_request.py in a fresh process that cannot import
-    this repository (no PYTHONPATH, run from `tmp_path`): TensorFlow and the SavedModel alone."""
+    """Sends {"instances": ...} to deploy/serve_request.py in a fresh process (no PYTHONPATH, run
+    from `tmp_path`) that imports TensorFlow and the SavedModel alone."""
     import json
 
     request = tmp_path / "request.json"
@@ -112,12 +112,15 @@ def serve_request(export_dir, instances, tmp_path):
 
 def call_signature(export_dir, call, tmp_path):
     """`call` (Python source using `f`, the loaded serving_default, and `tf`) in a fresh process
-    with TensorFlow alone; returns (returncode, the error's informative line or stdout)."""
+    that imports TensorFlow alone (it fails if loading or calling imported any of this
+    repository's packages); returns (returncode, the error's informative line or stdout)."""
     code = (
         "import sys, tensorflow as tf\n"
         f"f = tf.saved_model.load({str(export_dir)!r}).signatures['serving_default']\n"
         "try:\n"
         f"    print({call})\n"
+        "    own = sorted({m.split('.')[0] for m in sys.modules} & {'core', 'models', 'pipelines', 'strategies'})\n"
+        "    assert not own, f'imported this repository: {own}'\n"
         "except Exception as e:\n"
         "    noise = ('Graph execution error', 'Detected at node', '<stack traces', '[[')\n"
         "    lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(noise)]\n"

@@ -14,6 +14,7 @@ import tf_keras as keras
 from PIL import Image
 
 from core import config as config_lib
+from core import serving
 from core.errors import UserError
 from pipelines import cifar10_cnn
 from tests import helpers
@@ -341,10 +342,18 @@ def test_export_serves_encoded_images_as_model_keras_and_evaluate_score_them(smo
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert last_json_line(evaluated.stdout)["accuracy"] == pytest.approx(served_accuracy)
 
+    # JPEGs decode to exactly the pixels training's cache (PIL) gives them.
+    server = serving.ImageServer(model, cifar10_cnn.CLASS_NAMES)
+    for jpeg in sorted(folder.glob("*/*.jpg")):
+        decoded = server._decode(tf.constant(jpeg.read_bytes())).numpy()
+        np.testing.assert_array_equal(decoded, np.asarray(Image.open(jpeg).convert("RGB")))
+
     # Bad input: one line each, from the graph or TensorFlow's binding of the signature.
     corrupt = helpers.serve_request(export_dir, [{"image_bytes": {"b64": "bm90IGFuIGltYWdl"}}], tmp_path)
     assert corrupt.returncode == 2
     assert "image_bytes: not a JPEG, PNG, GIF or BMP file" in corrupt.stderr.strip().splitlines()[-1]
+    not_base64 = helpers.serve_request(export_dir, [{"image_bytes": {"b64": "abc"}}], tmp_path)
+    assert not_base64.returncode == 2 and '"b64" is not base64' in not_base64.stderr.strip().splitlines()[-1]
     for call, expected_line in [
         ("f(image_bytes=tf.constant([1.0]))", "expected to be a string tensor but is a float tensor"),
         ("f(image_bytes=tf.constant([[b'x']]))", "Shape of tensor image_bytes [1,1] is not compatible"),
@@ -353,6 +362,12 @@ def test_export_serves_encoded_images_as_model_keras_and_evaluate_score_them(smo
     ]:
         returncode, line = helpers.call_signature(export_dir, call, tmp_path)
         assert returncode == 3 and expected_line in line, (call, line)
+
+    # Another export is the next version; the first stays as it was.
+    again = run_module("pipelines.cifar10_cnn", "export", f"--model={run_dir}/model.keras", "--check_examples=0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert last_json_line(again.stdout)["export"].endswith("/export/2")
+    assert sorted(os.listdir(run_dir / "export")) == ["1", "2"]
 
 
 def test_export_of_a_file_that_is_not_a_model_is_one_line(tmp_path):

@@ -97,6 +97,8 @@ def test_classify_images_as_the_repository_scores_them(litert_python, tmp_path):
         ([tmp_path / "float32.tflite", tmp_path / "bad.jpg"], "bad.jpg: not a JPEG/PNG/BMP/GIF image"),
         ([tmp_path / "float32.tflite", tmp_path / "none.jpg"], "none.jpg: no such file"),
         ([tmp_path / "bad.jpg", files[0]], "bad.jpg: not a .tflite model LiteRT can read"),
+        ([tmp_path / "float32.tflite", files[0], "--threads=two"], "--threads=two: expected a whole number"),
+        ([tmp_path / "float32.tflite", "--texts"], "--texts: expected --texts=FILE"),
     ]:
         result = classify(litert_python, *args, cwd=tmp_path)
         assert result.returncode == 2 and expected in result.stderr.strip().splitlines()[-1], result.stderr

@@ -441,3 +441,15 @@ def test_int8_transformer_attention_and_layer_norms_run_on_xnnpack():
     left = tflite.delegation(int8)["not_delegated"]
     assert not {"BATCH_MATMUL", "SQUARED_DIFFERENCE", "SUB", "MUL", "MEAN", "UNPACK"} & set(left), left
     assert left["RSQRT"] == 3 and left["SOFTMAX"] == 1, left
+
+
+def test_metadata_is_stored_replaced_and_keeps_buffers_aligned():
+    images, _ = _images(8)
+    plain = tflite.convert(cnn.cnn("tiny"), "int8", representative=[images])
+    stored = tflite.with_metadata(plain, {"class_names": ["a", "b"], "note": "Ünïcode"})
+    assert tflite.read_metadata(plain) is None
+    assert tflite.read_metadata(stored) == {"class_names": ["a", "b"], "note": "Ünïcode"}
+    again = tflite.with_metadata(stored, {"class_names": ["c"]})
+    assert tflite.read_metadata(again) == {"class_names": ["c"]} and len(again) < len(stored) + 64
+    assert all(start % 16 == 0 for start in tflite.buffer_alignments(again).values())
+    np.testing.assert_array_equal(tflite.predict(again, images, threads=1), tflite.predict(plain, images, threads=1))

@@ -192,13 +192,14 @@ def cluster(model, tune, *, clusters=16):
     return tfmot.clustering.keras.strip_clustering(clustered)
 
 
-def qat(model, tune, *, scheme=None):
+def qat(model, tune, *, scheme=None, symmetric_qkv=True):
     """Quantization-aware training (int8): fake-quant nodes learn the ranges TFLite will use.
 
     The whole model is annotated: TFMOT's default 8-bit registry covers the stock layers, and
     `quantize_configs()` / OutputQuantizeConfig the rest (Embedding, the Transformer's custom
     layers, Normalization, LayerNormalization). Transformers are first made XNNPack-friendly
-    (`xnnpack_friendly`), so the int8 model runs mostly on LiteRT's XNNPack.
+    (`xnnpack_friendly`), and with `symmetric_qkv` their q/k/v projections get
+    SymmetricOutputDenseConfig, so the int8 model runs mostly on LiteRT's XNNPack.
     """
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
     configs = quantize_configs()
@@ -217,7 +218,7 @@ def qat(model, tune, *, scheme=None):
             # all the same (with a no-op config): TFMOT otherwise asks its registry for an output
             # quantizer for any unannotated layer that feeds an annotated one, and fails on ours.
             return tfmot.quantization.keras.quantize_annotate_layer(layer, NoQuantizeConfig())
-        if isinstance(layer, keras.layers.Dense) and layer.name.endswith(QKV_SUFFIX):
+        if symmetric_qkv and isinstance(layer, keras.layers.Dense) and layer.name.endswith(QKV_SUFFIX):
             return tfmot.quantization.keras.quantize_annotate_layer(layer, SymmetricOutputDenseConfig())
         config = None if registry.supports(layer) else configs.get(layer.__class__.__name__, OutputQuantizeConfig())
         return tfmot.quantization.keras.quantize_annotate_layer(layer, config)
@@ -359,7 +360,14 @@ def cqat(model, tune):
         default_8bit_cluster_preserve_quantize_scheme as scheme,
     )
 
-    return qat(model, tune, scheme=scheme.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=True))
+    # No symmetric q/k/v config here: a layer with its own config bypasses the scheme, and its
+    # weights would leave their clusters. Such a Transformer's attention matmuls stay off XNNPack.
+    return qat(
+        model,
+        tune,
+        scheme=scheme.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=True),
+        symmetric_qkv=False,
+    )
 
 
 class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):

@@ -218,17 +218,61 @@ METADATA_NAME = "classifier.json"  # the model's metadata entry that deploy/clas
 def with_metadata(tflite_bytes, info):
     """The model with `info` (a JSON-ready dict: class names, input rules) stored in it, as the
     flatbuffer's metadata entry METADATA_NAME: one file carries what a device needs. LiteRT
-    ignores metadata when it runs the model."""
+    ignores metadata when it runs the model. Re-serialising keeps every buffer 16-byte aligned,
+    as the converter writes them (the schema's force_align, which Python's generated code drops)."""
     model = schema.ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(info, ensure_ascii=False).encode("utf-8"), np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
-    model.metadata = [m for m in model.metadata or [] if m.name != METADATA_NAME.encode()] + [entry]
-    builder = flatbuffers.Builder(len(tflite_bytes) + 1024)
+    if any((buffer.offset or 0) > 1 for buffer in model.buffers):
+        raise UserError(
+            f"{model.description!r}: a model over 2 GB (weights after the flatbuffer); expected a smaller one"
+        )
+    payload = np.frombuffer(json.dumps(info, ensure_ascii=False).encode("utf-8"), np.uint8)
+    entries = [m for m in model.metadata or [] if m.name == METADATA_NAME.encode()]
+    if entries:  # written before: its buffer takes the new payload
+        model.buffers[entries[0].buffer].data = payload
+    else:
+        buffer = schema.BufferT()
+        buffer.data = payload
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+        model.metadata = [*(model.metadata or []), entry]
+    for buffer in model.buffers:
+        buffer.__class__ = _AlignedBuffer
+    builder = flatbuffers.Builder(len(tflite_bytes) + len(payload) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+class _AlignedBuffer(schema.BufferT):
+    """A Buffer whose data vector starts on a 16-byte boundary."""
+
+    def Pack(self, builder):
+        data = None
+        if self.data is not None and len(self.data):
+            payload = np.asarray(self.data, np.uint8).tobytes()
+            builder.StartVector(1, len(payload), 16)
+            builder.head -= len(payload)
+            builder.Bytes[builder.head : builder.head + len(payload)] = payload
+            builder.vectorNumElems = len(payload)
+            data = builder.EndVector()
+        schema.BufferStart(builder)
+        if data is not None:
+            schema.BufferAddData(builder, data)
+        schema.BufferAddOffset(builder, self.offset)
+        schema.BufferAddSize(builder, self.size)
+        return schema.BufferEnd(builder)
+
+
+def buffer_alignments(tflite_bytes):
+    """{buffer index: start offset of its data} for every non-empty buffer (a check on with_metadata)."""
+    model = schema.Model.GetRootAs(tflite_bytes, 0)
+    starts = {}
+    for index in range(model.BuffersLength()):
+        table = model.Buffers(index)._tab
+        field = table.Offset(4)
+        if field and table.VectorLen(field):
+            starts[index] = table.Vector(field)
+    return starts
 
 
 def read_metadata(tflite_bytes):
