@@ -184,7 +184,7 @@ display(Image(f"{RUN_DIR}/curves.png"))
 ## Compress
 
 `make compress` runs the TensorFlow Model Optimization stages on the trained model and scores
-every variant in the TFLite interpreter; the report is in `compress/` beside the model.
+every variant in LiteRT; the report is in `compress/` beside the model.
 """),
         code("""
 sh(f'{MAKE} compress PIPELINE={PIPELINE} MODEL={RUN_DIR}/model.keras STAGES={STAGES} ARGS="{COMPRESS_ARGS}"')
