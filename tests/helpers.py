@@ -110,24 +110,31 @@ def serve_request(export_dir, instances, tmp_path):
     )
 
 
-def call_signature(export_dir, call, tmp_path):
-    """`call` (Python source using `f`, the loaded serving_default, and `tf`) in a fresh process
-    that imports TensorFlow alone (it fails if loading or calling imported any of this
-    repository's packages); returns (returncode, the error's informative line or stdout)."""
+def call_signature(export_dir, calls, tmp_path):
+    """Each of `calls` (Python source using `f`, the loaded serving_default, and `tf`) in one fresh
+    process that imports TensorFlow alone (it fails if loading or calling imported any of this
+    repository's packages); returns, per call, the error's informative line or "ok"."""
+    import json
+
     code = (
-        "import sys, tensorflow as tf\n"
+        "import json, sys, tensorflow as tf\n"
         f"f = tf.saved_model.load({str(export_dir)!r}).signatures['serving_default']\n"
-        "try:\n"
-        f"    print({call})\n"
-        "    own = sorted({m.split('.')[0] for m in sys.modules} & {'core', 'models', 'pipelines', 'strategies'})\n"
-        "    assert not own, f'imported this repository: {own}'\n"
-        "except Exception as e:\n"
-        "    noise = ('Graph execution error', 'Detected at node', '<stack traces', '[[')\n"
-        "    lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(noise)]\n"
-        "    print(lines[0]); sys.exit(3)\n"
+        "noise = ('Graph execution error', 'Detected at node', '<stack traces', '[[')\n"
+        "lines = []\n"
+        f"for call in {list(calls)!r}:\n"
+        "    try:\n"
+        "        eval(call)\n"
+        "        lines.append('ok')\n"
+        "    except Exception as e:\n"
+        "        text = [l.strip() for l in str(e).splitlines() if l.strip()]\n"
+        "        lines.append([l for l in text if not l.startswith(noise)][0])\n"
+        "own = sorted({m.split('.')[0] for m in sys.modules} & {'core', 'models', 'pipelines', 'strategies'})\n"
+        "assert not own, f'imported this repository: {own}'\n"
+        "print(json.dumps(lines))\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300
     )
-    return result.returncode, result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -146,6 +146,7 @@ def test_classify_reviews_as_the_repository_scores_them(litert_python, tmp_path)
     assert result.returncode == 2 and "input 2: empty" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # ~25 s; the hand-made Unicode cases of the test above stay in make test
 @pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDB not at {IMDB}")
 def test_tokenizer_gives_the_model_ids_on_all_imdb_test_reviews(litert_python, tmp_path):
     splits = text_data.read_source_texts(IMDB, imdb_transformer.DATA_FORMAT)
