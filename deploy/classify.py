@@ -205,7 +205,7 @@ def main(argv):
         if flags.get("--token_ids"):
             print(json.dumps({"input": item, "token_ids": classifier.token_ids(item, where).tolist()}))
         else:
-            print(json.dumps(classifier.classify(item, where), ensure_ascii=False))
+            print(json.dumps(classifier.classify(item, where)))  # ASCII: U+2028 in a review stays one line
 
 
 if __name__ == "__main__":
