@@ -48,6 +48,7 @@ import strategies
 from core import config as config_lib
 from core import files
 from core.compression import stages, tflite
+from core.data import cache
 from core.errors import UserError
 from core.training import evaluation
 from core.training import report as run_report
@@ -149,6 +150,13 @@ def run_config(model_path):
             f"--model={model_path}: no config.json beside it; expected a model.keras inside a training run folder"
         )
     return config_lib.load_json_object(path)
+
+
+def run_data(model_path, config_class, data_format):
+    """The data of the training run that wrote `model_path`, as its config.json names it (source,
+    cache, seed): what `export` checks a SavedModel on."""
+    run_opts, cfg = config_lib.from_dict(run_config(model_path), config_lib.RunOptions, config_class)
+    return cache.prepare_run_data(data_format, run_opts, cfg)
 
 
 def compress_command(argv, *, pipeline, make_task):

@@ -318,18 +318,12 @@ def compress_command(argv, *, pipeline, config_class, data_format):
     return command.compress_command(argv, pipeline=pipeline, make_task=make_task)
 
 
-def run_data(model_path, config_class, data_format):
-    """The data of the training run that wrote `model_path` (its config.json: source, cache, seed)."""
-    run_opts, cfg = config_lib.from_dict(command.run_config(model_path), config_lib.RunOptions, config_class)
-    return cache.prepare_run_data(data_format, run_opts, cfg)
-
-
 def export_command(argv, *, pipeline, config_class, data_format):
     """`export --model=PATH`: core/serving.py; checked on the run's first validation images, sent
     PNG-encoded (lossless, so both sides see the same pixels)."""
 
     def check_inputs(model_path, count):
-        data = run_data(model_path, config_class, data_format)
+        data = command.run_data(model_path, config_class, data_format)
         images = next(iter(local_dataset(data, "val", batch_size=count)))[0].numpy()
         instances = [{"image_bytes": serving.b64(tf.io.encode_png(image.astype(np.uint8)).numpy())} for image in images]
         return instances, images

@@ -329,8 +329,7 @@ def export_command(argv, *, pipeline, config_class, data_format):
     """`export --model=PATH`: core/serving.py; checked on the run's first validation reviews."""
 
     def check_inputs(model_path, count):
-        run_opts, cfg = config_lib.from_dict(command.run_config(model_path), config_lib.RunOptions, config_class)
-        data = cache.prepare_run_data(data_format, run_opts, cfg)
+        data = command.run_data(model_path, config_class, data_format)
         texts = list(text_data.read_texts(data.splits["val"])[0][:count])
         return [{"text": text} for text in texts], tf.constant(texts)
 
