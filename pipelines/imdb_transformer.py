@@ -76,7 +76,7 @@ class Config:
     warmup_fraction: float = 0.1  # linear warm-up over this share of steps, then cosine decay to 0
 
     def __post_init__(self):
-        config_lib.check_choice("model", self.model, (*transformer.VARIANTS, "none"))
+        config_lib.check_choice("model", self.model, tuple(transformer.VARIANTS))
         config_lib.check_choice("tokenizer", self.tokenizer, text_classification.TOKENIZERS)
         config_lib.check_positive(
             self,

@@ -86,26 +86,49 @@ def test_bad_flag_ends_in_one_line_error(argv, expected, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "stem, patch_size, tokens",
+    "stem, stem_convs, patch_size, tokens",
     [
-        ((), 4, 64),  # plain ViT: 4x4 patches
-        ((8, 16), 1, 64),  # convolutional tokenizer, two stages: 32 -> 16 -> 8
-        ((8,), 2, 64),  # one stage, then 2x2 patches
+        ((), 1, 4, 64),  # plain ViT: 4x4 patches
+        ((8, 16), 2, 1, 64),  # convolutional tokenizer, two stages of two convs: 32 -> 16 -> 8
+        ((8,), 1, 2, 64),  # one stage, then 2x2 patches
     ],
 )
-def test_image_classifier_tokens_and_logits(stem, patch_size, tokens):
-    model = transformer.image_classifier("tiny", stem=stem, patch_size=patch_size, num_classes=7)
+def test_image_classifier_tokens_and_logits(stem, stem_convs, patch_size, tokens):
+    model = transformer.image_classifier(
+        "tiny", stem=stem, stem_convs=stem_convs, patch_size=patch_size, num_classes=7, pooling="sequence"
+    )
     assert model.get_layer("position_embedding").output_shape == (None, tokens, transformer.VARIANTS["tiny"][0])
-    assert [layer.name for layer in model.layers if layer.name.startswith("stem_conv")] == [
-        f"stem_conv{i + 1}" for i in range(len(stem))
-    ]
+    convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    expected = [f"stem{s + 1}_conv{c + 1}" for s in range(len(stem)) for c in range(stem_convs)]
+    assert convs == expected + ["patch_embedding"]
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     assert model(images).shape == (2, 7)
 
 
+def test_sequence_pooling_weighs_tokens_by_the_softmax_of_their_scores():
+    tokens = np.array([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]], np.float32)
+    scores = np.array([[[0.0], [np.log(3.0)], [-30.0]]], np.float32)  # weights 1/4, 3/4, ~0
+    pooled = transformer.SequencePooling()([tokens, scores])
+    np.testing.assert_allclose(pooled, [[0.25, 0.75]], atol=1e-6)
+
+
+def test_variant_none_is_the_stem_pooling_and_head_alone():
+    model = transformer.image_classifier("none", stem=(8, 16), stem_convs=2, patch_size=1, pooling="sequence")
+    names = [layer.name for layer in model.layers]
+    assert not any("block" in name or name == "position_embedding" for name in names), names
+    assert {"stem2_conv2", "pooling_scores", "pooling", "head_logits"} <= set(names)
+    assert model(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 10)
+
+
 def test_image_classifier_config_round_trip_computes_the_same():
     model = transformer.image_classifier(
-        "tiny", stem=(8, 16), patch_size=1, pixel_mean=(120.0, 115.0, 100.0), pixel_std=(60.0, 60.0, 65.0)
+        "tiny",
+        stem=(8, 16),
+        stem_convs=2,
+        patch_size=1,
+        pooling="sequence",
+        pixel_mean=(120.0, 115.0, 100.0),
+        pixel_std=(60.0, 60.0, 65.0),
     )
     copy = keras.Model.from_config(model.get_config())
     copy.set_weights(model.get_weights())

@@ -189,11 +189,12 @@ def steps_for(num_examples, global_batch, epochs):
 def adamw_warmup_cosine(peak, total_steps, *, warmup_fraction, weight_decay):
     """AdamW with a linear warm-up to `peak` over `warmup_fraction` of the steps, then cosine
     decay to 0. No weight decay on biases, LayerNorms and position tables: decaying offsets and
-    scales only pulls them toward 0, which regularises nothing (the Transformer recipe)."""
+    scales only pulls them toward 0, which regularises nothing (the Transformer recipe); the same
+    for BatchNorm layers named `*_bn`."""
     warmup_steps = max(1, int(warmup_fraction * total_steps))
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=max(1, total_steps - warmup_steps), warmup_target=peak, warmup_steps=warmup_steps
     )
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=["bias", "_norm/", "position_table"])
+    optimizer.exclude_from_weight_decay(var_names=["bias", "_norm/", "_bn/", "position_table"])
     return optimizer
