@@ -421,3 +421,30 @@ def image_classifier(
         x = MaskedMeanPooling(name="pooling")(x)
     logits = classifier_head(x, num_classes=num_classes, dropout=dropout)
     return keras.Model(images, logits, name=name)
+
+
+def multiply_adds(model):
+    """Multiply-adds per example of an image classifier's parts: {"stem", "blocks", "other"}.
+
+    Counts the layers that carry the compute (Conv2D, Dense, attention's two matmuls); the
+    element-wise rest (norms, activations, softmax) is left out, as FLOP counts usually do.
+    "stem" is the convolutional tokenizer, "blocks" the encoder blocks, "other" the patch
+    embedding, pooling and head.
+    """
+    parts = {"stem": 0, "blocks": 0, "other": 0}
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D):
+            kernel_height, kernel_width, channels_in, channels_out = layer.kernel.shape
+            positions = math.prod(layer.output_shape[1:3])
+            count = positions * kernel_height * kernel_width * channels_in * channels_out
+        elif isinstance(layer, layers.Dense):
+            channels_in, channels_out = layer.kernel.shape
+            count = math.prod(layer.output_shape[1:-1]) * channels_in * channels_out
+        elif isinstance(layer, DotProductAttention):
+            length, width = layer.output_shape[1], layer.output_shape[2]
+            count = 2 * length * length * width  # q k^T and weights v, over all heads
+        else:
+            continue
+        part = "stem" if layer.name.startswith("stem") else "blocks" if "_block" in layer.name else "other"
+        parts[part] += int(count)
+    return parts

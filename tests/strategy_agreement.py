@@ -33,7 +33,7 @@ STEPS = 4
 PIPELINES = {
     # lookahead_every=2: the averaging (and its all-reduce of BatchNorm statistics) runs at step 2.
     "cifar10_cnn": (cifar10_cnn, dict(model="tiny", lookahead_every=2, learning_rate=0.5)),
-    "cifar10_vit": (cifar10_vit, dict(model="tiny", stem=(8,), patch_size=4, learning_rate=0.5)),
+    "cifar10_vit": (cifar10_vit, dict(model="tiny", stem=(), patch_size=4, learning_rate=0.5)),  # no BatchNorm
     "imdb_transformer": (
         imdb_transformer,
         dict(

@@ -112,6 +112,25 @@ def test_sequence_pooling_weighs_tokens_by_the_softmax_of_their_scores():
     np.testing.assert_allclose(pooled, [[0.25, 0.75]], atol=1e-6)
 
 
+def test_default_model_is_a_transformer_whose_stem_holds_under_half_the_compute():
+    cfg = cifar10_vit.Config()
+    model = transformer.image_classifier(
+        cfg.model, stem=cfg.stem, stem_convs=cfg.stem_convs, patch_size=cfg.patch_size, pooling=cfg.pooling
+    )
+    parts = transformer.multiply_adds(model)
+    assert parts["stem"] < 0.5 * sum(parts.values()) and parts["blocks"] > parts["stem"], parts
+    assert model.get_layer("patch_tokens").output_shape == (None, 64, transformer.VARIANTS[cfg.model][0])
+
+
+def test_multiply_adds_count_convolutions_dense_layers_and_attention():
+    model = transformer.image_classifier("tiny", stem=(8,), stem_convs=1, patch_size=2, pooling="sequence")
+    width, depth, _, mlp_ratio = transformer.VARIANTS["tiny"]
+    stem = 32 * 32 * 9 * 3 * 8  # conv3x3 3 -> 8 at full size (its maxpool comes after)
+    blocks = depth * (64 * (3 + 1 + 2 * mlp_ratio) * width * width + 2 * 64 * 64 * width)
+    other = 64 * 2 * 2 * 8 * width + 64 * width + width * 10
+    assert transformer.multiply_adds(model) == {"stem": stem, "blocks": blocks, "other": other}
+
+
 def test_variant_none_is_the_stem_pooling_and_head_alone():
     model = transformer.image_classifier("none", stem=(8, 16), stem_convs=2, patch_size=1, pooling="sequence")
     names = [layer.name for layer in model.layers]
