@@ -9,13 +9,17 @@ Result: 81.66% validation accuracy with TTA (80.34% without) after the default 4
         PIPELINE=cifar10_vit RUNS=1` (BENCHMARKS.md, with the curve and how the defaults were
         chosen). The goal, 85%, is not reached.
 
-The model is models/transformer.image_classifier: a pre-norm ViT (base: width 128, 4 blocks,
-4 heads) whose 8 x 8 tokens come from two conv3x3 + ReLU + maxpool stages (the Compact
-Convolutional Transformer's tokenizer, Hassani et al. 2021) instead of 4 x 4 pixel patches;
-`--stem= --patch_size=4` gives the plain ViT. The recipe is the usual one for ViTs on small data,
-shortened: AdamW with warm-up and cosine decay, weight decay 0.05, label smoothing 0.1, random
-crops and flips. Data, strategies, reports and `evaluate` are those of pipelines/cifar10_cnn.py
-(core/tasks/image_classification.py).
+The model is models/transformer.image_classifier: a convolutional stem turns the image into
+8 x 8 tokens, four pre-norm Transformer blocks (width 128, 4 heads, ReLU MLP) mix them, and
+sequence pooling (CCT's SeqPool) weighs them into one vector for the head. The stem is two
+stages of conv3x3 + maxpool + BatchNorm + ReLU and conv3x3 + BatchNorm + ReLU (64, then 96
+channels): the Compact Convolutional Transformer's tokenizer (Hassani et al. 2021) with the
+BatchNorm of "Early Convolutions Help Transformers See Better" (Xiao et al. 2021). It holds 44%
+of the multiply-adds, the blocks 55% (`transformer.multiply_adds`); `--model=none` drops the
+blocks (the ablation), `--stem= --patch_size=4` gives the plain ViT. The recipe: AdamW, linear
+warm-up then cosine decay to 0 at the last step, weight decay 0.05, label smoothing 0.1, random
+crops (4 px, reflect) and flips. Data, strategies, reports and `evaluate` are those of
+pipelines/cifar10_cnn.py (core/tasks/image_classification.py).
 """
 
 import dataclasses
@@ -41,7 +45,7 @@ DATA_FORMAT = image_data.Images(IMAGE_SHAPE, CLASS_NAMES, tfds_name="cifar10")  
 class Config:
     # model
     model: str = "base"  # transformer size variant (models/transformer.py): tiny | small | base | vit_small
-    # The stem costs about what 4x4 patches cost and learns faster (BENCHMARKS.md, "cifar10_vit").
+    # The stem learns the local features fast; the blocks hold most of the compute (BENCHMARKS.md).
     stem: tuple[int, ...] = (64, 96)  # channels of the tokenizer's stages, each halving the image; empty = plain ViT
     stem_convs: int = 2  # conv3x3+BatchNorm+ReLU layers per stem stage (a maxpool after the first)
     mlp_activation: str = "relu"  # of the blocks' MLP: relu | gelu (3.5x slower on this CPU)
