@@ -44,11 +44,11 @@ DATA_FORMAT = image_data.Images(IMAGE_SHAPE, CLASS_NAMES, tfds_name="cifar10")  
 @dataclasses.dataclass(frozen=True)
 class Config:
     # model
-    model: str = "base"  # transformer size variant (models/transformer.py): tiny | small | base | vit_small
+    model: str = "base"  # transformer size (models/transformer.py): tiny | small | base | vit_small | none (stem alone)
     # The stem learns the local features fast; the blocks hold most of the compute (BENCHMARKS.md).
     stem: tuple[int, ...] = (64, 96)  # channels of the tokenizer's stages, each halving the image; empty = plain ViT
     stem_convs: int = 2  # conv3x3+BatchNorm+ReLU layers per stem stage (a maxpool after the first)
-    mlp_activation: str = "relu"  # of the blocks' MLP: relu | gelu (3.5x slower on this CPU)
+    mlp_activation: str = "relu"  # of the blocks' MLP: relu | gelu (slower here; no int8 XNNPack kernel)
     pooling: str = "sequence"  # tokens -> one vector: sequence (learned weights, CCT's SeqPool) | mean
     patch_size: int = 1  # patch embedding after the stem: 1 with two stem stages, 4 without (8x8 tokens either way)
     dropout: float = 0.0  # after attention, MLP and embedding; short schedules underfit, so off
