@@ -2,7 +2,8 @@
 
 One set of blocks serves both families:
     text:  token ids -> TokenEmbedding + PositionEmbedding -> N x encoder_block -> pooling -> head
-    image: pixels -> PatchEmbedding (Conv2D, stride = patch) + PositionEmbedding -> ... same ...
+    image: pixels -> conv_stem -> PatchEmbedding (Conv2D, stride = patch) + PositionEmbedding
+           -> ... same ..., pooled by mean or SequencePooling
 
 Why not `keras.layers.MultiHeadAttention`: TFMOT's pruning and quantization wrap one Keras layer at
 a time and refuse layers they do not know (MultiHeadAttention, and the TFOpLambda layers that
@@ -22,8 +23,9 @@ compression stages need:
   accuracy, the other two have no weights;
 - normalisation is stock `LayerNormalization` (in the prune registry with nothing to prune;
   quantization leaves it in float or takes a NoOp config, decided by the compression stage);
-- residuals are stock `Add`, the MLP activation is GELU inside its `Dense` (TFMOT 0.8 quantizes
-  'gelu' both before and after the activation, as TFLite does not fuse it).
+- residuals are stock `Add`, the MLP activation (GELU, or ReLU for the image model) sits inside
+  its `Dense` (TFMOT 0.8 quantizes 'gelu' both before and after the activation, as TFLite does
+  not fuse it; ReLU fuses).
 
 Blocks are pre-norm (LayerNorm before attention and MLP, one final LayerNorm before pooling),
 which trains stably without learning-rate warm-up tricks at these depths.
@@ -50,6 +52,7 @@ VARIANTS = {
 }
 
 POOLINGS = ("mean", "sequence")
+MLP_ACTIVATIONS = ("gelu", "relu")
 
 
 MASK_PENALTY = 16.0  # subtracted from attention scores of padded keys (see DotProductAttention)

@@ -74,7 +74,7 @@ class Config:
         config_lib.check_choice("model", self.model, tuple(transformer.VARIANTS))
         config_lib.check_choice("flip", self.flip, image_classification.FLIPS)
         config_lib.check_choice("pooling", self.pooling, transformer.POOLINGS)
-        config_lib.check_choice("mlp_activation", self.mlp_activation, ("relu", "gelu"))
+        config_lib.check_choice("mlp_activation", self.mlp_activation, transformer.MLP_ACTIVATIONS)
         config_lib.check_choice("tta", self.tta, (0, 1, 2))
         config_lib.check_positive(
             self, "batch_size", "epochs", "learning_rate", "examples_per_shard", "patch_size", "stem_convs"
