@@ -392,7 +392,9 @@ def test_the_shipped_imdb_search_result_loads_as_a_config():
     _, cfg = config_lib.parse_flags(
         [f"--config={path}"], [config_lib.RunOptions, imdb_transformer.Config], pipeline="imdb_transformer"
     )
-    assert (cfg.model, cfg.batch_size) == ("tiny", 32)
+    # The search predates the n-gram part (issue 18): the file keeps it off, so it still trains the
+    # words-only model that BENCHMARKS.md scored.
+    assert (cfg.model, cfg.batch_size, cfg.ngram_buckets) == ("tiny", 32, 0)
 
 
 @pytest.mark.slow  # 24 s; make test-all
