@@ -14,10 +14,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Replace with the repository's public address once it has one; the notebooks clone it.
-REPO_URL = "https://github.com/YOUR-ORG/tf-reference-pipelines"
-COLAB_URL = "https://colab.research.google.com/github/YOUR-ORG/tf-reference-pipelines/blob/main/notebooks/{name}"
-BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
+# The repository has no fixed public address, so the notebooks name none: the user sets REPO_URL
+# to the copy they opened the notebook from (a fork works the same), and an empty one stops there.
+REPO_URL = ""
 
 NOTEBOOKS = {
     "colab_tpu.ipynb": {
@@ -58,7 +57,7 @@ NOTEBOOKS = {
 }
 
 SHARED_PARAMS = {
-    "REPO_URL": (REPO_URL, "the repository to clone (your fork works the same)"),
+    "REPO_URL": (REPO_URL, "this repository's git URL, to clone (your fork works the same)"),
     "PIPELINE": ("cifar10_cnn", "cifar10_cnn | cifar10_vit | imdb_transformer"),
     "DATA": ("", "empty: the pipeline's dataset through TFDS; or a .tar.gz path or gs:// URL"),
     "ARGS": ("--verbose=2", "more training flags, e.g. --epochs=20 (python -m pipelines.<PIPELINE> --help)"),
@@ -110,8 +109,6 @@ def cells(name, spec):
         markdown(f"""
 # {spec["title"]}
 
-[![Open In Colab]({BADGE})]({COLAB_URL.format(name=name)})
-
 This notebook runs the repository's own commands: it clones the repository, installs it, trains
 `PIPELINE` with `make train STRATEGY=...`, shows TensorBoard and the run report, compresses the
 model with `make compress` and downloads the smallest `.tflite` that kept its accuracy. Every
@@ -129,6 +126,8 @@ import sys
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB and not os.path.exists("Makefile"):
+    if not REPO_URL:
+        raise ValueError("REPO_URL is empty: set it in the parameters cell to this repository's git URL")
     if not os.path.exists("tf-reference-pipelines"):
         !git clone --depth=1 {REPO_URL} tf-reference-pipelines
     %cd tf-reference-pipelines
