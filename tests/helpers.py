@@ -1,6 +1,7 @@
 """Shared test helpers: run a module as a user would, and make tiny image folders."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +58,20 @@ def write_image_folder(root, class_names, per_class=2, size=(32, 32), seed=0):
     return root
 
 
+def synthetic_image_folder(root, class_names, per_class, image_shape=(32, 32, 3)):
+    """`root/<class>/<i>.png` of the smoke runs' learnable synthetic images (one mean colour per
+    class, `--data=synthetic`), so a smoke-trained model scores well above chance on them."""
+    from core.data import image_data
+
+    splits, names, _ = image_data._load_synthetic(image_shape, class_names)
+    images, labels = splits["train"]
+    for index, name in enumerate(names):
+        os.makedirs(os.path.join(root, name))
+        for i, image in enumerate(images[labels == index][:per_class]):
+            Image.fromarray(image).save(os.path.join(root, name, f"{i}.png"))
+    return root
+
+
 def smoke_run(root, pipeline):
     """Trains `pipeline --smoke` under the default strategy into `root`; returns the run folder."""
     result = run_module(
@@ -69,6 +84,14 @@ def smoke_run(root, pipeline):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / pipeline / "smoke"
+
+
+def private_copy(run_dir, tmp_path):
+    """A copy of a shared run folder that a test may write into (its config.json still names the
+    shared data cache, which `compress` and `export` only read); returns the copy's path."""
+    copy = tmp_path / "runs" / run_dir.parent.name / run_dir.name
+    shutil.copytree(run_dir, copy)
+    return copy
 
 
 def strategy_losses(pipeline, *args, workers=0):

@@ -36,23 +36,19 @@ METRIC_KEYS = {
 LOSS_RTOL = 2e-3
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    result = run_module(
-        "pipelines.cifar10_cnn",
-        "--smoke",
-        f"--output_dir={root}/runs",
-        f"--cache_dir={root}/cache",
-        "--name=smoke",
-        "--strategy=default",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "runs" / "cifar10_cnn" / "smoke", result
+# The smoke data is learnable (one mean colour per class, tests/conftest.py trains on it), so a
+# model that learned anything beats chance (0.1) clearly: seen 0.45-0.61 on the 33 val images
+# after two epochs. 9 or more right of 33 by chance has a probability of 0.3%.
+LEARNED = 0.25
 
 
-def test_smoke_run_writes_the_whole_report(smoke_run):
-    run_dir, _ = smoke_run
+@pytest.fixture
+def smoke_run(cnn_smoke_run):
+    return cnn_smoke_run
+
+
+def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
+    run_dir = smoke_run
     for name in ("config.json", "history.csv", "metrics.json", "model.keras", "curves.png", "logs", "checkpoints"):
         assert (run_dir / name).exists(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -60,22 +56,18 @@ def test_smoke_run_writes_the_whole_report(smoke_run):
     assert metrics["strategy"] == "default" and metrics["replicas"] == 1 and metrics["epochs"] == 2
     assert metrics["test_accuracy"] is None  # synthetic data has no test split, and says so
     assert "carved from train" in metrics["data"]["val_split"]
-    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["examples_per_second"] > 0
+    assert metrics["val_accuracy"] >= LEARNED and metrics["examples_per_second"] > 0
     assert len((run_dir / "history.csv").read_text().strip().splitlines()) == 1 + 2
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"] == "tiny" and config["smoke"] is True
-
-
-def test_smoke_run_learns(smoke_run):
-    run_dir, _ = smoke_run
     lines = (run_dir / "history.csv").read_text().strip().splitlines()
     header = lines[0].split(",")
-    losses = [float(line.split(",")[header.index("loss")]) for line in lines[1:]]
-    assert losses[-1] < losses[0]
+    accuracy = [float(line.split(",")[header.index("accuracy")]) for line in lines[1:]]
+    assert accuracy[-1] >= LEARNED  # training accuracy, augmented: seen 0.39-0.45 in epoch 2
 
 
 def test_finished_run_is_never_overwritten(smoke_run):
-    run_dir, _ = smoke_run
+    run_dir = smoke_run
     before = (run_dir / "metrics.json").read_text()
     result = run_module(
         "pipelines.cifar10_cnn",
@@ -90,16 +82,12 @@ def test_finished_run_is_never_overwritten(smoke_run):
 
 
 def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
-    run_dir, _ = smoke_run
-    folder = write_image_folder(tmp_path / "test", cifar10_cnn.CLASS_NAMES, per_class=3)
-    result = run_module(
-        "pipelines.cifar10_cnn", "evaluate", f"--model={run_dir}/model.keras", f"--data={folder}", "--tta=2"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = last_json_line(result.stdout)
+    run_dir = smoke_run
+    folder = helpers.synthetic_image_folder(tmp_path / "test", cifar10_cnn.CLASS_NAMES, per_class=3)
+    report = cifar10_cnn.evaluate_command([f"--model={run_dir}/model.keras", f"--data={folder}", "--tta=2"])
     assert report["examples"] == 30 and report["split"] == "all"
     assert set(report["per_class_accuracy"]) == set(cifar10_cnn.CLASS_NAMES)
-    assert 0.0 <= report["accuracy"] <= 1.0
+    assert report["accuracy"] >= LEARNED
 
 
 @pytest.mark.parametrize(
@@ -109,21 +97,23 @@ def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
         (["--model=/no/model.keras"], "/no/model.keras: no such file"),
     ],
 )
-def test_evaluate_bad_input_exits_nonzero_with_one_line(smoke_run, tmp_path, args, expected):
-    run_dir, _ = smoke_run
+def test_evaluate_bad_input_exits_nonzero_with_one_line(smoke_run, tmp_path, args, expected, capsys):
+    run_dir = smoke_run
     defaults = {"--model": f"--model={run_dir}/model.keras", "--data": f"--data={tmp_path}"}
     for arg in args:
         defaults[arg.split("=")[0]] = arg
-    result = run_module("pipelines.cifar10_cnn", "evaluate", *defaults.values())
-    assert result.returncode == 2
-    assert expected in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as exit_info:
+        config_lib.run_cli(cifar10_cnn.main, cifar10_cnn.evaluate_command, argv=["evaluate", *defaults.values()])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
 
 
 def test_evaluate_rejects_classes_the_model_does_not_know(smoke_run, tmp_path):
-    run_dir, _ = smoke_run
+    run_dir = smoke_run
     folder = write_image_folder(tmp_path / "other", ["cats", "dogs"], per_class=1)
-    result = run_module("pipelines.cifar10_cnn", "evaluate", f"--model={run_dir}/model.keras", f"--data={folder}")
-    assert result.returncode == 2 and "airplane" in result.stderr
+    with pytest.raises(UserError, match="airplane"):
+        cifar10_cnn.evaluate_command([f"--model={run_dir}/model.keras", f"--data={folder}"])
 
 
 @pytest.mark.parametrize(
@@ -307,7 +297,7 @@ def test_saved_copy_is_float32_and_computes_the_same(tmp_path):
 
 
 def test_export_serves_encoded_images_as_model_keras_and_evaluate_score_them(smoke_run, tmp_path):
-    run_dir, _ = smoke_run
+    run_dir = helpers.private_copy(smoke_run, tmp_path)  # export/ is written beside the model
     folder = write_image_folder(tmp_path / "files", cifar10_cnn.CLASS_NAMES, per_class=2, seed=3)
     for png in sorted(folder.glob("*/0.png")):  # half JPEG: its IDCT must match training's decoder
         Image.open(png).save(png.with_suffix(".jpg"), quality=75)

@@ -11,7 +11,6 @@ from core import config as config_lib
 from models import transformer
 from pipelines import cifar10_vit
 from tests import helpers
-from tests.helpers import last_json_line, run_module, write_image_folder
 
 # Per-step losses of the same global batches, mirrored (2 replicas) vs default. No BatchNorm, so
 # only the order of float32 sums may differ (measured: equal in every printed digit), while the
@@ -19,9 +18,9 @@ from tests.helpers import last_json_line, run_module, write_image_folder
 LOSS_RTOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    return helpers.smoke_run(tmp_path_factory.mktemp("smoke"), "cifar10_vit")
+@pytest.fixture
+def smoke_run(vit_smoke_run):
+    return vit_smoke_run
 
 
 def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
@@ -31,7 +30,8 @@ def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
     assert metrics["pipeline"] == "cifar10_vit" and metrics["model"] == "tiny"
     assert metrics["strategy"] == "default" and metrics["replicas"] == 1 and metrics["epochs"] == 2
     assert metrics["test_accuracy"] is None and "carved from train" in metrics["data"]["val_split"]
-    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["examples_per_second"] > 0
+    # Learnable smoke data (a mean colour per class), chance 0.1: seen 0.45 on the 33 val images.
+    assert metrics["val_accuracy"] >= 0.25 and metrics["examples_per_second"] > 0
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["stem"] == [8] and config["smoke"] is True  # replayable with --config
     losses = helpers.history_losses(smoke_run)
@@ -39,14 +39,11 @@ def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
 
 
 def test_evaluate_prints_accuracy_per_class_on_a_folder(smoke_run, tmp_path):
-    folder = write_image_folder(tmp_path / "test", cifar10_vit.CLASS_NAMES, per_class=3)
-    result = run_module(
-        "pipelines.cifar10_vit", "evaluate", f"--model={smoke_run}/model.keras", f"--data={folder}", "--tta=2"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = last_json_line(result.stdout)
+    folder = helpers.synthetic_image_folder(tmp_path / "test", cifar10_vit.CLASS_NAMES, per_class=3)
+    report = cifar10_vit.evaluate_command([f"--model={smoke_run}/model.keras", f"--data={folder}", "--tta=2"])
     assert report["pipeline"] == "cifar10_vit" and report["examples"] == 30 and report["split"] == "all"
     assert set(report["per_class_accuracy"]) == set(cifar10_vit.CLASS_NAMES)
+    assert report["accuracy"] >= 0.25  # the smoke run's kind of images: learned, not chance (0.1)
 
 
 @pytest.mark.slow  # 15 s; the CNN's and the text model's mirrored tests cover it in make test

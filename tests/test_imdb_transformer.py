@@ -29,9 +29,9 @@ def write_review_folder(root, reviews):
     return root
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    return helpers.smoke_run(tmp_path_factory.mktemp("smoke"), "imdb_transformer")
+@pytest.fixture
+def smoke_run(imdb_smoke_run):
+    return imdb_smoke_run
 
 
 def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
@@ -78,6 +78,7 @@ def test_export_serves_raw_strings_as_model_keras_and_evaluate_score_them(smoke_
         "neg": ["Awful and boring.", "Boring, awful plot.", "awful<br />boring ÉCOLE"],
     }
     folder = write_review_folder(tmp_path / "reviews", reviews)
+    smoke_run = helpers.private_copy(smoke_run, tmp_path)  # export/ is written beside the model
     result = run_module(
         "pipelines.imdb_transformer", "export", f"--model={smoke_run}/model.keras", "--check_examples=32"
     )
