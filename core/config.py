@@ -24,6 +24,7 @@ import re
 import sys
 import typing
 
+from core import errors
 from core.errors import UserError, environment_failure
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -286,7 +287,9 @@ def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tun
 
     The commands other than training return a dict that is printed as one JSON line. A `UserError` anywhere prints
     `error: <message>` and exits 2, as does a machine fault `errors.environment_failure` knows (full
-    disk, damaged data, a lost worker); anything else is a bug and keeps its traceback.
+    disk, damaged data), except a lost worker: 138, the same command again resumes (a scheduler
+    may restart on it: core/errors.py's EXIT_* and deploy/tfjob.yaml). Anything else is a bug and
+    keeps its traceback (exit 1).
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -305,10 +308,10 @@ def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tun
             main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(errors.EXIT_USER_ERROR)
     except Exception as e:
         line = environment_failure(e, sys.modules.get("tensorflow"))
         if line is None:
             raise  # a bug: keep its traceback
         print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(errors.exit_status(e, sys.modules.get("tensorflow")))

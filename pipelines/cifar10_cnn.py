@@ -115,9 +115,11 @@ def make_datasets(run, data, epoch_counter):
 
 def make_optimizer(cfg, schedule, model):
     """airbench's optimiser: Nesterov SGD, triangular schedule, per-group learning rates, and
-    lookahead over all of `model`'s weights (in the train step: the same on any steps_per_execution)."""
+    lookahead over all of `model`'s weights (in the train step: the same on any steps_per_execution).
+    Under mixed_float16 it comes wrapped in loss scaling that keeps lookahead on overflow steps
+    (`optim.loss_scaled`). A group pattern that matches no variable stops the first step."""
     peak = strategies.scale_learning_rate(cfg.learning_rate, cfg.batch_size)
-    return optim.GroupedSGD(
+    optimizer = optim.GroupedSGD(
         learning_rate=optim.TriangularSchedule(peak, schedule.total_steps, warmup=cfg.warmup_fraction),
         momentum=cfg.momentum,
         nesterov=True,
@@ -132,6 +134,7 @@ def make_optimizer(cfg, schedule, model):
         lookahead=optim.Lookahead(schedule.total_steps, every=cfg.lookahead_every) if cfg.lookahead_every else None,
         averaged=model.weights,
     )
+    return optim.loss_scaled(optimizer, model)
 
 
 def make_model(run, schedule, train_images):

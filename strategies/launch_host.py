@@ -17,7 +17,7 @@ has no authentication: it "executes the graphs it is sent without performing any
 (TensorFlow's SECURITY.md). Across hosts the workers must reach each other, so this launcher
 cannot isolate them the way launch_local's private network namespace does: allow each worker's
 port only from the other workers' addresses (a host firewall or a cloud security group; on
-Kubernetes, deploy/tfjob.yaml's NetworkPolicy).
+Kubernetes, deploy/tfjob-network-policy.yaml).
 """
 
 import json

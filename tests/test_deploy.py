@@ -110,22 +110,42 @@ def test_own_port_in_use_is_refused_before_the_command_runs(tmp_path):
     assert not marker.exists()
 
 
-def _manifests():
-    """deploy/tfjob.yaml's documents by kind (the TFJob, then its NetworkPolicy)."""
-    with open(os.path.join(REPO, "deploy", "tfjob.yaml")) as f:
-        documents = list(yaml.safe_load_all(f))
-    assert [d["kind"] for d in documents] == ["TFJob", "NetworkPolicy"]
-    return {d["kind"]: d for d in documents}
+def _manifest(name):
+    with open(os.path.join(REPO, "deploy", name)) as f:
+        (document,) = yaml.safe_load_all(f)
+    return document
 
 
 def _tfjob():
-    return _manifests()["TFJob"]
+    return _manifest("tfjob.yaml")
 
 
 def _readme_cluster_section():
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
     return text[text.index("## Run on a cluster") :].split("\n## ", 1)[0]
+
+
+# The label the Kubeflow training operator (v1.4 and later) puts on every pod of a TFJob: the job's name.
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+
+
+def _pod_command(job, job_name):
+    """The worker's command as the kubelet runs it in a pod of the job named `job_name`: each
+    `$(VAR)` replaced by the container's env value, labels read as the downward API reads them."""
+    worker = job["spec"]["tfReplicaSpecs"]["Worker"]
+    (container,) = worker["template"]["spec"]["containers"]
+    labels = {**worker["template"].get("metadata", {}).get("labels", {}), JOB_NAME_LABEL: job_name}
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            path = var["valueFrom"]["fieldRef"]["fieldPath"]
+            label = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
+            assert label, f"{var['name']}: unexpected fieldPath {path}"
+            env[var["name"]] = labels.get(label.group(1), "")
+    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), arg) for arg in container["command"]]
 
 
 def test_tfjob_manifest_names_the_image_command_replicas_and_port_the_readme_gives():
@@ -138,32 +158,83 @@ def test_tfjob_manifest_names_the_image_command_replicas_and_port_the_readme_giv
     assert (port["name"], port["containerPort"]) == ("tfjob-port", 2222)
     command = container["command"]
     assert command[:3] == ["python", "-m", "pipelines.cifar10_cnn"] and "--strategy=multiworker" in command
-    # The flags are real ones: the pipeline parses them.
-    run, _ = config_lib.parse_flags(command[3:], [config_lib.RunOptions, cifar10_cnn.Config])
-    assert run.name and run.output_dir == worker["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountPath"]
+    # The flags are real ones: the pipeline parses them, as a pod runs them.
+    run, _ = config_lib.parse_flags(
+        _pod_command(job, "cifar10-cnn-x7k2p")[3:], [config_lib.RunOptions, cifar10_cnn.Config]
+    )
+    assert run.name and run.output_dir == container["volumeMounts"][0]["mountPath"]
 
     readme = _readme_cluster_section()
     assert container["image"] in readme
     assert " ".join(command) in readme
     assert f"replicas: {worker['replicas']}" in readme and "2222" in readme
+    assert "kubectl apply -f deploy/tfjob-network-policy.yaml" in readme
+    assert "kubectl create -f deploy/tfjob.yaml" in readme  # generateName: `apply` refuses it
     with open(os.path.join(REPO, "deploy", "Dockerfile")) as f:
         dockerfile = f.read()
     assert re.search(r"^EXPOSE 2222$", dockerfile, flags=re.M)
     assert container["image"] in dockerfile  # the build comment tags the image the manifest runs
 
 
-def test_network_policy_admits_the_worker_port_only_from_the_same_tfjob():
+def test_each_tfjob_trains_its_own_run_and_a_restart_resumes_it(tmp_path):
+    """A fixed --name met the first job's finished run on every later job, and OnFailure restarted
+    that error forever. The run is named after the job, whose name is generated per job."""
+    job = _tfjob()
+    assert "name" not in job["metadata"] and job["metadata"]["generateName"] == "cifar10-cnn-"
+    # Every worker, and every restart of one, runs the same run name: the job's.
+    first, again = _pod_command(job, "cifar10-cnn-x7k2p"), _pod_command(job, "cifar10-cnn-x7k2p")
+    second = _pod_command(job, "cifar10-cnn-q9m4t")
+    names = [
+        config_lib.parse_flags(c[3:], [config_lib.RunOptions, cifar10_cnn.Config])[0].name
+        for c in (first, again, second)
+    ]
+    assert names == ["cifar10-cnn-x7k2p", "cifar10-cnn-x7k2p", "cifar10-cnn-q9m4t"]
+    # A generated job name is a valid run folder name (runs.run_directory checks it).
+    from core.training import runs
+
+    assert runs.run_directory(str(tmp_path), "cifar10_cnn", names[0], multi_worker=True).endswith(names[0])
+    # The recipe for resuming a failed job's run (README, the manifest's comment): the job under its old name.
+    with open(os.path.join(REPO, "deploy", "tfjob.yaml")) as f:
+        text = f.read()
+    assert len(re.findall(r"^ +generateName: cifar10-cnn-$", text, flags=re.M)) == 1  # the sed's target
+    renamed = yaml.safe_load(text.replace("generateName: cifar10-cnn-", "name: cifar10-cnn-x7k2p"))
+    assert renamed["metadata"] == {"name": "cifar10-cnn-x7k2p"}
+    assert "sed 's/generateName: cifar10-cnn-/name: cifar10-cnn-x7k2p/' deploy/tfjob.yaml" in _readme_cluster_section()
+
+
+def _retryable(code, operator):
+    """kubeflow/training-operator pkg/util/train/train_util.go IsRetryableExitCode: recent
+    releases, and the releases before them (both still deployed)."""
+    if operator == "recent":
+        return code >= 128
+    return code in (130, 137, 138, 143)
+
+
+@pytest.mark.parametrize("operator", ["recent", "older"])
+def test_exit_code_policy_restarts_kills_and_lost_peers_but_not_user_errors_or_bugs(operator):
+    from core import errors
+
+    worker = _tfjob()["spec"]["tfReplicaSpecs"]["Worker"]
+    assert worker["restartPolicy"] == "ExitCode"
+    assert errors.EXIT_USER_ERROR == 2 and errors.EXIT_RETRYABLE == 138  # what the manifest's comment says
+    assert not _retryable(errors.EXIT_USER_ERROR, operator)  # a bad flag, a finished run, a full disk
+    assert not _retryable(1, operator)  # an uncaught exception: a bug
+    assert _retryable(errors.EXIT_RETRYABLE, operator)  # another worker stopped: the same command resumes
+    assert _retryable(128 + 9, operator) and _retryable(128 + 15, operator)  # SIGKILL, SIGTERM: preemption
+
+
+def test_network_policy_admits_the_worker_port_only_from_the_tfjobs_workers():
     # TensorFlow's gRPC server binds 0.0.0.0 and runs any graph it is sent: the policy is what
     # keeps the rest of the cluster out.
-    manifests = _manifests()
-    job, policy = manifests["TFJob"], manifests["NetworkPolicy"]
-    assert policy["apiVersion"] == "networking.k8s.io/v1"
-    # The label the Kubeflow training operator puts on every pod of a job.
-    same_job = {"training.kubeflow.org/job-name": job["metadata"]["name"]}
+    job, policy = _tfjob(), _manifest("tfjob-network-policy.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    # The job's name is generated: the policy selects the label the job's pod template sets.
+    template = job["spec"]["tfReplicaSpecs"]["Worker"]["template"]
+    workers = {"app.kubernetes.io/name": template["metadata"]["labels"]["app.kubernetes.io/name"]}
     spec = policy["spec"]
-    assert spec["podSelector"] == {"matchLabels": same_job}
+    assert spec["podSelector"] == {"matchLabels": workers}
     assert spec["policyTypes"] == ["Ingress"]  # every ingress not listed below is refused
     (rule,) = spec["ingress"]
-    assert rule["from"] == [{"podSelector": {"matchLabels": same_job}}]  # no namespaceSelector: this namespace
-    (container,) = job["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": workers}}]  # no namespaceSelector: this namespace
+    (container,) = template["spec"]["containers"]
     assert rule["ports"] == [{"protocol": "TCP", "port": container["ports"][0]["containerPort"]}]

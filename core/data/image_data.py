@@ -209,7 +209,7 @@ def _load_tfds(tfds_name, image_shape, class_names):
             )
         ds = ds.batch(1024)
         images, labels = [], []
-        for image_batch, label_batch in tfds.as_numpy(ds):
+        for image_batch, label_batch in sources.tfds_batches(ds, description, builder.data_dir):
             if tuple(image_batch.shape[1:]) != image_shape:
                 raise UserError(
                     f"{description}: images are {_hwc(image_batch.shape[1:])}, "

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import tarfile
 
 import numpy as np
@@ -125,6 +126,22 @@ def load_tfds_split(tfds_name, split, description, local_copies, **load_kwargs):
             f"{description}: cannot download or prepare the {split} split "
             f"({e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); offline, pass "
             f"--data=PATH to a local copy ({local_copies})"
+        ) from None
+
+
+def tfds_batches(ds, description, data_dir):
+    """`tfds.as_numpy(ds)`, where a damaged record in TFDS's prepared copy (`data_dir`, the
+    builder's folder) is one line naming that folder, not the converted cache's advice: TF's
+    DataLossError names no file, and deleting --cache_dir would not mend it."""
+    import tensorflow_datasets as tfds
+
+    try:
+        yield from tfds.as_numpy(ds)
+    except tf.errors.DataLossError as e:
+        reason = re.sub(r"\{\{.*?\}\}|\s*\[Op:.*", "", str(e.message).splitlines()[0] if e.message else "").strip()
+        raise UserError(
+            f"{description}: damaged record in TFDS's prepared copy {data_dir} ({reason}); delete that folder "
+            "so that TFDS downloads and prepares it again, then rerun the same command"
         ) from None
 
 

@@ -219,7 +219,7 @@ def _load_tfds(tfds_name, class_names):
             continue
         ds = sources.load_tfds_split(tfds_name, split, description, "a folder of class folders or a .tar.gz of one")
         texts, labels = [], []
-        for batch in tfds.as_numpy(ds.batch(1024)):
+        for batch in sources.tfds_batches(ds.batch(1024), description, builder.data_dir):
             texts.extend(batch["text"])
             labels.append(batch["label"].astype(np.int64))
         splits[split] = (_texts_array(texts), np.concatenate(labels) if labels else np.zeros(0, np.int64))

@@ -21,6 +21,13 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+# Keras' loss-scale wrapper of the (v3) optimizers: exported only through a metaclass that picks it,
+# so a subclass needs the class itself (tf-keras wheels ship it under src/; checked on 2.21, and
+# `make test STACK=tf2.20` imports it on the TPU stack's 2.20).
+from tf_keras.src.mixed_precision.loss_scale_optimizer import LossScaleOptimizerV3
+
+from core.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamGroup:
@@ -78,7 +85,14 @@ class GroupedSGD(keras.optimizers.SGD):
     `lookahead` (a `Lookahead`) averages `averaged` (the model's weights, BatchNorm statistics
     included) inside the train step, after the update: it then acts on the same steps whatever
     `steps_per_execution` is, where a Keras callback would run once per host call (32 steps on a
-    TPU). The slow copies are optimizer variables, so checkpoints and resumes keep them.
+    TPU). The slow copies are optimizer variables, so checkpoints and resumes keep them. Under
+    mixed_float16 compile with `loss_scaled(optimizer, model)`, not Keras' own wrapper (see
+    `LookaheadLossScaleOptimizer`); the first train step refuses the other.
+
+    Every group's pattern must govern at least one variable (the first match wins): a pattern
+    that matches nothing, say after a layer is renamed, is a one-line `UserError` when the
+    optimizer is made (against the trainable ones of `averaged`, when given) and when it is
+    built (against the variables it trains, at the first step): not a silently trained frozen layer.
     """
 
     def __init__(
@@ -101,12 +115,34 @@ class GroupedSGD(keras.optimizers.SGD):
             raise ValueError("GroupedSGD: lookahead needs the model weights to average (averaged=model.weights)")
         self._averaged = [w for w in averaged if w.dtype.is_floating]
         self._slow = []
+        if averaged:  # the model's weights: check the groups now, not only at the first step
+            self._check_groups([w for w in self._averaged if w.trainable])
 
     def build(self, var_list):
+        if not getattr(self, "_built", False):
+            self._check_groups(var_list)
         super().build(var_list)
         if self.lookahead and not self._slow:
             # Starts from the weights at the first step (after a restore: restored with the rest).
             self._slow = [self.add_variable_from_reference(w, "slow", initial_value=w) for w in self._averaged]
+
+    def _check_groups(self, var_list):
+        """A UserError naming the first group that governs none of `var_list`."""
+        for group in self.groups:
+            matched = [v for v in var_list if re.search(group.pattern, v.name)]
+            if any(self._group_of(v) is group for v in matched):
+                continue
+            names = sorted({v.name.split(":")[0] for v in var_list})
+            shown = ", ".join(names[:6]) + (f", ... {len(names)} in all" if len(names) > 6 else "")
+            reason = (
+                f"matches only variables that an earlier group takes ({matched[0].name.split(':')[0]}, ...)"
+                if matched
+                else f"matches none of the variables it trains ({shown})"
+            )
+            raise UserError(
+                f"{self.name}: parameter group pattern {group.pattern!r} {reason}; fix the pattern where the "
+                "groups are made (make_optimizer): else what it should freeze or speed up trains as any other"
+            )
 
     def _group_of(self, variable):
         for group in self.groups:
@@ -133,7 +169,16 @@ class GroupedSGD(keras.optimizers.SGD):
     def apply_gradients(self, grads_and_vars, *args, **kwargs):
         iteration = super().apply_gradients(grads_and_vars, *args, **kwargs)
         if self.lookahead:
-            self._average()
+            if getattr(self, "_is_wrapped_by_loss_scale_optimizer", False):
+                # The wrapper runs the lookahead itself, on every step (LookaheadLossScaleOptimizer).
+                if not getattr(self, "_lookahead_by_wrapper", False):
+                    raise ValueError(
+                        f"{self.name} with lookahead is wrapped by Keras' LossScaleOptimizer (mixed_float16), "
+                        "which skips this update on overflow steps, lookahead and its final swap to the "
+                        "averaged weights with it: compile with optimizer=optim.loss_scaled(optimizer, model)"
+                    )
+            else:
+                self._average()
         return iteration
 
     def _average(self):
@@ -175,6 +220,40 @@ class GroupedSGD(keras.optimizers.SGD):
         config.update(l2=self.l2, groups=[dataclasses.asdict(g) for g in self.groups])
         # Not `lookahead`: it needs the model's weights (`averaged`), which a config cannot carry.
         return config
+
+
+class LookaheadLossScaleOptimizer(LossScaleOptimizerV3):
+    """Keras' dynamic loss scaling (mixed_float16) around a `GroupedSGD`, with its lookahead run on
+    every step, overflow steps included.
+
+    Keras' wrapper (tf_keras mixed_precision/loss_scale_optimizer.py, `apply_gradients`) calls the
+    inner `apply_gradients` only when the step's gradients are finite; on an overflow step it
+    halves the loss scale and just adds 1 to the step counter. Lookahead inside the inner
+    `apply_gradients` would then miss that step's averaging, and if the overflow falls on the last
+    step (step == total_steps), the final swap to the averaged weights: the model would end on
+    its fast weights. Here the lookahead runs after the wrapper's update-or-skip, in the replica
+    context, on the counter that both branches advanced: on a skipped step it averages the
+    unchanged weights, as it would any step. Same checkpoint layout as Keras' own wrapper.
+    """
+
+    def __init__(self, inner_optimizer, *args, **kwargs):
+        super().__init__(inner_optimizer, *args, **kwargs)
+        inner_optimizer._lookahead_by_wrapper = True
+
+    def apply_gradients(self, grads_and_vars, *args, **kwargs):
+        result = super().apply_gradients(grads_and_vars, *args, **kwargs)
+        if getattr(self.inner_optimizer, "lookahead", None):
+            self.inner_optimizer._average()
+        return result
+
+
+def loss_scaled(optimizer, model):
+    """`optimizer` as `model.compile` should get it: under the model's mixed_float16 policy (the
+    one case where Keras adds loss scaling) a `GroupedSGD` comes wrapped in a
+    `LookaheadLossScaleOptimizer`, which Keras keeps; anything else is returned unchanged."""
+    if model.dtype_policy.name == "mixed_float16" and isinstance(optimizer, GroupedSGD):
+        return LookaheadLossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def label_smoothing_loss(smoothing):

@@ -29,7 +29,7 @@ import time
 import tensorflow as tf
 import tf_keras as keras
 
-from core import files
+from core import errors, files
 from core.errors import UserError
 
 
@@ -152,7 +152,19 @@ class RotatingCheckpoint(FiniteModelCheckpoint):
 
 
 class FiniteBackupAndRestore(_SavesOnlyWhileFinite, keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that keeps the last finite state when the loss turns NaN."""
+    """BackupAndRestore that keeps the last finite state when the loss turns NaN, and says in one
+    line that `backup/` is damaged when resuming from it fails on its files (a flipped byte, a
+    truncated index or data file: TF's messages for those do not all name the file)."""
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (tf.errors.OpError, IndexError) as e:
+            if not errors.is_damaged_checkpoint_read(e, tf):
+                raise
+            damaged = errors.damaged_checkpoint(e, tf)
+            reason = damaged[1] if damaged else str(getattr(e, "message", None) or e).splitlines()[0][:160]
+            raise UserError(errors.checkpoint_advice(damaged[0] if damaged else self.backup_dir, reason)) from None
 
     def on_train_end(self, logs=None):
         # Keras deletes the backup when fit returns; after a NaN stop keep it for inspection.
