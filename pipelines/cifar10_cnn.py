@@ -134,11 +134,17 @@ def make_optimizer(cfg, schedule, model):
 
 
 def make_model(run, schedule, train_images):
-    """Builds and compiles the CNN under the strategy's scope (variables live on every replica);
-    `train_images` set the whitening stem's fixed filters."""
+    """Builds and compiles the CNN under the strategy's scope (variables live on every replica).
+
+    `train_images` (a `TrainSample`: the first 5,000, batch by batch) give the per-channel pixel
+    mean and std the model's first layer normalises with, and the whitening stem's fixed filters.
+    """
     cfg = run.cfg
+    pixel_mean, pixel_std = image_classification.pixel_statistics(train_images)
     with run.strategy.scope():
-        model = cnn.cnn(cfg.model, num_classes=len(CLASS_NAMES), image_shape=IMAGE_SHAPE)
+        model = cnn.cnn(
+            cfg.model, num_classes=len(CLASS_NAMES), image_shape=IMAGE_SHAPE, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
         cnn.init_whitening(model, train_images)
         model.compile(
             optimizer=make_optimizer(cfg, schedule, model),
@@ -186,7 +192,7 @@ def main(argv):
     schedule = runs.Schedule.of(data.splits["train"].num_examples, run.cfg.batch_size, run.cfg.epochs)
     epoch_counter = image_classification.EpochCounter(schedule.steps_per_epoch)
     datasets = make_datasets(run, data, epoch_counter)
-    model = make_model(run, schedule, image_classification.first_train_images(data))
+    model = make_model(run, schedule, image_classification.TrainSample(data))
     result = train(run, model, datasets, schedule, epoch_counter)
     model = trainer.unreplicated(model)  # every worker, together (a collective read)
 
