@@ -187,7 +187,7 @@ def first_train_images(data, count=5000):
     return next(iter(local_dataset(data, "train", batch_size=count)))[0].numpy()
 
 
-SAMPLE_BATCH_VALUES = 1 << 21  # pixel values per batch of a TrainSample: 8 MB of float32 at any image size
+SAMPLE_BATCH_VALUES = 1 << 20  # pixel values per batch of a TrainSample: 4 MB of float32 at any image size
 
 
 class TrainSample:
