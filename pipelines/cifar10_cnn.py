@@ -8,8 +8,10 @@ Result: 90.85 ± 0.57% validation accuracy (TTA) on the held-out 10% of the JPEG
         split, 716 s fit time, 666 img/s; mean of 3 runs, 2-core Xeon CPU, mixed_bfloat16,
         2026-11-22 (`make bench RUNS=3`, BENCHMARKS.md). Official test split: not measured here.
 
-Copy this file to start a new image task: change `CLASS_NAMES`, `Config`, `augment_batch` and
-`make_model`; the stages in `main` stay.
+Copy this file to start a new image task: change `CLASS_NAMES`, `IMAGE_SHAPE` (images of other
+sizes are resized to it at conversion, or centre-cropped with `DATA_FORMAT`'s resize="crop"),
+`Config`, `augment_batch` and `make_model`; the stages in `main` stay. The model normalises with
+the mean and std of the first 5,000 training images, computed at build time and saved in model.keras.
 """
 
 import dataclasses
