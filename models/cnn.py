@@ -29,7 +29,8 @@ import numpy as np
 import tf_keras as keras
 from tf_keras import layers
 
-# CIFAR-10 training-set pixel statistics (0-255 scale), per RGB channel.
+# CIFAR-10 training-set pixel statistics (0-255 scale), per RGB channel: the defaults of a model
+# built without data. pipelines/cifar10_cnn.py passes its training split's own statistics.
 CIFAR10_MEAN = (125.31, 122.95, 113.87)
 CIFAR10_STD = (62.99, 62.09, 66.70)
 
@@ -78,8 +79,9 @@ def cnn(
 ):
     """Builds the network. Inputs are float32 pixels in [0, 255]; outputs are float32 logits.
 
-    Normalization happens inside the model (so an exported model takes raw pixels); augmentation
-    happens in the input pipeline (so it is off at evaluation without a flag).
+    Normalization happens inside the model (so an exported model takes raw pixels): pixel_mean and
+    pixel_std (per channel, 0-255 scale) are constants of its first layer, saved in model.keras.
+    Augmentation happens in the input pipeline (so it is off at evaluation without a flag).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown cnn variant {variant!r}: expected one of {', '.join(VARIANTS)}")
@@ -115,28 +117,34 @@ def _dirac_init(model):
 
 
 def whitening_kernel(images, pixel_mean=CIFAR10_MEAN, pixel_std=CIFAR10_STD, eps=5e-4):
-    """PCA whitening filters for 2x2 patches of `images` (uint8 or float [N, H, W, 3]).
+    """PCA whitening filters for 2x2 patches of `images`: an array [N, H, W, C] (uint8 or float),
+    or an iterable of such batches, whose patch covariance is summed batch by batch.
 
-    Returns a [2, 2, 3, 24] kernel: the 12 eigenvectors of the patch covariance divided by
+    Returns a [2, 2, C, 4C] kernel: the 4C eigenvectors of the patch covariance divided by
     sqrt(eigenvalue + eps), followed by their negatives (so GELU keeps both signs).
     """
-    # float32 patches (5000 CIFAR images: 230 MB), float64 only for the 12x12 covariance.
-    x = (np.asarray(images, np.float32) - np.float32(pixel_mean)) / np.float32(pixel_std)
     k = WHITENING_KERNEL_SIZE
-    h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
-    # Patches in (kh, kw, c) order, matching the Keras kernel layout [kh, kw, c, out].
-    patches = np.stack([x[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=3)
-    patches = patches.reshape(-1, k * k * x.shape[3])
-    patches -= patches.mean(axis=0)
-    covariance = (patches.T @ patches).astype(np.float64) / len(patches)
+    outer, total, count = 0.0, 0.0, 0
+    for batch in [images] if isinstance(images, np.ndarray) else images:
+        # float32 patches of one batch (all of 5,000 CIFAR images would be 230 MB, of 224x224
+        # images 12 GB); float64 for the sums.
+        x = (np.asarray(batch, np.float32) - np.float32(pixel_mean)) / np.float32(pixel_std)
+        h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+        # Patches in (kh, kw, c) order, matching the Keras kernel layout [kh, kw, c, out].
+        patches = np.stack([x[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=3)
+        patches = patches.reshape(-1, k * k * x.shape[3]).astype(np.float64)
+        outer, total, count = outer + patches.T @ patches, total + patches.sum(0), count + len(patches)
+    mean = total / count
+    covariance = outer / count - np.outer(mean, mean)  # of centred patches
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     filters = eigenvectors / np.sqrt(np.maximum(eigenvalues, 0) + eps)  # columns are filters
     filters = np.concatenate([filters, -filters], axis=1)
-    return filters.reshape(k, k, x.shape[3], -1).astype(np.float32)
+    return filters.reshape(k, k, -1, filters.shape[1]).astype(np.float32)
 
 
 def init_whitening(model, images, **kwargs):
-    """Sets the whitening stem from training images; keeps the bias (trained, then frozen)."""
+    """Sets the whitening stem from training images (an array or an iterable of batches, as
+    `whitening_kernel`), normalised as the model's first layer does; keeps the bias (trained, then frozen)."""
     stem = model.get_layer("whiten")
     normalize = model.get_layer("normalize").get_config()
     pixel_mean = np.asarray(normalize["mean"], np.float64).reshape(-1)

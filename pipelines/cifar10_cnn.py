@@ -9,8 +9,10 @@ Result: 90.58 ± 0.93% validation accuracy (TTA) on the held-out 10% of the JPEG
         AVX512-BF16, mixed_bfloat16, 2026-12-02, commit eda5c22 (`make bench RUNS=2`,
         BENCHMARKS.md). Official test split: not measured here.
 
-Copy this file to start a new image task: change `CLASS_NAMES`, `Config`, `augment_batch` and
-`make_model`; the stages in `main` stay.
+Copy this file to start a new image task: change `CLASS_NAMES`, `IMAGE_SHAPE` (images of other
+sizes are resized to it at conversion, or centre-cropped with `DATA_FORMAT`'s resize="crop"),
+`Config`, `augment_batch` and `make_model`; the stages in `main` stay. The model normalises with
+the mean and std of the first 5,000 training images, computed at build time and saved in model.keras.
 """
 
 import dataclasses
@@ -138,11 +140,17 @@ def make_optimizer(cfg, schedule, model):
 
 
 def make_model(run, schedule, train_images):
-    """Builds and compiles the CNN under the strategy's scope (variables live on every replica);
-    `train_images` set the whitening stem's fixed filters."""
+    """Builds and compiles the CNN under the strategy's scope (variables live on every replica).
+
+    `train_images` (a `TrainSample`: the first 5,000, batch by batch) give the per-channel pixel
+    mean and std the model's first layer normalises with, and the whitening stem's fixed filters.
+    """
     cfg = run.cfg
+    pixel_mean, pixel_std = image_classification.pixel_statistics(train_images)
     with run.strategy.scope():
-        model = cnn.cnn(cfg.model, num_classes=len(CLASS_NAMES), image_shape=IMAGE_SHAPE)
+        model = cnn.cnn(
+            cfg.model, num_classes=len(CLASS_NAMES), image_shape=IMAGE_SHAPE, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
         cnn.init_whitening(model, train_images)
         model.compile(
             optimizer=make_optimizer(cfg, schedule, model),
@@ -190,7 +198,7 @@ def main(argv):
     schedule = runs.Schedule.of(data.splits["train"].num_examples, run.cfg.batch_size, run.cfg.epochs)
     epoch_counter = image_classification.EpochCounter(schedule.steps_per_epoch)
     datasets = make_datasets(run, data, epoch_counter)
-    model = make_model(run, schedule, image_classification.first_train_images(data))
+    model = make_model(run, schedule, image_classification.TrainSample(data))
     result = train(run, model, datasets, schedule, epoch_counter)
     model = trainer.unreplicated(model)  # every worker, together (a collective read)
 

@@ -25,8 +25,6 @@ pipelines/cifar10_cnn.py (core/tasks/image_classification.py).
 
 import dataclasses
 
-import numpy as np
-
 import strategies
 from core import config as config_lib
 from core import tuning
@@ -163,12 +161,12 @@ def make_optimizer(cfg, schedule):
 def make_model(run, schedule, train_images):
     """Builds and compiles the ViT under the strategy's scope (variables live on every replica).
 
-    `train_images` give the per-channel pixel mean and standard deviation the model's first
-    layer normalises with (fixed, so every worker builds the same model).
+    `train_images` (a `TrainSample`: the first 5,000, batch by batch) give the per-channel pixel
+    mean and standard deviation the model's first layer normalises with (fixed, so every worker
+    builds the same model).
     """
     cfg = run.cfg
-    pixels = train_images.reshape(-1, IMAGE_SHAPE[-1]).astype(np.float64)
-    # + 1e-3: a channel that never varies (synthetic or tiny data) must not divide by zero
+    pixel_mean, pixel_std = image_classification.pixel_statistics(train_images)
     with run.strategy.scope():
         model = transformer.image_classifier(
             cfg.model,
@@ -180,8 +178,8 @@ def make_model(run, schedule, train_images):
             patch_size=cfg.patch_size,
             num_classes=len(CLASS_NAMES),
             dropout=cfg.dropout,
-            pixel_mean=[float(m) for m in pixels.mean(0)],
-            pixel_std=[float(s) for s in pixels.std(0) + 1e-3],
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
         )
         model.compile(
             optimizer=make_optimizer(cfg, schedule),
@@ -229,7 +227,7 @@ def main(argv):
     schedule = runs.Schedule.of(data.splits["train"].num_examples, run.cfg.batch_size, run.cfg.epochs)
     epoch_counter = image_classification.EpochCounter(schedule.steps_per_epoch)
     datasets = make_datasets(run, data, epoch_counter)
-    model = make_model(run, schedule, image_classification.first_train_images(data))
+    model = make_model(run, schedule, image_classification.TrainSample(data))
     result = train(run, model, datasets, schedule, epoch_counter)
     model = trainer.unreplicated(model)  # every worker, together (a collective read)
 

@@ -328,12 +328,14 @@ def test_skip_corrupt_class_of_only_corrupt_images_is_a_one_line_error(tmp_path,
     assert "train/dog: all 2 records are corrupt and were skipped (--skip_corrupt)" in message and "\n" not in message
 
 
-def test_skip_corrupt_still_stops_at_wrong_size_transparency_and_layout(tmp_path):
-    for make_bad in (_bad_wrong_size, _bad_transparent_image, _bad_non_image_file, _bad_empty_class_folder):
+def test_skip_corrupt_still_stops_at_wrong_size_and_layout(tmp_path):
+    for make_bad in (_bad_wrong_size, _bad_non_image_file, _bad_empty_class_folder):
         shutil.rmtree(tmp_path / "pets", ignore_errors=True)
-        source, _, name = make_bad(tmp_path)
+        source, kwargs, name = make_bad(tmp_path)
         with pytest.raises(UserError, match=name):
-            image_data.prepare(source, cache_root=str(tmp_path / "cache"), image_shape=SHAPE, skip_corrupt=True)
+            image_data.prepare(
+                source, cache_root=str(tmp_path / "cache"), image_shape=SHAPE, skip_corrupt=True, **kwargs
+            )
 
 
 # --- bad inputs: each one a UserError whose single line names the offending thing ----------------
@@ -373,16 +375,10 @@ def _bad_non_image_file(tmp):
 
 
 def _bad_wrong_size(tmp):
+    # Other sizes are resized unless resize="none" (tests/test_image_template.py).
     _make_folder(tmp / "pets")
     _png(str(tmp / "pets" / "cat" / "big.png"), np.zeros((16, 16, 3), np.uint8))
-    return str(tmp / "pets"), {}, "big.png: image is 16x16"
-
-
-def _bad_transparent_image(tmp):
-    _make_folder(tmp / "pets")
-    rgba = np.full((*SHAPE[:2], 4), 128, np.uint8)  # half-transparent: dropping alpha would lose it
-    _png(str(tmp / "pets" / "cat" / "ghost.png"), rgba)
-    return str(tmp / "pets"), {}, "ghost.png"
+    return str(tmp / "pets"), {"resize": "none"}, "big.png: image is 16x16"
 
 
 def _bad_unsafe_tar_member(tmp):
@@ -442,7 +438,6 @@ def _bad_cifar_record_length(tmp):
         _bad_corrupt_image,
         _bad_non_image_file,
         _bad_wrong_size,
-        _bad_transparent_image,
         _bad_unsafe_tar_member,
         _bad_symlink_member,
         _bad_truncated_tar_gz,

@@ -4,7 +4,7 @@
     data.splits["train"].files  # shards for input_pipeline.make_dataset
 
 A modality (core/data/image_data.Images, core/data/text_data.Texts) supplies only how to read its
-sources into (examples, labels) and how to encode one example as record features. Everything else
+sources, one example at a time, and how to encode one example as record features. Everything else
 is here, the same for images and text:
 - "val" is carved from train (seeded, stratified per class); "test", when the source has one, is
   never carved, so test figures never see a model selected on them. Every split is shuffled
@@ -15,11 +15,15 @@ is here, the same for images and text:
   core/data/records.py writes it so that an interrupted conversion never leaves half a cache.
 - A record that cannot be decoded stops the conversion, named; with skip_corrupt=True such records
   are left out instead and counted (meta.json's "skipped_corrupt", `Data.skipped_corrupt`).
-- Conversion holds the decoded split in memory: fine for CIFAR- and IMDB-sized data.
+- Memory does not grow with the source: examples are decoded one at a time into a temporary
+  spill file beside the cache (only labels and offsets stay in memory), and the shuffled shards
+  are written one at a time from it. The spill is as large as the decoded source, on disk.
 """
 
+import array
 import dataclasses
 import os
+import tempfile
 
 import numpy as np
 
@@ -94,27 +98,29 @@ def prepare(
 
     def build(tmp_dir):
         skipped = sources.SkipLog(skip_corrupt)
-        loaded, class_names, description = modality.load(kind, path, tfds_name, skipped)
+        loaded, class_names, description = read_spilled(modality, kind, path, tfds_name, skipped, tmp_dir)
         skipped.warn(description)
         rng = np.random.default_rng(seed)
+        # Indices into each spilled split, drawn from the labels alone (the examples stay on disk).
+        kept = {split: np.arange(len(spill)) for split, spill in loaded.items()}
         if max_examples is not None:
-            loaded = {
-                split: sources.subsample(examples, labels, max_examples, rng)
-                for split, (examples, labels) in loaded.items()
-            }
-        train_examples, train_labels = loaded["train"]
-        train_idx, val_idx = sources.carve_val(train_labels, len(class_names), val_fraction, rng)
-        chosen = {"train": (*loaded["train"], train_idx), "val": (*loaded["train"], val_idx)}
+            kept = {split: sources.subsample_indices(len(spill), max_examples, rng) for split, spill in loaded.items()}
+        train = kept["train"]
+        train_idx, val_idx = sources.carve_val(loaded["train"].labels[train], len(class_names), val_fraction, rng)
+        chosen = {"train": (loaded["train"], train[train_idx]), "val": (loaded["train"], train[val_idx])}
         if "test" in loaded:
-            chosen["test"] = (*loaded["test"], rng.permutation(len(loaded["test"][1])))
+            test = kept["test"]
+            chosen["test"] = (loaded["test"], test[rng.permutation(len(test))])
         splits = {}
-        for split, (examples, labels, idx) in chosen.items():
-            encoded = (modality.encode(examples[i], int(labels[i])) for i in idx)
+        for split, (spill, idx) in chosen.items():
+            encoded = (modality.encode(example, label) for example, label in spill.examples(idx))
             per_shard = records.balanced_shard_size(len(idx), examples_per_shard)
             splits[split] = {
                 "files": records.write_shards(tmp_dir, split, encoded, per_shard),
                 "num_examples": len(idx),
             }
+        for spill in loaded.values():
+            spill.close()
         return {
             "format_version": modality.format_version,
             "modality": modality.name,
@@ -156,18 +162,97 @@ def prepare_run_data(modality, opts, cfg) -> Data:
     )
 
 
-def read_source(modality, source: str, *, tfds_name=None, split=None) -> tuple[dict, tuple]:
-    """The source's own splits as ({split: (examples, labels)}, class names): no cache, no val carve.
+def read_source(modality, source: str, *, tfds_name=None, split=None, scratch_dir=None) -> tuple[dict, tuple]:
+    """The source's own splits as ({split: Spill}, class names): no cache, no val carve.
 
     For `evaluate --data=PATH`: a source with one split (a folder of class folders) comes back as
     "train", to be taken whole. `split` picks one of the source's splits. No --skip_corrupt here:
-    a score must cover the whole source, so a corrupt record stops it.
+    a score must cover the whole source, so a corrupt record stops it. The examples wait in
+    temporary files under `scratch_dir` (default: the system's), read back with `Spill.batches`.
     """
     skipped = sources.SkipLog(False, flag=None)
     kind, path = sources.source_kind(source, modality.source_help, tables=modality.reads_tables)
-    loaded, class_names, description = modality.load(kind, path, tfds_name or modality.tfds_name, skipped)
+    loaded, class_names, description = read_spilled(
+        modality, kind, path, tfds_name or modality.tfds_name, skipped, scratch_dir
+    )
     if split is not None:
         if split not in loaded:
             raise UserError(f"split {split!r}: {description} has only {sorted(loaded)}")
         loaded = {split: loaded[split]}
     return loaded, tuple(class_names)
+
+
+class Spill:
+    """One split's encoded examples in source order, in an unnamed temporary file; labels in memory.
+
+    The file is unlinked as it is created, so it disappears when closed or when the process ends,
+    whatever stops the conversion. Examples come back by index (`examples`), so the shuffled
+    order is written without the split ever being in memory.
+    """
+
+    def __init__(self, directory=None):
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._ends = array.array("q")  # end offset of each example in the file
+        self._codes = array.array("q")  # each example's class, as an index into _names
+        self._names = {}  # class name -> code, in order of first appearance
+        self.labels = None  # int64 labels, once `finish` knows the class order
+
+    def __len__(self):
+        return len(self._ends)
+
+    def append(self, example: bytes, class_name: str):
+        self._file.write(example)
+        self._ends.append(self._file.tell())
+        self._codes.append(self._names.setdefault(class_name, len(self._names)))
+
+    def finish(self, class_names):
+        self._file.flush()
+        index = {name: i for i, name in enumerate(class_names)}
+        missing = [name for name in self._names if name not in index]
+        if missing:  # a modality's own inconsistency, not the user's
+            raise ValueError(f"examples of class {missing[0]!r}, which is not in {list(class_names)}")
+        remap = np.array([index[name] for name in self._names], dtype=np.int64)
+        self.labels = remap[np.frombuffer(self._codes, dtype=np.int64)] if len(self) else np.zeros(0, np.int64)
+
+    def example(self, i) -> bytes:
+        start = self._ends[i - 1] if i else 0
+        return os.pread(self._file.fileno(), self._ends[i] - start, start)
+
+    def examples(self, indices=None):
+        """(example bytes, int label) in the order of `indices` (default: source order)."""
+        for i in range(len(self)) if indices is None else indices:
+            yield self.example(int(i)), int(self.labels[i])
+
+    def batches(self, batch_size):
+        """([example bytes], int64 labels) of at most `batch_size` examples, in source order."""
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            yield [self.example(i) for i in range(start, stop)], self.labels[start:stop]
+
+    def close(self):
+        self._file.close()
+
+
+def read_spilled(modality, kind, path, tfds_name, skipped, directory) -> tuple[dict, tuple, str]:
+    """Runs the modality's reader into one `Spill` per split: ({split: Spill}, class names, description).
+
+    `modality.load` is a generator of (split, example bytes, class name) that returns
+    (class names in label order, description) once the source is read. Splits come back train
+    first, then in the order the source names them.
+    """
+    spills = {}
+    reader = modality.load(kind, path, tfds_name, skipped)
+    try:
+        while True:
+            split, example, class_name = next(reader)
+            if split not in spills:
+                spills[split] = Spill(directory)
+            spills[split].append(example, class_name)
+    except StopIteration as done:
+        class_names, description = done.value
+    if "train" not in spills:
+        raise UserError(f"{description}: no examples to read; {modality.source_help}")
+    for spill in spills.values():
+        spill.finish(class_names)
+    order = sorted(spills, key=lambda split: split != "train")
+    return {split: spills[split] for split in order}, tuple(class_names), description

@@ -12,9 +12,14 @@ train/<class>/*.jpg (+ optional test/<class>/...) or <class>/*.jpg; a .tar.gz/.t
 layout, streamed; the official cifar-10-binary.tar.gz, recognised by its members.
 
 Records hold raw uint8 HWC pixels, not JPEG: reads need no decoding, and CIFAR-10's 50k images
-(150 MB) sit in the page cache (figures: BENCHMARKS.md, "Input pipeline knobs"). An image that
-cannot be decoded is a corrupt record (--skip_corrupt); a wrong size or mode, or a bad layout,
-always stops the conversion.
+(150 MB) sit in the page cache (figures: BENCHMARKS.md, "Input pipeline knobs"). Images of
+another size are brought to `image_shape` at conversion (`resize=`: "resize" stretches, "crop"
+centre-crops to the target's aspect ratio first, "none" stops the conversion), with bilinear
+filtering as the exported model's serving signature resizes; one line says how many. Other
+channel counts (grayscale, RGBA, palette) are converted to image_shape's (alpha is dropped, as
+serving's decoder drops it). The cache is keyed on image_shape and resize. An image that cannot
+be decoded is a corrupt record (--skip_corrupt); a bad layout always stops the conversion.
+Images are read one at a time (core/data/cache.py spills them), so no split is ever in memory.
 """
 
 import io
@@ -24,7 +29,7 @@ import zlib
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageOps
 
 from core.data import cache, sources
 from core.errors import UserError
@@ -42,6 +47,11 @@ CIFAR_BINARY_TEST = "test_batch.bin"
 CIFAR_BINARY_META = "batches.meta.txt"
 CIFAR_BINARY_SHAPE = (32, 32, 3)
 # Label order of TFDS cifar10, the official archive and the class folders (alphabetical).
+# How images of another size reach image_shape (Images(resize=...)).
+RESIZE_MODES = ("resize", "crop", "none")
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # PIL mode of each channel count
+# Modes PIL converts to L/RGB/RGBA without clipping (16- and 32-bit modes would be clipped).
+_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 _FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
@@ -49,9 +59,11 @@ _SOURCE_HELP = "expected a folder of class subfolders, a .tar.gz of one, cifar-1
 
 
 class Images:
-    """The image modality of core/data/cache.py: sources of `image_shape` images in `class_names`.
+    """The image modality of core/data/cache.py: sources of images in `class_names`, as `image_shape`.
 
     class_names=None takes the source's own classes (sorted folder names, TFDS's label names).
+    resize: how images of another size become image_shape, one of RESIZE_MODES ("resize":
+    stretch to it; "crop": centre-crop to its aspect ratio, then resize; "none": stop).
     """
 
     name = "images"
@@ -60,30 +72,41 @@ class Images:
     source_help = _SOURCE_HELP
     features_doc = {"image": "raw uint8 HxWxC bytes", "label": "int64"}
 
-    def __init__(self, image_shape=(32, 32, 3), class_names=None, tfds_name="cifar10"):
+    def __init__(self, image_shape=(32, 32, 3), class_names=None, tfds_name="cifar10", resize="resize"):
         self.image_shape = _check_shape(image_shape)
+        if resize not in RESIZE_MODES:
+            raise UserError(f"resize={resize!r}: expected one of {', '.join(RESIZE_MODES)}")
+        self.resize = resize
         self.tfds_name = tfds_name  # what --data=tfds reads
         self.class_names = None if class_names is None else cache.check_class_names(class_names)
 
     def params(self):
         """What the records depend on besides the source (hashed into the cache name)."""
         names = None if self.class_names is None else list(self.class_names)
-        return dict(format_version=FORMAT_VERSION, image_shape=list(self.image_shape), class_names=names)
+        return dict(
+            format_version=FORMAT_VERSION, image_shape=list(self.image_shape), class_names=names, resize=self.resize
+        )
 
     def info(self):
         return {"image_shape": list(self.image_shape)}
 
     def load(self, kind, path, tfds_name, skipped):
-        """-> ({split: (uint8 [N,H,W,C], int64 labels)} in source order, class names, description)."""
-        return _load(kind, path, self.image_shape, self.class_names, tfds_name, skipped)
+        """The reader core/data/cache.py spills: yields (split, raw image bytes, class name) in
+        source order and returns (class names, description)."""
+        fit = _Fit(self.image_shape, self.resize)
+        class_names, description = yield from _load(kind, path, fit, self.class_names, tfds_name, skipped)
+        fit.report(description)
+        return class_names, description
 
     def encode(self, image, label):
-        return {"image": image.tobytes(), "label": label}
+        return {"image": image, "label": label}
 
 
-def prepare(source: str, *, cache_root: str, image_shape=(32, 32, 3), class_names=None, **kwargs) -> cache.Data:
+def prepare(
+    source: str, *, cache_root: str, image_shape=(32, 32, 3), class_names=None, resize="resize", **kwargs
+) -> cache.Data:
     """`cache.prepare` of an image source; kwargs as there (val_fraction, seed, tfds_name, ...)."""
-    return cache.prepare(Images(image_shape, class_names), source, cache_root=cache_root, **kwargs)
+    return cache.prepare(Images(image_shape, class_names, resize=resize), source, cache_root=cache_root, **kwargs)
 
 
 def parse_example(serialized, image_shape) -> tuple[tf.Tensor, tf.Tensor]:
@@ -109,11 +132,26 @@ def parse_jpeg_example(serialized, image_shape) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.ensure_shape(image, tuple(image_shape)), tf.cast(features["label"], tf.int32)
 
 
-def read_images(source: str, *, image_shape=(32, 32, 3), class_names=None, tfds_name=None, split=None) -> dict:
-    """The source's own splits as {split: (uint8 [N,H,W,C], int64 [N], class names)}, no cache."""
-    modality = Images(image_shape, class_names)
+def read_images(
+    source: str, *, image_shape=(32, 32, 3), class_names=None, tfds_name=None, split=None, resize="resize"
+) -> dict:
+    """The source's own splits as {split: (uint8 [N,H,W,C], int64 [N], class names)}, no cache.
+
+    Whole splits in memory: for small sources; `evaluate` reads `spill_batches` instead."""
+    modality = Images(image_shape, class_names, resize=resize)
     loaded, names = cache.read_source(modality, source, tfds_name=tfds_name, split=split)
-    return {name: (images, labels, names) for name, (images, labels) in loaded.items()}
+    splits = {}
+    for name, spill in loaded.items():
+        images = np.concatenate([images for images, _ in spill_batches(spill, modality.image_shape, 4096)])
+        splits[name] = (images, spill.labels, names)
+        spill.close()
+    return splits
+
+
+def spill_batches(spill, image_shape, batch_size):
+    """(uint8 [B,H,W,C], int64 [B]) batches of a spilled split (`cache.read_source`), in source order."""
+    for raw, labels in spill.batches(batch_size):
+        yield np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(-1, *image_shape), labels
 
 
 # --- arguments and cache identity ---------------------------------------------------------------
@@ -127,29 +165,24 @@ def _check_shape(image_shape) -> tuple:
     return shape
 
 
-# --- sources ------------------------------------------------------------------------------------
+# --- sources: generators of (split, raw image bytes, class name) that return (class names, description)
 
 
-def _load(kind, path, image_shape, class_names, tfds_name, skipped):
-    """-> ({split: (images, labels)} in source order, class_names, description).
-
-    Images that cannot be decoded go through `skipped` (a sources.SkipLog)."""
+def _load(kind, path, fit, class_names, tfds_name, skipped):
+    """Images that cannot be decoded go through `skipped` (a sources.SkipLog)."""
     if kind == "synthetic":
-        return _load_synthetic(image_shape, class_names)
+        return (yield from _load_synthetic(fit.shape, class_names))
     if kind == "tfds":
-        return _load_tfds(tfds_name, image_shape, class_names)
+        return (yield from _load_tfds(tfds_name, fit, class_names))
     if kind == "folder":
-        found, splits = _load_folder(path, image_shape, skipped)
-        description = f"folder {path}"
-    else:
-        found, splits, description = _load_archive(path, image_shape, skipped)
-    return (*_order_classes(description, found, splits, class_names), description)
+        return (yield from _load_folder(path, fit, class_names, skipped))
+    return (yield from _load_archive(path, fit, class_names, skipped))
 
 
-def _order_classes(description, found, splits, expected):
-    """Relabels splits from the source's class order to `expected`'s, after checking the sets."""
+def _class_order(description, found, expected):
+    """The label order: `expected`'s, after checking it names the source's classes, else `found`'s."""
     if expected is None:
-        return splits, tuple(found)
+        return tuple(found)
     if sorted(found) != sorted(expected):
         missing = sorted(set(expected) - set(found))
         extra = sorted(set(found) - set(expected))
@@ -157,8 +190,7 @@ def _order_classes(description, found, splits, expected):
             f"{description}: found classes {sorted(found)}, expected {list(expected)} "
             f"(missing {missing}, unexpected {extra})"
         )
-    remap = np.array([expected.index(name) for name in found], dtype=np.int64)
-    return {s: (images, remap[labels]) for s, (images, labels) in splits.items()}, tuple(expected)
+    return tuple(expected)
 
 
 def _load_synthetic(image_shape, class_names):
@@ -171,10 +203,12 @@ def _load_synthetic(image_shape, class_names):
     means = rng.integers(30, 226, size=(len(names), image_shape[2]), dtype=np.int16)
     noise = rng.integers(-50, 51, size=(len(labels), *image_shape), dtype=np.int16)
     images = np.clip(means[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
-    return {"train": (images, labels)}, names, "synthetic"
+    for image, label in zip(images, labels, strict=True):
+        yield "train", image.tobytes(), names[label]
+    return names, "synthetic"
 
 
-def _load_tfds(tfds_name, image_shape, class_names):
+def _load_tfds(tfds_name, fit, class_names):
     import tensorflow_datasets as tfds  # heavy import; only this source needs it
 
     description = f"tfds:{tfds_name}"
@@ -190,8 +224,8 @@ def _load_tfds(tfds_name, image_shape, class_names):
         # Builders without a names file (also tfds.testing.mock_data) call classes "0".."n-1";
         # the caller's names, in label order, are the only names there are.
         found = list(class_names)
+    order = _class_order(description, found, class_names)
     available = builder.info.splits.keys() or SPLIT_DIRS  # mock_data reports no splits
-    splits = {}
     for split in SPLIT_DIRS:
         if split not in available:
             continue
@@ -202,26 +236,23 @@ def _load_tfds(tfds_name, image_shape, class_names):
             "a folder of class folders, a .tar.gz of one, or cifar-10-binary.tar.gz",
             as_supervised=True,
         )
-        if not ds.element_spec[0].shape.is_compatible_with(image_shape):
-            raise UserError(
-                f"{description}: images are {_hwc(ds.element_spec[0].shape)}, "
-                f"expected {_hwc(image_shape)} (image_shape)"
-            )
-        ds = ds.batch(1024)
-        images, labels = [], []
-        for image_batch, label_batch in sources.tfds_batches(ds, description, builder.data_dir):
-            if tuple(image_batch.shape[1:]) != image_shape:
-                raise UserError(
-                    f"{description}: images are {_hwc(image_batch.shape[1:])}, "
-                    f"expected {_hwc(image_shape)} (image_shape)"
-                )
-            images.append(image_batch.astype(np.uint8))
-            labels.append(label_batch.astype(np.int64))
-        splits[split] = (np.concatenate(images), np.concatenate(labels))
-    return (*_order_classes(description, found, splits, class_names), description)
+        shape = ds.element_spec[0].shape
+        if len(shape) != 3 or shape[2] is None:
+            raise UserError(f"{description}: images of shape {shape}; expected height x width x channels images")
+        # Batches where every image already has image_shape; one at a time where sizes vary.
+        batched = shape.as_list() == list(fit.shape)
+        index = 0
+        batches = ds.batch(1024) if batched else ds.prefetch(64)
+        for images, labels in sources.tfds_batches(batches, description, builder.data_dir):
+            if not batched:
+                images, labels = images[None], labels[None]
+            for image, label in zip(images, labels, strict=True):
+                yield split, fit.array(image, f"{description}:{split}[{index}]"), found[int(label)]
+                index += 1
+    return order, description
 
 
-def _load_folder(root, image_shape, skipped):
+def _load_folder(root, fit, class_names, skipped):
     """Checks the whole layout first (cheap listings), then decodes every image."""
     subdirs = _visible_dirs(root)
     if "train" in subdirs:
@@ -264,17 +295,17 @@ def _load_folder(root, image_shape, skipped):
     if "test" in layout:
         _check_same_classes(root, sorted(layout["train"]), sorted(layout["test"]))
     found = sorted(layout["train"])
-    splits = {}
+    order = _class_order(f"folder {root}", found, class_names)
     for split, classes in layout.items():
-        images, labels = [], []
-        for label, cls in enumerate(found):
+        for cls in found:
             for file in classes[cls]:
+                image = None
                 with open(file, "rb") as f, skipped.guard(os.path.dirname(file)):
-                    images.append(_decode(f.read(), file, image_shape))
-                    labels.append(label)
-        splits[split] = (_stack(images, image_shape), np.array(labels, dtype=np.int64))
+                    image = fit.decode(f.read(), file)
+                if image is not None:
+                    yield split, image, cls
     skipped.check_groups()
-    return found, splits
+    return order, f"folder {root}"
 
 
 def _visible_dirs(path):
@@ -294,10 +325,10 @@ def _check_same_classes(where, train_classes, test_classes):
         )
 
 
-def _load_archive(archive, image_shape, skipped):
-    """Streams the archive once: images by folder layout, or the CIFAR-10 binary batches."""
-    images = {s: [] for s in SPLIT_DIRS}
-    classes = {s: [] for s in SPLIT_DIRS}
+def _load_archive(archive, fit, class_names, skipped):
+    """Streams the archive once: images by folder layout (yielded as they come; the layout is
+    checked at the end, which stops the conversion), or the CIFAR-10 binary batches."""
+    classes = {s: set() for s in SPLIT_DIRS}
     roots = set()  # folder holding the class folders (or train/ and test/), per image
     class_dirs = set()  # paths of folders that hold images
     dirs = set()
@@ -325,9 +356,12 @@ def _load_archive(archive, image_shape, skipped):
                 split = parts[-3] if len(parts) >= 3 and parts[-3] in SPLIT_DIRS else None
                 roots.add((parts[:-3], True) if split else (parts[:-2], False))
                 class_dirs.add(parts[:-1])
+                image = None
                 with skipped.guard(f"{archive}:{'/'.join(parts[:-1])}"):
-                    images[split or "train"].append(_decode(tar.extractfile(member).read(), name, image_shape))
-                    classes[split or "train"].append(parts[-2])
+                    image = fit.decode(tar.extractfile(member).read(), name)
+                if image is not None:
+                    classes[split or "train"].add(parts[-2])
+                    yield split or "train", image, parts[-2]
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise UserError(
             f"{archive}: truncated or corrupt archive ({e}); expected a readable .tar.gz/.tgz/.tar"
@@ -337,7 +371,8 @@ def _load_archive(archive, image_shape, skipped):
     if binary:
         if roots:
             raise UserError(f"{archive}: holds both {CIFAR_BINARY_DIR}/ and image folders; expected one of them")
-        return (*_cifar_binary(archive, binary, image_shape), f"cifar10-binary {archive}")
+        description = f"cifar10-binary {archive}"
+        return (yield from _cifar_binary(archive, binary, fit, class_names, description)), description
     description = f"{'tar' if archive.lower().endswith('.tar') else 'tar.gz'} {archive}"
     if not roots:
         raise UserError(f"{archive}: no images found; {_SOURCE_HELP}")
@@ -357,37 +392,26 @@ def _load_archive(archive, image_shape, skipped):
             raise UserError(
                 f"{archive}:{'/'.join(d)}/: empty class folder; expected image files {'/'.join(IMAGE_EXTENSIONS)}"
             )
-    if not images["train"]:
+    if not classes["train"]:
         raise UserError(f"{archive}: no train images, only test/; expected train/<class>/<image> too")
-    found = sorted(set(classes["train"]))
-    if images["test"]:
-        _check_same_classes(archive, found, sorted(set(classes["test"])))
-    index = {name: i for i, name in enumerate(found)}
-    splits = {
-        split: (_stack(images[split], image_shape), np.array([index[c] for c in classes[split]], dtype=np.int64))
-        for split in SPLIT_DIRS
-        if images[split]
-    }
-    return found, splits, description
+    found = sorted(classes["train"])
+    if classes["test"]:
+        _check_same_classes(archive, found, sorted(classes["test"]))
+    return _class_order(description, found, class_names), description
 
 
-def _cifar_binary(archive, binary, image_shape):
+def _cifar_binary(archive, binary, fit, class_names, description):
     missing = [n for n in (*CIFAR_BINARY_TRAIN, CIFAR_BINARY_TEST, CIFAR_BINARY_META) if n not in binary]
     if missing:
         raise UserError(
             f"{archive}: CIFAR-10 binary archive lacks {CIFAR_BINARY_DIR}/{missing[0]}; "
             "expected the official cifar-10-binary.tar.gz"
         )
-    if image_shape != CIFAR_BINARY_SHAPE:
-        raise UserError(
-            f"image_shape={image_shape}: {archive} holds 32x32x3 CIFAR-10 images; expected image_shape=(32, 32, 3)"
-        )
     meta_name, meta = binary[CIFAR_BINARY_META]
     found = [line.strip() for line in meta.decode("utf-8", "replace").splitlines() if line.strip()]
+    order = _class_order(description, found, class_names)
     record = 1 + int(np.prod(CIFAR_BINARY_SHAPE))
-    splits = {}
     for split, batches in (("train", CIFAR_BINARY_TRAIN), ("test", (CIFAR_BINARY_TEST,))):
-        images, labels = [], []
         for batch in batches:
             name, data = binary[batch]
             if len(data) % record or not data:
@@ -398,11 +422,11 @@ def _cifar_binary(archive, binary, image_shape):
             rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
             if rows[:, 0].max() >= len(found):
                 raise UserError(f"{name}: label {rows[:, 0].max()} but {meta_name} names only {len(found)} classes")
-            labels.append(rows[:, 0].astype(np.int64))
             # The official layout is channel-major (1024 R, 1024 G, 1024 B bytes); records hold HWC.
-            images.append(rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        splits[split] = (np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
-    return found, splits
+            images = rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            for i, (image, label) in enumerate(zip(images, rows[:, 0], strict=True)):
+                yield split, fit.array(np.ascontiguousarray(image), f"{name}[{i}]"), found[label]
+    return order
 
 
 # --- decoding -----------------------------------------------------------------------------------
@@ -412,58 +436,81 @@ def _hwc(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def _decode(data: bytes, name: str, image_shape) -> bytes:
-    """Encoded image -> raw HWC bytes of exactly image_shape; UserError naming `name` otherwise."""
-    height, width, channels = image_shape
-    # PIL rather than tf.io.decode_image: per image, eager TF op dispatch costs more than the
-    # decode. PIL's pixels equal tf.io.decode_jpeg(dct_method="INTEGER_ACCURATE") exactly; TF's
-    # default (fast) IDCT, used by image_dataset_from_directory, differs by up to 4 levels, mean
-    # 1 (checked on 300 CIFAR JPEGs).
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.size != (width, height):
+class _Fit:
+    """Brings each image to `shape`: channels converted, another size resized or centre-cropped
+    (`resize`), counted so that one line at the end says how many."""
+
+    def __init__(self, shape, resize):
+        self.shape, self.resize = shape, resize
+        self.total = self.resized = self.converted = 0
+
+    def decode(self, data: bytes, name: str) -> bytes:
+        """Encoded image -> raw HWC bytes of `shape`; CorruptRecord naming `name` if undecodable."""
+        # PIL rather than tf.io.decode_image: per image, eager TF op dispatch costs more than the
+        # decode. PIL's pixels equal tf.io.decode_jpeg(dct_method="INTEGER_ACCURATE") exactly; TF's
+        # default (fast) IDCT, used by image_dataset_from_directory, differs by up to 4 levels, mean
+        # 1 (checked on 300 CIFAR JPEGs).
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                return self.image(img, name)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # PIL's "cannot identify image file <BytesIO ...>" says nothing the user can act on.
+            reason = "unknown format" if isinstance(e, Image.UnidentifiedImageError) else str(e)
+            raise sources.CorruptRecord(
+                f"{name}: not a JPEG/PNG/BMP/GIF image (cannot decode: {reason}); expected an image file",
+                name=name,
+                reason=f"cannot decode: {reason}",
+            ) from None
+
+    def array(self, pixels: np.ndarray, name: str) -> bytes:
+        """uint8 HWC pixels (TFDS, CIFAR-10 binary) -> raw bytes of `shape`."""
+        if pixels.shape == self.shape:
+            self.total += 1
+            return pixels.tobytes()
+        channels = pixels.shape[2]
+        if channels not in _MODES:
+            raise UserError(f"{name}: image has {channels} channels; expected 1, 3 or 4")
+        img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, _MODES[channels])
+        return self.image(img, name)
+
+    def image(self, img, name: str) -> bytes:
+        self.total += 1
+        height, width, channels = self.shape
+        mode = _MODES[channels]
+        if img.mode != mode:
+            if img.mode not in _CONVERTIBLE_MODES:
+                raise UserError(
+                    f"{name}: image has mode {img.mode}, expected {channels} channel(s) (image_shape[2]); "
+                    "convert the image files to 8-bit first"
+                )
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
+            img = img.convert(mode)
+            self.converted += 1
+        if img.size != (width, height):
+            if self.resize == "none":
                 raise UserError(
                     f"{name}: image is {img.height}x{img.width} pixels (HxW), expected {height}x{width} "
-                    f"(image_shape {_hwc(image_shape)})"
+                    f"(image_shape {_hwc(self.shape)}, resize='none')"
                 )
-            img.load()
-            return _convert(img, channels, name).tobytes()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # PIL's "cannot identify image file <BytesIO ...>" says nothing the user can act on.
-        reason = "unknown format" if isinstance(e, Image.UnidentifiedImageError) else str(e)
-        raise sources.CorruptRecord(
-            f"{name}: not a JPEG/PNG/BMP/GIF image (cannot decode: {reason}); "
-            f"expected a {_hwc(image_shape)} image file",
-            name=name,
-            reason=f"cannot decode: {reason}",
-        ) from None
+            self.resized += 1
+            # Bilinear, antialiased when shrinking: what tf.image.resize(antialias=True) in the
+            # serving signature (core/serving.py) does to a request of another size.
+            if self.resize == "crop":
+                img = ImageOps.fit(img, (width, height), method=Image.Resampling.BILINEAR)
+            else:
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
+        return img.tobytes()
 
-
-def _convert(img, channels, name):
-    """Only lossless channel conversions: gray/palette -> RGB, drop an all-opaque alpha, add alpha."""
-    mode = img.mode
-    if img.mode == "P" or "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA") and channels != 4:
-        if img.getchannel("A").getextrema() != (255, 255):
-            raise UserError(f"{name}: image has transparent pixels (mode {mode}); expected {channels}-channel images")
-        img = img.convert("RGB" if img.mode == "RGBA" else "L")
-    if img.mode == "1":
-        img = img.convert("L")
-    if channels == 3 and img.mode in ("RGB", "L"):
-        return img.convert("RGB")
-    if channels == 4 and img.mode in ("RGBA", "RGB", "L", "LA"):
-        return img.convert("RGBA")
-    if channels == 1 and img.mode == "L":
-        return img
-    if channels == 1 and img.mode == "RGB":
-        r, g, b = img.split()
-        if r.tobytes() == g.tobytes() == b.tobytes():
-            return r
-    raise UserError(
-        f"{name}: image has mode {mode}, expected {channels} channel(s) (image_shape[2]); convert the image files first"
-    )
-
-
-def _stack(raw_images: list, image_shape) -> np.ndarray:
-    return np.frombuffer(b"".join(raw_images), dtype=np.uint8).reshape(-1, *image_shape)
+    def report(self, description):
+        """One line for the whole source, when any image needed fitting."""
+        height, width, channels = self.shape
+        if self.resized:
+            how = "centre-cropped to the aspect ratio, then resized" if self.resize == "crop" else "stretched"
+            print(
+                f"{description}: resizing {self.resized} of {self.total} images of other sizes to "
+                f"{height}x{width} ({how}; resize={self.resize!r})"
+            )
+        if self.converted:
+            print(f"{description}: converting {self.converted} of {self.total} images to {channels} channel(s)")

@@ -45,7 +45,9 @@ def serialize_example(features: dict) -> bytes:
         else:
             raise TypeError(f"feature {name!r}: expected bytes or int values, got {value!r:.80}")
     example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString()
+    # deterministic: features in key order; otherwise their order follows the process's string
+    # hash seed, so two conversions of one source would write different bytes.
+    return example.SerializeToString(deterministic=True)
 
 
 def shard_name(split_name: str, index: int, num_shards: int) -> str:

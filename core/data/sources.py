@@ -216,12 +216,11 @@ def fingerprint(kind, path, tfds_name, params) -> str:
     return digest.hexdigest()[:16]
 
 
-def subsample(examples, labels, max_examples, rng):
-    """A seeded random subset of at most `max_examples`, in source order."""
-    if len(labels) <= max_examples:
-        return examples, labels
-    keep = np.sort(rng.choice(len(labels), size=max_examples, replace=False))
-    return examples[keep], labels[keep]
+def subsample_indices(num_examples, max_examples, rng):
+    """Indices of a seeded random subset of at most `max_examples`, in source order."""
+    if num_examples <= max_examples:
+        return np.arange(num_examples)
+    return np.sort(rng.choice(num_examples, size=max_examples, replace=False))
 
 
 def safe_member_parts(archive, member) -> tuple[str, ...]:

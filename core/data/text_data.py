@@ -97,18 +97,25 @@ class Texts:
         return {}
 
     def load(self, kind, path, tfds_name, skipped):
-        """-> ({split: (UTF-8 texts as an object array of bytes, int64 labels)}, class names, description)."""
+        """The reader core/data/cache.py spills: yields (split, UTF-8 text, class name) and returns
+        (class names, description). Texts are few enough to read whole first (IMDB: 65 MB)."""
         names = self.class_names
         if kind == "synthetic":
-            return _load_synthetic(names), names, "synthetic"
-        if kind == "tfds":
-            return _load_tfds(tfds_name, names), names, f"tfds:{tfds_name}"
-        if kind == "table":
-            return _load_table(path, names, self.text_column, self.label_column, skipped), names, f"table {path}"
-        if kind == "folder":
-            return _load_folder(path, names, skipped), names, f"folder {path}"
-        description = f"{'tar' if path.lower().endswith('.tar') else 'tar.gz'} {path}"
-        return _load_archive(path, names, skipped), names, description
+            splits, description = _load_synthetic(names), "synthetic"
+        elif kind == "tfds":
+            splits, description = _load_tfds(tfds_name, names), f"tfds:{tfds_name}"
+        elif kind == "table":
+            splits = _load_table(path, names, self.text_column, self.label_column, skipped)
+            description = f"table {path}"
+        elif kind == "folder":
+            splits, description = _load_folder(path, names, skipped), f"folder {path}"
+        else:
+            splits = _load_archive(path, names, skipped)
+            description = f"{'tar' if path.lower().endswith('.tar') else 'tar.gz'} {path}"
+        for split, (texts, labels) in splits.items():
+            for text, label in zip(texts, labels, strict=True):
+                yield split, text, names[label]
+        return names, description
 
     def encode(self, text, label):
         return {"text": text, "label": label}
@@ -148,14 +155,18 @@ def read_source_texts(source: str, texts_format, *, split=None) -> dict:
     """The source's own splits as {split: (text strings, int64 labels)}: no cache, no val carve
     (`cache.read_source`); a folder of class folders comes back whole, as "train"."""
     loaded, _ = cache.read_source(texts_format, source, split=split)
-    return {name: ([text.decode("utf-8") for text in texts], labels) for name, (texts, labels) in loaded.items()}
+    splits = {}
+    for name, spill in loaded.items():
+        splits[name] = ([text.decode("utf-8") for text, _ in spill.examples()], spill.labels)
+        spill.close()
+    return splits
 
 
 # --- sources ------------------------------------------------------------------------------------
 
 
 def _texts_array(texts) -> np.ndarray:
-    """An object array of bytes, so the subsample and carve can index it as they index labels."""
+    """The texts as an object array of bytes."""
     array = np.empty(len(texts), dtype=object)
     array[:] = texts
     return array

@@ -182,8 +182,46 @@ def local_dataset(data, split, batch_size=1000):
 
 
 def first_train_images(data, count=5000):
-    """The first `count` training images (fixed order, so every worker computes the same)."""
+    """The first `count` training images in one array (fixed order, so every worker computes the
+    same); for small counts (calibration sets), `TrainSample` for statistics."""
     return next(iter(local_dataset(data, "train", batch_size=count)))[0].numpy()
+
+
+SAMPLE_BATCH_VALUES = 1 << 20  # pixel values per batch of a TrainSample: 4 MB of float32 at any image size
+
+
+class TrainSample:
+    """The first `count` training images as float32 batches, the images `first_train_images` gives,
+    in the same order; read again on each pass, so never all in memory (5,000 224x224 images are
+    3 GB of float32). For `pixel_statistics` and the CNN's whitening stem."""
+
+    def __init__(self, data, count=5000):
+        self.data, self.count = data, count
+
+    def __iter__(self):
+        per_image = int(np.prod(self.data.image_shape))
+        left = self.count
+        for images, _ in local_dataset(
+            self.data, "train", batch_size=max(1, min(left, SAMPLE_BATCH_VALUES // per_image))
+        ):
+            images = images.numpy()[:left]
+            left -= len(images)
+            yield images
+            if left <= 0:
+                return
+
+
+def pixel_statistics(images):
+    """Per-channel (mean, std) of pixels 0-255, in float64, over an array of images or an iterable
+    of batches (a `TrainSample`). std gets + 1e-3: a channel that never varies (synthetic or tiny
+    data) must not divide by zero."""
+    total, squares, count = 0.0, 0.0, 0
+    for batch in [images] if isinstance(images, np.ndarray) else images:
+        pixels = np.asarray(batch, np.float64).reshape(-1, batch.shape[-1])
+        total, squares, count = total + pixels.sum(0), squares + (pixels**2).sum(0), count + len(pixels)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0)) + 1e-3
+    return [float(m) for m in mean], [float(s) for s in std]
 
 
 def evaluate_split(model, data, split, tta):
@@ -220,7 +258,8 @@ def evaluate_command(argv, *, pipeline, data_format):
     """`evaluate --model=PATH --data=PATH [--tta=N]`: accuracy on unseen data, as a JSON-ready dict.
 
     DATA is any source the cache reads; its test split is used when it has one, otherwise all its
-    examples (a folder of class folders is taken whole).
+    examples (a folder of class folders is taken whole). The source is read one image at a time
+    into a temporary file (TMPDIR) and evaluated from it batch by batch.
     """
     (opts,) = config_lib.parse_flags(argv, [EvaluateOptions], prog=f"python -m pipelines.{pipeline} evaluate")
     if not opts.model or not opts.data:
@@ -228,12 +267,17 @@ def evaluate_command(argv, *, pipeline, data_format):
     model = evaluation.load_model(opts.model)
     splits, _ = cache.read_source(data_format, opts.data)
     split = "test" if "test" in splits else next(iter(splits))
-    images, labels = splits[split]
+    spill = splits.pop(split)
+    for other in splits.values():
+        other.close()
     split = split if split == "test" else "all"  # a plain folder of class folders is taken whole
     class_names = data_format.class_names
-    dataset = (
-        tf.data.Dataset.from_tensor_slices((images, labels)).batch(opts.batch_size).map(model_inputs(len(class_names)))
-    )
+    shape = data_format.image_shape
+    # Batches from the spilled source, one at a time: a test set of any size fits in memory.
+    dataset = tf.data.Dataset.from_generator(
+        lambda: image_data.spill_batches(spill, shape, opts.batch_size),
+        output_signature=(tf.TensorSpec([None, *shape], tf.uint8), tf.TensorSpec([None], tf.int64)),
+    ).map(model_inputs(len(class_names)))
     logits, labels = evaluation.predict(model, dataset, evaluation.image_tta(opts.tta))
     return {
         "pipeline": pipeline,
@@ -348,7 +392,7 @@ def bench_input_task(run, *, data_format, augment_batch, make_model):
     )
 
     def train_consumption(batches, steps):
-        model = make_model(run, schedule, first_train_images(data))
+        model = make_model(run, schedule, TrainSample(data))
         return input_bench.time_train_steps(model, batches[:2], steps)
 
     def encode_jpeg(image, label):
