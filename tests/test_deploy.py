@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from core import config as config_lib
+from core.errors import UserError
 from pipelines import cifar10_cnn
-from strategies import tf_config
+from strategies import launch_host, tf_config
 from tests.helpers import REPO, run_module, start_module
 
 
@@ -90,11 +91,17 @@ def test_write_gives_every_host_its_tf_config(tmp_path):
         (["--hosts=a:1", "--index=0", "--", "true"], "unexpected argument '--hosts=a:1'"),
     ],
 )
-def test_bad_clusters_exit_2_with_one_line(argv, message):
-    result = run_module("strategies.launch_host", *argv)
+def test_bad_clusters_are_one_line_errors(argv, message):
+    with pytest.raises(UserError) as error:
+        launch_host.main(argv)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_bad_cluster_exits_2_with_one_line():
+    result = run_module("strategies.launch_host", "--index=0", "--", "true")
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]  # (TensorFlow's start-up logs come before it)
-    assert line.startswith("error: ") and message in line
+    assert line.startswith("error: ") and "missing --workers=HOST:PORT" in line
 
 
 def test_own_port_in_use_is_refused_before_the_command_runs(tmp_path):

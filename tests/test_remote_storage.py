@@ -7,8 +7,11 @@ path fails here. It lives inside one process, so each test runs its whole scenar
 
 import tarfile
 
+import pytest
+
+from core import config as config_lib
 from pipelines import cifar10_cnn
-from tests.helpers import last_json_line, run_module, run_python, write_image_folder
+from tests.helpers import last_json_line, run_python, write_image_folder
 
 SCENARIO = r"""
 import json, sys
@@ -60,13 +63,17 @@ def test_a_run_reads_a_url_archive_and_writes_everything_to_url_storage(tmp_path
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_missing_url_source_is_one_line():
-    result = run_module("pipelines.cifar10_cnn", "--smoke", "--data=ram://bucket/none.tar.gz")
-    assert result.returncode == 2
-    assert "ram://bucket/none.tar.gz: no such object" in result.stderr.strip().splitlines()[-1]
-
-
-def test_a_url_source_that_is_not_an_archive_is_one_line():
-    result = run_module("pipelines.cifar10_cnn", "--smoke", "--data=ram://bucket/images/")
-    assert result.returncode == 2
-    assert "must be a .tar.gz/.tgz/.tar archive" in result.stderr.strip().splitlines()[-1]
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ("ram://bucket/none.tar.gz", "ram://bucket/none.tar.gz: no such object"),
+        ("ram://bucket/images/", "must be a .tar.gz/.tgz/.tar archive"),
+    ],
+)
+def test_a_bad_url_source_is_one_line(data, expected, tmp_path, capsys):
+    argv = ["--smoke", f"--data={data}", f"--output_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/cache"]
+    with pytest.raises(SystemExit) as exit_info:
+        config_lib.run_cli(cifar10_cnn.main, cifar10_cnn.evaluate_command, argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
