@@ -9,7 +9,8 @@ Result: 90.85 ± 0.57% validation accuracy (TTA) on the held-out 10% of the JPEG
         2026-11-22 (`make bench RUNS=3`, BENCHMARKS.md). Official test split: not measured here.
 
 Copy this file to start a new image task: change `CLASS_NAMES`, `Config`, `augment_batch` and
-`make_model`; the stages in `main` stay.
+`make_model`; the stages in `main` stay, and `Config` keeps the fields core reads by name
+(`image_classification.CONFIG_FIELDS`: a Config without one is refused at start-up).
 """
 
 import dataclasses
@@ -213,7 +214,9 @@ def bench_input_command(argv):
 def tune_command(argv):
     """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
     this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
-    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE)
+    return image_classification.tune_command(
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE
+    )
 
 
 if __name__ == "__main__":
