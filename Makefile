@@ -72,20 +72,27 @@ endif
 endif
 endif
 endif
-# Offline default: the shared copy of the pipeline's dataset when it is beside this checkout, else TFDS.
-OFFLINE_cifar10 := ../shared/data/cifar10/cifar10-jpeg-train.tar.gz
-OFFLINE_imdb    := ../shared/data/imdb/aclImdb_v1_labeled.tar.gz
-OFFLINE_DATA := $(wildcard $(OFFLINE_$(firstword $(subst _, ,$(PIPELINE)))))
-TRAIN_DATA := $(or $(DATA),$(OFFLINE_DATA),tfds)
+# Offline default: the shared copy of the dataset the pipeline reads with --data=tfds (its DATA_FORMAT's
+# tfds_name, read from the file without importing anything) when it is beside this checkout, else TFDS.
+# A pipeline whose tfds set has no copy here, or that names none, gets --data=tfds.
+OFFLINE_cifar10      := ../shared/data/cifar10/cifar10-jpeg-train.tar.gz
+OFFLINE_imdb_reviews := ../shared/data/imdb/aclImdb_v1_labeled.tar.gz
+TFDS_NAME := $(shell awk '/^DATA_FORMAT *=/ {on = 1; print; next} on && /^[A-Za-z_@]/ {exit} on {print}' \
+	pipelines/$(PIPELINE).py 2>/dev/null | sed -n -E "s/.*tfds_name *= *[\"']([^\"'/:]*).*/\1/p" | head -n 1)
+OFFLINE_DATA := $(if $(TFDS_NAME),$(wildcard $(OFFLINE_$(TFDS_NAME))))
+# --smoke in ARGS without DATA: no --data flag, so the pipeline's smoke data (synthetic) is used.
+SMOKE_ARG := $(filter-out --smoke=false --smoke=False --smoke=0 --smoke=no --smoke=off,$(filter --smoke --smoke=%,$(ARGS)))
+TRAIN_DATA := $(or $(DATA),$(if $(SMOKE_ARG),,$(or $(OFFLINE_DATA),tfds)))
+DATA_FLAG := $(if $(TRAIN_DATA),--data=$(TRAIN_DATA))
 # Multi-worker: every worker must open the same run folder, so the name is fixed here, once.
 RUN_NAME := $(or $(NAME),$(if $(filter multiworker,$(STRATEGY)),$(shell date +%Y%m%d-%H%M%S)))
-TRAIN_FLAGS := --strategy=$(STRATEGY) --data=$(TRAIN_DATA) $(if $(RUN_NAME),--name=$(RUN_NAME)) $(if $(CONFIG),--config=$(CONFIG)) $(ARGS)
+TRAIN_FLAGS := --strategy=$(STRATEGY) $(DATA_FLAG) $(if $(RUN_NAME),--name=$(RUN_NAME)) $(if $(CONFIG),--config=$(CONFIG)) $(ARGS)
 # Local multi-worker runs put the workers in a private network namespace (TF's gRPC ports listen
 # on every interface otherwise; strategies/launch_local.py), which has no way out: data that must
 # be downloaded (tfds) or read from a URL needs the host network.
 NETWORK ?= $(if $(filter tfds,$(TRAIN_DATA))$(findstring ://,$(TRAIN_DATA) $(ARGS)),host,private)
-# Quieter TensorFlow start-up logs; errors still show.
-export TF_CPP_MIN_LOG_LEVEL ?= 1
+# TensorFlow's start-up logs: each pipeline silences them itself (core/startup_logs.py; errors still
+# show), and shows them with ARGS=--verbose=2.
 
 # A mistyped PIPELINE stops here with one line, not in Python's "No module named" traceback.
 PIPELINES := $(sort $(basename $(notdir $(filter-out %/__init__.py,$(wildcard pipelines/*.py)))))
@@ -161,7 +168,7 @@ bench: install ## repeat the training RUNS times (seeds 0..RUNS-1) and print the
 	$(PY) -m core.training.benchmark --pipeline=$(PIPELINE) --runs=$(RUNS) -- $(TRAIN_FLAGS)
 
 bench-input: install ## input pipeline throughput: storage bound, naive, tuned, ablation, remote, train step (input_bench.md)
-	$(PY) -m pipelines.$(PIPELINE) bench-input --data=$(TRAIN_DATA) $(ARGS)
+	$(PY) -m pipelines.$(PIPELINE) bench-input $(DATA_FLAG) $(ARGS)
 
 lint: install ## ruff: the formatter's check and the lint rules (pyproject.toml)
 	$(PY) -m ruff format --check .

@@ -17,6 +17,7 @@ run (with a new `--name`, since a finished run is never overwritten).
 """
 
 import dataclasses
+import difflib
 import inspect
 import json
 import os
@@ -33,6 +34,12 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 # pipeline takes it per 1024 examples, scaled linearly with the global batch (README).
 CONFIG_VERSION = 2
 RAW_LEARNING_RATE_BEFORE_V2 = ("imdb_transformer",)
+# The subcommands `run_cli` offers besides training; each task family's COMMANDS gives their
+# usage lines for --help (core/tasks/*.py).
+COMMANDS = ("evaluate", "compress", "export", "bench-input", "tune")
+# The fields of a pipeline's Config that core reads by name whatever the task (core/training/runs.py,
+# core/data/cache.py, core/tuning.py); each task family adds its own (core/tasks/*.py CONFIG_FIELDS).
+RUN_CONFIG_FIELDS = ("batch_size", "epochs", "val_fraction", "max_examples", "examples_per_shard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +146,8 @@ def _fields(cls):
 
 def usage(prog: str, classes, commands=()) -> str:
     lines = [f"usage: {prog} [--key=value ...]", *[f"       {prog} {c}" for c in commands], ""]
+    if commands:
+        lines.append(f"  {prog} COMMAND --help  lists that command's own flags")
     lines.append("  --config=FILE.json  field values as a JSON object; flags override it")
     for cls in classes:
         lines.append("")
@@ -268,6 +277,24 @@ def to_dict(*configs) -> dict:
     return out
 
 
+def check_config_fields(config_class, required, *, pipeline, reader):
+    """A one-line error at start-up for a pipeline `Config` without a field core reads by name.
+
+    A pipeline copied for a new task that drops one (`tta`, `max_length`, ...) would otherwise
+    train for a while and then stop with an AttributeError deep inside core. `required` is the
+    family's CONFIG_FIELDS, `reader` the file that names them.
+    """
+    if not dataclasses.is_dataclass(config_class):
+        raise UserError(f"pipeline {pipeline}: Config is {config_class!r}; expected a dataclass of the task's fields")
+    have = {f.name for f in dataclasses.fields(config_class)}
+    missing = [name for name in required if name not in have]
+    if missing:
+        raise UserError(
+            f"pipeline {pipeline}: its Config lacks {', '.join(missing)}, which core reads by name "
+            f"({reader} CONFIG_FIELDS); add them back to Config (the pipeline it was copied from has each)"
+        )
+
+
 def check_choice(flag, value, choices):
     if value not in choices:
         raise UserError(f"--{flag}={value}: expected one of {', '.join(map(str, choices))}")
@@ -293,17 +320,20 @@ def run_cli(main, evaluate=None, argv=None, compress=None, bench_input=None, tun
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
-        commands = {
-            "evaluate": evaluate,
-            "compress": compress,
-            "export": export,
-            "bench-input": bench_input,
-            "tune": tune,
-        }
+        given = {"evaluate": evaluate, "compress": compress, "export": export, "bench-input": bench_input, "tune": tune}
+        commands = {name: given[name] for name in COMMANDS if given[name] is not None}
         if argv[:1] and argv[0] in commands:
-            if commands[argv[0]] is None:
-                raise UserError(f"this pipeline has no {argv[0]} command")
             print(json.dumps(commands[argv[0]](argv[1:])))
+        elif argv[:1] and not argv[0].startswith("-") and "=" not in argv[0]:  # key=value: parse_flags says
+            offered = ", ".join(commands) or "none"
+            if argv[0] in COMMANDS:
+                raise UserError(f"this pipeline has no {argv[0]} command: it has {offered}")
+            close = difflib.get_close_matches(argv[0], list(commands), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(
+                f"unknown command {argv[0]!r}{hint}: expected one of {offered}, "
+                "or only --key=value flags to train (see --help)"
+            )
         else:
             main(argv)
     except UserError as e:

@@ -11,8 +11,10 @@ Result: 90.58 ± 0.93% validation accuracy (TTA) on the held-out 10% of the JPEG
 
 Copy this file to start a new image task: change `CLASS_NAMES`, `IMAGE_SHAPE` (images of other
 sizes are resized to it at conversion, or centre-cropped with `DATA_FORMAT`'s resize="crop"),
-`Config`, `augment_batch` and `make_model`; the stages in `main` stay. The model normalises with
-the mean and std of the first 5,000 training images, computed at build time and saved in model.keras.
+`Config`, `augment_batch` and `make_model`; the stages in `main` stay, and `Config` keeps the
+fields core reads by name (`image_classification.CONFIG_FIELDS`: a Config without one is refused
+at start-up). The model normalises with the mean and std of the first 5,000 training images,
+computed at build time and saved in model.keras.
 """
 
 import dataclasses
@@ -225,7 +227,9 @@ def bench_input_command(argv):
 def tune_command(argv):
     """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
     this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
-    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE)
+    return image_classification.tune_command(
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE
+    )
 
 
 if __name__ == "__main__":

@@ -254,7 +254,9 @@ def bench_input_command(argv):
 def tune_command(argv):
     """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
     this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
-    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE)
+    return image_classification.tune_command(
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ the loss climb back after warm-up, and seed 0 collapsed (BENCHMARKS.md, "Why see
 The saved model.keras takes raw strings: tokenizer and truncation are its first layers.
 
 Copy this file to start a new text task: change `CLASS_NAMES` (and where --data=tfds reads),
-`Config` and `make_model`; the stages in `main` stay. --data also takes a folder of class folders
-of .txt files, or a .csv or .jsonl file with text and label columns (core/data/text_data.py).
+`Config` and `make_model`; the stages in `main` stay, and `Config` keeps the fields core reads by
+name (`text_classification.CONFIG_FIELDS`: a Config without one is refused at start-up). --data
+also takes a folder of class folders of .txt files, or a .csv or .jsonl file with text and label
+columns (core/data/text_data.py).
 """
 
 import dataclasses
@@ -256,7 +258,9 @@ def bench_input_command(argv):
 def tune_command(argv):
     """`tune --tuner=hyperband|bayesian|random --trials=N`: keras-tuner over SEARCH_SPACE, each trial
     this file's training run (core/tuning.py); writes trials.md/csv, objective.png, best_config.json."""
-    return tuning.tune_command(argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE)
+    return text_classification.tune_command(
+        argv, pipeline=PIPELINE, config_class=Config, smoke=SMOKE, search_space=SEARCH_SPACE
+    )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,24 @@ def test_smoke_run_writes_the_whole_report_and_learns(smoke_run):
     assert accuracy[-1] >= LEARNED  # training accuracy, augmented: seen 0.39-0.45 in epoch 2
 
 
+def test_smoke_run_prints_its_header_and_no_tensorflow_noise(smoke_run):
+    """Issue 28, item 10 (tests/test_cli.py has the rest): before the first step, strategy and
+    replicas, precision, data and split sizes, run folder; stderr without TF's start-up lines."""
+    import re
+
+    from core import startup_logs
+
+    run_dir, result = smoke_run
+    out = result.stdout.splitlines()
+    header = out[: out.index("Epoch 1/2")]
+    assert header[0].startswith("cifar10_cnn: strategy default, 1 replica on ") and "; precision " in header[0]
+    assert re.fullmatch(r"data: synthetic: \d+ train, \d+ val examples, 10 classes \(cache .+\)", header[1]), header
+    assert header[2] == f"run folder: {run_dir}"
+    for line in result.stderr.splitlines():  # the cuInit line, among others, on a CPU-only machine
+        assert not startup_logs.NOISE.fullmatch(line.encode()), line
+        assert not re.match(r"[IWE]\d{4} ", line), line  # no C++ log line at all
+
+
 def test_finished_run_is_never_overwritten(smoke_run):
     run_dir = smoke_run
     before = (run_dir / "metrics.json").read_text()

@@ -23,28 +23,45 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import serving
+from core import serving, tuning
 from core.compression import command
 from core.data import cache, image_data, input_bench, input_pipeline
 from core.errors import UserError
 from core.training import evaluation, optim, report, runs
 
 FLIPS = ("alternate", "random", "none")
-COMMANDS = [
-    "evaluate --model=PATH --data=PATH [--tta=N]",  # besides training, for --help
+COMMANDS = [  # besides training, for --help: one per config.COMMANDS
+    "evaluate --model=PATH --data=PATH [--tta=N]",
     "compress --model=PATH --stages=prune,pqat,...",
+    "export --model=PATH",
+    "bench-input [--data=PATH] [--smoke]",
     "tune --tuner=hyperband|bayesian|random --trials=N",
 ]
+# The Config fields this file (and the shared code, config.RUN_CONFIG_FIELDS) reads by name: an image
+# pipeline's Config must have each, and one without them is refused at start-up.
+CONFIG_FIELDS = (*config_lib.RUN_CONFIG_FIELDS, "model", "tta", "flip", "translate", "label_smoothing")
+
+
+def check_config(config_class, pipeline):
+    """One line at start-up for a Config that lacks one of CONFIG_FIELDS."""
+    config_lib.check_config_fields(
+        config_class, CONFIG_FIELDS, pipeline=pipeline, reader="core/tasks/image_classification.py"
+    )
 
 
 def start_run(argv, *, pipeline, config_class, smoke) -> runs.Run:
-    """`runs.start_run` with the image pipelines' extra commands listed in --help."""
+    """`runs.start_run` with the image pipelines' extra commands listed in --help, once the Config
+    has every field core reads."""
+    check_config(config_class, pipeline)
     return runs.start_run(argv, pipeline=pipeline, config_class=config_class, smoke=smoke, commands=COMMANDS)
 
 
 def prepare_data(run, data_format) -> cache.Data:
-    """Converts the source (--data) once into the sharded cache; later runs reuse it."""
-    return cache.prepare_run_data(data_format, run.opts, run.cfg)
+    """Converts the source (--data) once into the sharded cache (later runs reuse it), then prints
+    the run's header: strategy, precision, data and run folder."""
+    data = cache.prepare_run_data(data_format, run.opts, run.cfg)
+    report.print_header(run, data)
+    return data
 
 
 def model_inputs(num_classes):
@@ -355,6 +372,7 @@ def tflite_metadata(class_names, image_shape):
 
 def compress_command(argv, *, pipeline, config_class, data_format):
     """`compress --model=PATH --stages=...`: core/compression/command.py with this family's Task."""
+    check_config(config_class, pipeline)
 
     def make_task(model, run_config, opts):
         return compression_task(model, run_config, opts, config_class=config_class, data_format=data_format)
@@ -365,6 +383,7 @@ def compress_command(argv, *, pipeline, config_class, data_format):
 def export_command(argv, *, pipeline, config_class, data_format):
     """`export --model=PATH`: core/serving.py; checked on the run's first validation images, sent
     PNG-encoded (lossless, so both sides see the same pixels)."""
+    check_config(config_class, pipeline)
 
     def check_inputs(model_path, count):
         data = command.run_data(model_path, config_class, data_format)
@@ -381,7 +400,7 @@ def bench_input_task(run, *, data_format, augment_batch, make_model):
     """The `bench-input` command's InputBenchTask: the training split as the cache holds it (raw
     pixels), training's own pipeline (`train_input`, one replica's batches), JPEG as the other
     stored format, and the pipeline's model for the train step's consumption rate."""
-    data = prepare_data(run, data_format)
+    data = cache.prepare_run_data(data_format, run.opts, run.cfg)  # no run header: not a training run
     train = data.splits["train"]
     schedule = runs.Schedule.of(train.num_examples, run.cfg.batch_size, run.cfg.epochs)
     args = train_input(
@@ -417,10 +436,19 @@ def bench_input_task(run, *, data_format, augment_batch, make_model):
 
 def bench_input_command(argv, *, pipeline, config_class, smoke, data_format, augment_batch, make_model):
     """`bench-input [--data=...]`: core/data/input_bench.py on this family's training input."""
+    check_config(config_class, pipeline)
 
     def make_task(run):
         return bench_input_task(run, data_format=data_format, augment_batch=augment_batch, make_model=make_model)
 
     return input_bench.bench_input_command(
         argv, pipeline=pipeline, config_class=config_class, smoke=smoke, make_task=make_task
+    )
+
+
+def tune_command(argv, *, pipeline, config_class, smoke, search_space):
+    """`tune --tuner=... --trials=N`: core/tuning.py, each trial a training run of the pipeline."""
+    check_config(config_class, pipeline)
+    return tuning.tune_command(
+        argv, pipeline=pipeline, config_class=config_class, smoke=smoke, search_space=search_space
     )

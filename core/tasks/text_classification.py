@@ -10,8 +10,8 @@ batching, evaluating, compressing and reporting are here:
     ... build and fit the model: the pipeline's own stages ...
     save_and_report(run, export(vectorizer, truncate, model), data, schedule, result)
 
-The pipeline's Config must have the fields these read: tokenizer, vocab_size, max_length,
-length_bucket, batch_size, epochs, model, val_fraction, max_examples, examples_per_shard.
+The pipeline's Config must have the fields these read, CONFIG_FIELDS below; a Config without
+one is refused at start-up.
 """
 
 import dataclasses
@@ -23,29 +23,55 @@ import tf_keras as keras
 
 import strategies
 from core import config as config_lib
-from core import files, serving
+from core import files, serving, tuning
 from core.compression import command
 from core.data import cache, input_bench, input_pipeline, text_data
 from core.errors import UserError
 from core.training import evaluation, report, runs
 from models import ngrams, text_preprocessing
 
-COMMANDS = [
-    "evaluate --model=PATH --data=PATH",  # besides training, for --help
+COMMANDS = [  # besides training, for --help: one per config.COMMANDS
+    "evaluate --model=PATH --data=PATH",
     "compress --model=PATH --stages=prune,pqat,...",
+    "export --model=PATH",
+    "bench-input [--data=PATH] [--smoke]",
     "tune --tuner=hyperband|bayesian|random --trials=N",
 ]
 TOKENIZERS = ("words", "wordpiece")
+# The Config fields this file (and the shared code, config.RUN_CONFIG_FIELDS) reads by name: a text
+# pipeline's Config must have each, and one without them is refused at start-up.
+CONFIG_FIELDS = (
+    *config_lib.RUN_CONFIG_FIELDS,
+    "model",
+    "tokenizer",
+    "vocab_size",
+    "max_length",
+    "length_bucket",
+    "ngram_buckets",
+    "ngram_order",
+)
+
+
+def check_config(config_class, pipeline):
+    """One line at start-up for a Config that lacks one of CONFIG_FIELDS."""
+    config_lib.check_config_fields(
+        config_class, CONFIG_FIELDS, pipeline=pipeline, reader="core/tasks/text_classification.py"
+    )
 
 
 def start_run(argv, *, pipeline, config_class, smoke) -> runs.Run:
-    """`runs.start_run` with the text pipelines' extra commands listed in --help."""
+    """`runs.start_run` with the text pipelines' extra commands listed in --help, once the Config
+    has every field core reads."""
+    check_config(config_class, pipeline)
     return runs.start_run(argv, pipeline=pipeline, config_class=config_class, smoke=smoke, commands=COMMANDS)
 
 
 def prepare_data(run, data_format) -> cache.Data:
-    """Converts the source (--data) once into the sharded cache; later runs reuse it."""
-    return cache.prepare_run_data(data_format, run.opts, run.cfg)
+    """Converts the source (--data) once into the sharded cache (later runs reuse it), then prints
+    the run's header: strategy, precision, data and run folder."""
+    data = cache.prepare_run_data(data_format, run.opts, run.cfg)
+    report.print_header(run, data)
+    return data
 
 
 def fit_tokenizer(cfg, data):
@@ -318,6 +344,7 @@ def tflite_metadata(vectorizer, truncate, class_names, max_length):
 
 def compress_command(argv, *, pipeline, config_class, data_format):
     """`compress --model=PATH --stages=...`: core/compression/command.py with this family's Task."""
+    check_config(config_class, pipeline)
 
     def make_task(model, run_config, opts):
         return compression_task(model, run_config, opts, config_class=config_class, data_format=data_format)
@@ -327,6 +354,7 @@ def compress_command(argv, *, pipeline, config_class, data_format):
 
 def export_command(argv, *, pipeline, config_class, data_format):
     """`export --model=PATH`: core/serving.py; checked on the run's first validation reviews."""
+    check_config(config_class, pipeline)
 
     def check_inputs(model_path, count):
         data = command.run_data(model_path, config_class, data_format)
@@ -352,7 +380,7 @@ def bench_input_task(run, *, data_format, make_model):
     tokenized as it is read), training's own pipeline (`train_input`), token ids as the other
     stored format, and the model for the train step's consumption rate (on 32 real batches)."""
     cfg = run.cfg
-    data = prepare_data(run, data_format)
+    data = cache.prepare_run_data(data_format, run.opts, run.cfg)  # no run header: not a training run
     truncate = text_preprocessing.HeadTailTruncate(cfg.max_length)
     args = train_input(cfg, run.opts.seed, data, fit_tokenizer(cfg, data), truncate)
 
@@ -377,10 +405,19 @@ def bench_input_task(run, *, data_format, make_model):
 
 def bench_input_command(argv, *, pipeline, config_class, smoke, data_format, make_model):
     """`bench-input [--data=...]`: core/data/input_bench.py on this family's training input."""
+    check_config(config_class, pipeline)
 
     def make_task(run):
         return bench_input_task(run, data_format=data_format, make_model=make_model)
 
     return input_bench.bench_input_command(
         argv, pipeline=pipeline, config_class=config_class, smoke=smoke, make_task=make_task
+    )
+
+
+def tune_command(argv, *, pipeline, config_class, smoke, search_space):
+    """`tune --tuner=... --trials=N`: core/tuning.py, each trial a training run of the pipeline."""
+    check_config(config_class, pipeline)
+    return tuning.tune_command(
+        argv, pipeline=pipeline, config_class=config_class, smoke=smoke, search_space=search_space
     )

@@ -29,6 +29,34 @@ def environment():
     }
 
 
+def header(run, data) -> list:
+    """What a run prints before its first step: strategy and replicas, precision, the global batch,
+    the data source and its split sizes, and the run folder."""
+    described = strategies.describe(run.strategy)
+    replicas, workers = described["replicas"], described["workers"]
+    devices = described["devices"]
+    if workers > 1:
+        where = f"on {workers} {'hosts' if described['strategy'] == 'tpu' else 'workers'}"
+    elif len(devices) > 2:
+        where = f"on {len(devices)} devices ({devices[0]}, ...)"
+    else:
+        where = f"on {', '.join(devices)}"
+    sizes = ", ".join(f"{split.num_examples:,} {name}" for name, split in data.splits.items())
+    resuming = tf.io.gfile.isdir(os.path.join(run.dir, "backup"))
+    return [
+        f"{run.pipeline}: strategy {described['strategy']}, {replicas} replica{'s' if replicas > 1 else ''} {where}; "
+        f"precision {run.precision}; global batch {run.cfg.batch_size:,}",
+        f"data: {data.source}: {sizes} examples, {len(data.class_names)} classes (cache {data.cache_dir})",
+        f"run folder: {run.dir}" + (" (resuming from its backup/)" if resuming else ""),
+    ]
+
+
+def print_header(run, data):
+    """Prints `header` on the chief, unless --verbose=0 (or the Run has no strategy: a test's)."""
+    if run.is_chief and run.opts.verbose and run.strategy is not None:
+        print("\n".join(header(run, data)), flush=True)
+
+
 def plot_curves(history, path, title):
     """Saves loss and accuracy per epoch (train and validation) as a PNG."""
     import matplotlib
