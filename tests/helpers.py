@@ -63,12 +63,14 @@ def synthetic_image_folder(root, class_names, per_class, image_shape=(32, 32, 3)
     class, `--data=synthetic`), so a smoke-trained model scores well above chance on them."""
     from core.data import image_data
 
-    splits, names, _ = image_data._load_synthetic(image_shape, class_names)
-    images, labels = splits["train"]
-    for index, name in enumerate(names):
-        os.makedirs(os.path.join(root, name))
-        for i, image in enumerate(images[labels == index][:per_class]):
-            Image.fromarray(image).save(os.path.join(root, name, f"{i}.png"))
+    written = {}
+    for _, pixels, name in image_data._load_synthetic(image_shape, class_names):
+        count = written.setdefault(name, 0)
+        if count < per_class:
+            os.makedirs(os.path.join(root, name), exist_ok=True)
+            image = np.frombuffer(pixels, np.uint8).reshape(image_shape)
+            Image.fromarray(image).save(os.path.join(root, name, f"{count}.png"))
+            written[name] = count + 1
     return root
 
 
@@ -83,6 +85,9 @@ def smoke_run(root, pipeline):
         "--strategy=default",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # What it printed, for the tests of the header and the start-up logs.
+    (root / "stdout.txt").write_text(result.stdout)
+    (root / "stderr.txt").write_text(result.stderr)
     return root / "runs" / pipeline / "smoke"
 
 

@@ -73,13 +73,15 @@ def test_smoke_run_prints_its_header_and_no_tensorflow_noise(smoke_run):
 
     from core import startup_logs
 
-    run_dir, result = smoke_run
-    out = result.stdout.splitlines()
+    run_dir = smoke_run
+    root = run_dir.parents[2]  # <root>/runs/cifar10_cnn/smoke, as tests/helpers.smoke_run writes it
+    stdout, stderr = (root / "stdout.txt").read_text(), (root / "stderr.txt").read_text()
+    out = stdout.splitlines()
     header = out[: out.index("Epoch 1/2")]
     assert header[0].startswith("cifar10_cnn: strategy default, 1 replica on ") and "; precision " in header[0]
     assert re.fullmatch(r"data: synthetic: \d+ train, \d+ val examples, 10 classes \(cache .+\)", header[1]), header
     assert header[2] == f"run folder: {run_dir}"
-    for line in result.stderr.splitlines():  # the cuInit line, among others, on a CPU-only machine
+    for line in stderr.splitlines():  # the cuInit line, among others, on a CPU-only machine
         assert not startup_logs.NOISE.fullmatch(line.encode()), line
         assert not re.match(r"[IWE]\d{4} ", line), line  # no C++ log line at all
 
