@@ -184,7 +184,7 @@ def make_model(run, schedule, train_images):
         model.compile(
             optimizer=make_optimizer(cfg, schedule),
             loss=optim.label_smoothing_loss(cfg.label_smoothing),
-            metrics=["accuracy"],
+            weighted_metrics=["accuracy"],  # validation batches carry weights: 0 on padding
             jit_compile=run.opts.jit_compile,
             steps_per_execution=run.steps_per_execution,
         )

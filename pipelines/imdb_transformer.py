@@ -172,7 +172,7 @@ def make_model(run, schedule, ngram_log_ratios=None):
                 peak, schedule.total_steps, warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay
             ),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
+            weighted_metrics=["accuracy"],  # validation batches carry weights: 0 on padding
             jit_compile=run.opts.jit_compile,
             steps_per_execution=run.steps_per_execution,
         )

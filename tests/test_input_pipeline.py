@@ -6,8 +6,12 @@ import collections
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as keras
 
 from core.data import input_pipeline, records
+from core.errors import UserError
+from core.tasks import image_classification
+from core.training import trainer
 from pipelines import cifar10_cnn
 
 
@@ -53,8 +57,6 @@ def test_training_batches_have_static_shapes(tmp_path):
 
 
 def test_empty_split_is_a_clear_error():
-    from core.errors import UserError
-
     with pytest.raises(UserError, match="no TFRecord shards"):
         input_pipeline.make_dataset([], batch_size=8, training=True, parse_fn=_parse_id)
 
@@ -63,7 +65,8 @@ def test_each_batch_gets_its_epoch_counted_from_its_position(tmp_path):
     """Batch i of an input pipeline feeding 2 of 4 replicas belongs to epoch
     first_epoch + i // (2 * steps_per_epoch): exact however far the input runs ahead."""
     files = _write_ids(tmp_path, 40, 10)
-    counter = type("Counter", (), {"steps_per_epoch": 3, "first_epoch": tf.Variable(5, dtype=tf.int64)})()
+    counter = image_classification.EpochCounter(steps_per_epoch=3)
+    counter.first_epoch = 5
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
     ds = input_pipeline.make_dataset(
         files,
@@ -77,6 +80,70 @@ def test_each_batch_gets_its_epoch_counted_from_its_position(tmp_path):
     )
     epochs = [int(e) for e in ds.take(14)]
     assert epochs == [5] * 6 + [6] * 6 + [7] * 2
+
+
+def _weighted_ids(files, workers, worker, replicas, *, steps, num_examples, batch=4):
+    context = tf.distribute.InputContext(
+        num_input_pipelines=workers, input_pipeline_id=worker, num_replicas_in_sync=replicas
+    )
+    ds = input_pipeline.make_dataset(
+        files,
+        batch_size=batch,
+        training=False,
+        parse_fn=_parse_id,
+        input_context=context,
+        pad_to_steps=steps,
+        num_examples=num_examples,
+        drop_remainder=True,
+        repeat=False,
+    )
+    assert ds.element_spec[0].shape.as_list() == [batch]  # one static shape, the last batch too
+    return [(int(i), float(w)) for ids, weights in ds for i, w in zip(ids.numpy(), weights.numpy(), strict=True)]
+
+
+@pytest.mark.parametrize("workers, replicas", [(1, 1), (1, 2), (2, 2), (2, 4), (3, 3)])
+def test_padded_evaluation_counts_every_example_once_in_full_batches(tmp_path, workers, replicas):
+    """50 examples, global batch 4 x replicas: every pipeline gives exactly `steps` steps of full
+    batches; the real examples carry padded total / 50 each, the padding 0."""
+    files = _write_ids(tmp_path, 50, 10)
+    steps = -(-50 // (4 * replicas))
+    real = collections.Counter()
+    for worker in range(workers):
+        pairs = _weighted_ids(files, workers, worker, replicas, steps=steps, num_examples=50)
+        assert len(pairs) == steps * 4 * replicas // workers  # the same step count on every worker
+        real.update(i for i, w in pairs if w > 0)
+        assert all(w == 0 or w == pytest.approx(steps * 4 * replicas / 50) for _, w in pairs)
+    assert sorted(real) == list(range(50)) and set(real.values()) == {1}
+
+
+def test_padded_validation_gives_keras_the_exact_loss_and_accuracy(tmp_path):
+    """Through the real validation_dataset: Keras' val loss and weighted accuracy over padded,
+    weighted batches equal the plain mean over the 50 real examples."""
+    files = _write_ids(tmp_path, 50, 10)
+
+    def as_example(record):
+        i = _parse_id(record)
+        return tf.cast(tf.reshape(i, [1]), tf.float32), i % 3  # input: the id; label: id mod 3
+
+    ds, steps = input_pipeline.validation_dataset(
+        tf.distribute.get_strategy(), files, global_batch=16, num_examples=50, parse_fn=as_example
+    )
+    assert steps == 4  # ceil(50 / 16): 64 rows, 14 of them padding
+    model = keras.Sequential([keras.Input([1]), keras.layers.Dense(3)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(loss=loss, weighted_metrics=["accuracy"])
+    val_loss, val_accuracy = model.evaluate(ds, steps=steps, verbose=0)
+    ids = np.arange(50, dtype=np.float32)[:, None]
+    logits = model(ids)
+    assert val_loss == pytest.approx(float(loss(ids[:, 0] % 3, logits)), rel=1e-5)
+    assert val_accuracy == pytest.approx(float(np.mean(np.argmax(logits, -1) == ids[:, 0] % 3)), abs=1e-6)
+
+
+def test_plain_metrics_are_refused_in_one_line():
+    model = keras.Sequential([keras.Input([1]), keras.layers.Dense(2)])
+    model.compile(loss="mse", metrics=["accuracy"])
+    with pytest.raises(UserError, match=r"^model.compile\(metrics=\['accuracy'\]\): expected weighted_metrics="):
+        trainer.check_weighted_metrics(model)
 
 
 def _augment(images, epoch=None, **overrides):
@@ -124,3 +191,25 @@ def test_balanced_shards_differ_by_at_most_one_example():
         size = records.balanced_shard_size(total, most)
         shards = -(-total // size)
         assert size <= most and 0 <= shards * size - total < shards
+
+
+def test_each_host_of_a_multi_host_slice_reads_only_its_own_state():
+    """One client building the pipelines of 2 localhost hosts of 2 replicas each, as on a
+    multi-host TPU slice (tests/multi_host_input.py): no pipeline reads a variable on another host
+    or the client; the resumed epoch reaches every host; the meter counts both hosts; validation
+    gives each host the same number of full, static batches, every real example weighted once."""
+    from tests.helpers import last_json_line, run_module
+
+    result = run_module("tests.multi_host_input", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = last_json_line(result.stdout)
+    assert report["foreign_captures"] == []
+    per_epoch = 3 * 2  # steps per epoch x the host's replicas
+    assert all(epochs == [3] * per_epoch + [4] * per_epoch for epochs in report["epochs"].values())
+    assert report["metered"] == 2 * 2 * per_epoch
+    examples, steps = report["val_examples"], report["val_steps"]
+    val = report["val"].values()
+    assert all(host["batches"] == steps * 2 and host["shapes"] == [str(host["static_shape"])] for host in val)
+    assert all(host["static_shape"][0] == 16 // 4 for host in val)
+    assert sum(host["real"] for host in val) == examples
+    assert sum(host["weight_sum"] for host in val) == pytest.approx(steps * 16, rel=1e-5)

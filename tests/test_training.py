@@ -17,7 +17,10 @@ from tests.helpers import run_module
 def _model(steps_per_execution=1):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(
-        optimizer=keras.optimizers.SGD(0.01), loss="mse", metrics=["accuracy"], steps_per_execution=steps_per_execution
+        optimizer=keras.optimizers.SGD(0.01),
+        loss="mse",
+        weighted_metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
     return model
 

@@ -11,6 +11,13 @@ Layout of a training pipeline, per input pipeline (one per worker):
       -> batch (per-replica size, static shape) -> batch augmentation (vectorized) -> prefetch
       [-> input-wait meter, on training input]
 
+Validation reads in order, pads each pipeline's share to whole steps with weight-0 copies and
+batches it to the same static shape (`validation_dataset`).
+
+What a pipeline reads at run time (the epoch it starts at, the input-wait clock) lives on the host
+that runs it: on a multi-host TPU slice one Python client builds every host's pipeline, and a
+variable it made outside the dataset function would sit on its own host.
+
 Each tuning choice is a field of `InputKnobs`; `make bench-input` measures them one at a time.
 """
 
@@ -87,6 +94,7 @@ def make_dataset(
     batcher=None,
     parse_batch_fn=None,
     epoch_counter=None,
+    pad_to_steps=None,
     knobs=InputKnobs(),
 ):
     """Builds one input pipeline.
@@ -102,13 +110,18 @@ def make_dataset(
     input_context: from `distribute_datasets_from_function`; selects this worker's shards.
     batcher: (dataset, batch_size, drop_remainder) -> batched dataset, for examples that do not
         batch as they are (variable-length sequences: padding, length bucketing).
-    epoch_counter: training only, an object with `steps_per_epoch` and `first_epoch` (a host
-        variable, the epoch fit starts at); batch_fn then also gets each batch's epoch as
-        `epoch=`, counted here from the batch's position (batch i of this pipeline belongs to
-        epoch first_epoch + i // (steps_per_epoch * the replicas it feeds)). That is exact
-        whatever the prefetch depth or steps_per_execution, where a variable set by an
-        epoch-begin callback races the prefetched batches. (Exact with in-order input; with
-        first-ready input a batch near an epoch's end may be consumed a few steps off its count.)
+    epoch_counter: training only, an object with `steps_per_epoch` and `first_epoch_on_host()`
+        (called here, on the host building this pipeline: a variable there holding the epoch fit
+        starts at); batch_fn then also gets each batch's epoch as `epoch=`, counted here from the
+        batch's position (batch i of this pipeline belongs to epoch first_epoch + i //
+        (steps_per_epoch * the replicas it feeds)). That is exact whatever the prefetch depth or
+        steps_per_execution, where a variable set by an epoch-begin callback races the prefetched
+        batches; the map that applies it keeps its order, so batches are consumed as counted.
+    pad_to_steps: evaluation over exactly that many full global steps (`validation_dataset`):
+        this pipeline's share of the `num_examples` examples is padded with copies of its first
+        ones to whole batches, and batches gain a last element, the examples' weights: 0 for the
+        copies, and for real examples padded total / num_examples, which makes Keras' weighted
+        mean loss and weighted metrics exact over the real examples.
     knobs: the tuning options (`InputKnobs`); the defaults are the tuned pipeline.
     """
     files = list(files)
@@ -123,7 +136,8 @@ def make_dataset(
     # Shard by file when the files split evenly: each worker then reads only its own files
     # (shards are written equal-sized, records.balanced_shard_size), and every worker supplies
     # the same number of examples, so none is seen more often than another.
-    shard_by_file = workers > 1 and len(files) % workers == 0
+    # Padded evaluation needs each share's exact size, so it shards by position.
+    shard_by_file = workers > 1 and len(files) % workers == 0 and pad_to_steps is None
     if shard_by_file:
         file_ds = file_ds.shard(workers, worker)
     if training:
@@ -150,6 +164,7 @@ def make_dataset(
         # disjoint, complete and balanced, at the cost of redundant reads.
         ds = ds.shard(workers, worker)
     ordered = deterministic if parallel else None
+    in_order = True if parallel else None  # batching and the epoch count, whatever `deterministic`
     if parse_batch_fn is not None and knobs.vectorized_parse:
         ds = ds.batch(PARSE_BATCH).map(parse_batch_fn, num_parallel_calls=parallel, deterministic=ordered).unbatch()
         if any(isinstance(spec, tf.RaggedTensorSpec) for spec in tf.nest.flatten(ds.element_spec)):
@@ -158,6 +173,10 @@ def make_dataset(
             ds = ds.map(lambda *example: tf.nest.map_structure(tf.identity, example))
     else:
         ds = ds.map(parse_fn, num_parallel_calls=parallel, deterministic=ordered)
+    if pad_to_steps is not None:
+        ds = _pad_to_steps(ds, pad_to_steps, batch_size, input_context, num_examples)
+        if batch_fn is not None:
+            batch_fn = _weights_pass_through(batch_fn)
     if cache and knobs.cache:
         # Decoded examples kept in RAM after the first epoch: CIFAR-10's 50k images are 150 MB,
         # so every later epoch costs no I/O and no parsing.
@@ -176,16 +195,23 @@ def make_dataset(
     if batcher is not None:
         ds = batcher(ds, batch_size, drop_remainder)
     else:
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel, deterministic=ordered)
+        # In order even for first-ready training input: the examples of batch i are then those of
+        # its epoch (the stream above is shuffled and repeated in sequence), as the count below
+        # assumes; a batch overtaking another would mix two epochs' examples.
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel, deterministic=in_order)
     if batch_fn is not None and epoch_counter is not None:
         replicas = input_context.num_replicas_in_sync // workers if input_context is not None else 1
         batches_per_epoch = epoch_counter.steps_per_epoch * replicas
 
         def with_epoch(index, batch):
             batch = batch if isinstance(batch, tuple) else (batch,)
-            return batch_fn(*batch, epoch=epoch_counter.first_epoch + index // batches_per_epoch)
+            return batch_fn(*batch, epoch=first_epoch + index // batches_per_epoch)
 
-        ds = ds.enumerate().map(with_epoch, num_parallel_calls=parallel, deterministic=ordered)
+        with tf.device("/cpu:0"):  # within the host's device scope that builds the pipeline
+            first_epoch = epoch_counter.first_epoch_on_host()
+
+        # In order too: a batch overtaking another here would be consumed in the other's epoch.
+        ds = ds.enumerate().map(with_epoch, num_parallel_calls=parallel, deterministic=in_order)
     elif batch_fn is not None:
         ds = ds.map(batch_fn, num_parallel_calls=parallel, deterministic=ordered)
     if knobs.prefetch:
@@ -207,6 +233,39 @@ def make_dataset(
     return ds.with_options(options)
 
 
+def _pad_to_steps(examples, steps, batch_size, input_context, num_examples):
+    """(example...) -> (example..., weight), this pipeline's share (every n-th example, as
+    make_dataset shards) followed by copies of its first examples up to `steps` full steps."""
+    workers, worker, replicas = 1, 0, 1
+    if input_context is not None:
+        workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
+        replicas = input_context.num_replicas_in_sync
+    if not num_examples or num_examples < workers:
+        raise UserError(
+            f"evaluation split: {num_examples} examples for {workers} input pipelines; expected at least one each"
+        )
+    own = len(range(worker, num_examples, workers))
+    padded_here = steps * (replicas // workers) * batch_size
+    weight = steps * replicas * batch_size / num_examples
+
+    def weighted(index, example):
+        example = example if isinstance(example, tuple) else (example,)
+        return (*example, tf.where(index < own, weight, 0.0))
+
+    return examples.repeat().take(padded_here).enumerate().map(weighted)
+
+
+def _weights_pass_through(batch_fn):
+    """batch_fn for batches that end with a weight column: applied to the rest, weights kept."""
+
+    def fn(*batch):
+        *example, weights = batch
+        out = batch_fn(*example)
+        return (*out, weights) if isinstance(out, tuple) else (out, weights)
+
+    return fn
+
+
 class InputWaitMeter:
     """Measures how long the consumer of a dataset waits for each element: the time a train step
     stands idle because the input pipeline is behind.
@@ -214,21 +273,24 @@ class InputWaitMeter:
     `wrap(ds)` zips ds with a clock: tf.data's zip asks its inputs for their next element in
     order, so the clock reads the time when the consumer asks, and a last (sequential) map reads
     it again when ds has delivered; the difference accumulates in CPU variables that
-    `read_and_reset` returns. Create it outside `strategy.scope()` (its variables are the host's
-    own, as the dataset functions that update them run on the host).
+    `read_and_reset` sums. Each `wrap` makes its own pair on the host that calls it (inside a
+    dataset function: the host whose pipeline it times), so no pipeline writes to another host.
+    Wrap outside `strategy.scope()`, where variables are plain.
     """
 
     def __init__(self):
-        with tf.device("/cpu:0"):
-            self.seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="input_wait_seconds")
-            self.elements = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_wait_elements")
+        self.hosts = []  # (seconds, elements) per wrapped pipeline
 
     def wrap(self, ds):
+        with tf.device("/cpu:0"):  # within the device scope of the host building the pipeline
+            seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="input_wait_seconds")
+            elements = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_wait_elements")
+        self.hosts.append((seconds, elements))
         clock = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat().map(lambda _: tf.timestamp())
 
         def record(asked_at, element):
             waited = tf.timestamp() - asked_at
-            with tf.control_dependencies([self.seconds.assign_add(waited), self.elements.assign_add(1)]):
+            with tf.control_dependencies([seconds.assign_add(waited), elements.assign_add(1)]):
                 return tf.nest.map_structure(tf.identity, element)
 
         options = tf.data.Options()
@@ -237,10 +299,12 @@ class InputWaitMeter:
         return tf.data.Dataset.zip((clock, ds)).map(record).with_options(options)
 
     def read_and_reset(self):
-        """(seconds waited, elements delivered) since the last call."""
-        seconds, elements = float(self.seconds.numpy()), int(self.elements.numpy())
-        self.seconds.assign(0.0)
-        self.elements.assign(0)
+        """(seconds waited, elements delivered) since the last call, summed over the pipelines."""
+        seconds = sum(float(s.numpy()) for s, _ in self.hosts)
+        elements = sum(int(e.numpy()) for _, e in self.hosts)
+        for s, e in self.hosts:
+            s.assign(0.0)
+            e.assign(0)
         return seconds, elements
 
 
@@ -265,24 +329,19 @@ def distributed_dataset(strategy, files, *, global_batch, **kwargs):
     return distributed
 
 
-def validation_dataset(strategy, files, *, global_batch, num_examples, multi_worker, **kwargs):
+def validation_dataset(strategy, files, *, global_batch, num_examples, **kwargs):
     """Validation input for `fit`: returns (dataset, validation_steps).
 
-    Keras needs a step count for distributed datasets. On one host it is the exact number of
-    global steps in one pass (every example once, the last batch partial). Across workers every
-    worker must run the same number of steps or the collectives hang, so there the dataset
-    repeats and runs `num_examples // global_batch` full steps, each worker reading an equal
-    share: the per-epoch figure covers that many whole batches (final accuracy is measured
-    separately, on every example). No cache: Keras stops after the last step without reaching
-    the end of the data, which makes tf.data discard a partial cache every epoch, and the split
-    is small enough to re-read.
+    Every example once, in batches of one static shape (TPUs and XLA need it): the split is read
+    in order, each input pipeline takes every n-th example, and pads its share with weight-0
+    copies to exactly `validation_steps` = ceil(num_examples / global_batch) full steps
+    (`make_dataset(pad_to_steps=...)`). Every worker then runs the same number of steps, as the
+    collectives of a multi-worker run require. Batches end with each example's weight, so the
+    model must count accuracy as a weighted metric (`compile(weighted_metrics=["accuracy"])`;
+    core/training/trainer.fit refuses plain `metrics`). No cache: Keras stops after the last step
+    without reaching the end of the data, which makes tf.data discard a partial cache every epoch,
+    and the split is small enough to re-read.
     """
-    kwargs.update(training=False, cache=False)
-    if multi_worker:
-        steps = max(1, num_examples // global_batch)
-        ds = distributed_dataset(strategy, files, global_batch=global_batch, repeat=True, drop_remainder=True, **kwargs)
-        return ds, steps
-    replicas = strategy.num_replicas_in_sync
-    per_replica_batches = math.ceil(num_examples / (global_batch // replicas))
-    steps = math.ceil(per_replica_batches / replicas)
-    return distributed_dataset(strategy, files, global_batch=global_batch, **kwargs), steps
+    steps = math.ceil(num_examples / global_batch)
+    kwargs.update(training=False, cache=False, repeat=False, drop_remainder=True, pad_to_steps=steps)
+    return distributed_dataset(strategy, files, global_batch=global_batch, num_examples=num_examples, **kwargs), steps

@@ -21,7 +21,6 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-import strategies
 from core import config as config_lib
 from core import serving, tuning
 from core.compression import command
@@ -137,17 +136,28 @@ class EpochCounter(keras.callbacks.Callback):
     The input pipeline counts epochs from each batch's position (`input_pipeline.make_dataset`),
     so no callback acts per step or per epoch: the count is the same for any steps_per_execution
     and any prefetch depth. This callback only sets the epoch fit starts at (later than 0 after
-    a resume), when training begins and before fit creates its input iterator.
+    a resume), when training begins and before fit creates its input iterator: into one variable
+    per input pipeline, made on the host that runs it (`first_epoch_on_host`), so a multi-host
+    slice's pipelines each read their own host's copy.
     """
 
     def __init__(self, steps_per_epoch):
         super().__init__()
         self.steps_per_epoch = int(steps_per_epoch)
-        with tf.device("/cpu:0"):  # read by the input pipeline, which runs on the host CPU
-            self.first_epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="first_epoch")
+        self.first_epoch = 0
+        self.host_copies = []
+
+    def first_epoch_on_host(self):
+        """A variable holding the first epoch, on the calling device scope's host CPU."""
+        with tf.device("/cpu:0"):  # merged with the host's scope when a dataset function calls it
+            copy = tf.Variable(self.first_epoch, trainable=False, dtype=tf.int64, name="first_epoch")
+        self.host_copies.append(copy)
+        return copy
 
     def on_train_begin(self, logs=None):
-        self.first_epoch.assign(int(self.model.optimizer.iterations.numpy()) // self.steps_per_epoch)
+        self.first_epoch = int(self.model.optimizer.iterations.numpy()) // self.steps_per_epoch
+        for copy in self.host_copies:
+            copy.assign(self.first_epoch)
 
 
 def train_input(data, *, train_batch_fn, seed, epoch_counter):
@@ -166,7 +176,8 @@ def train_input(data, *, train_batch_fn, seed, epoch_counter):
 
 def make_datasets(run, data, *, train_batch_fn, epoch_counter):
     """(train, val, validation_steps) for `fit`: augmented training batches (`train_batch_fn`
-    gets each batch's epoch from `epoch_counter`), plain val batches."""
+    gets each batch's epoch from `epoch_counter`), plain val batches, padded to full ones and
+    weighted (`input_pipeline.validation_dataset`)."""
     global_batch, seed = run.cfg.batch_size, run.opts.seed
     train = input_pipeline.distributed_dataset(
         run.strategy,
@@ -181,7 +192,6 @@ def make_datasets(run, data, *, train_batch_fn, epoch_counter):
         num_examples=data.splits["val"].num_examples,
         parse_fn=lambda record: image_data.parse_example(record, data.image_shape),
         batch_fn=model_inputs(len(data.class_names)),
-        multi_worker=strategies.resolved_name(run.strategy) == "multiworker",
     )
     return train, val, validation_steps
 

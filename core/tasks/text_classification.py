@@ -149,7 +149,7 @@ def length_bucketed(cfg):
 
     def batcher(ds, batch_size, drop_remainder):
         return ds.bucket_by_sequence_length(
-            lambda ids, label: tf.shape(ids)[0],
+            lambda ids, *label: tf.shape(ids)[0],
             bucket_boundaries=boundaries,
             bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
             pad_to_bucket_boundary=True,
@@ -172,7 +172,9 @@ def fixed_length(max_length):
     """
 
     def batcher(ds, batch_size, drop_remainder):
-        return ds.padded_batch(batch_size, padded_shapes=([max_length], []), drop_remainder=drop_remainder)
+        # Token ids to max_length; the label (and an evaluation weight) as they are.
+        shapes = (tf.TensorShape([max_length]), *(spec.shape for spec in ds.element_spec[1:]))
+        return ds.padded_batch(batch_size, padded_shapes=shapes, drop_remainder=drop_remainder)
 
     return batcher
 
@@ -211,7 +213,6 @@ def make_datasets(run, data, vectorizer, truncate):
         seed=run.opts.seed,
         num_examples=data.splits["val"].num_examples,
         batcher=fixed_length(cfg.max_length) if static_shapes else padded,
-        multi_worker=strategies.resolved_name(strategy) == "multiworker",
     )
     return train_ds, val_ds, validation_steps
 

@@ -245,6 +245,7 @@ def fit(run, model, datasets, schedule, *, callbacks=()):
     `datasets` is (train, val, validation_steps), as the pipelines' make_datasets return them.
     """
     train_ds, val_ds, validation_steps = datasets
+    check_weighted_metrics(model)
     run_dir, is_chief = run.dir, run.is_chief
     with contextlib.nullcontext(None) if is_chief else tempfile.TemporaryDirectory(prefix="worker-") as scratch:
         checkpoints = _writable_dir(run_dir, "checkpoints", is_chief, scratch)
@@ -308,6 +309,20 @@ def fit(run, model, datasets, schedule, *, callbacks=()):
             # same step as an uninterrupted one (test_faults checks it).
             "final_step": int(model.optimizer.iterations.numpy()),
         }
+
+
+def check_weighted_metrics(model):
+    """One line for a model compiled with plain `metrics`: validation batches are padded to one
+    shape with weight-0 copies (input_pipeline.validation_dataset), which only weighted metrics
+    leave out."""
+    container = getattr(model, "compiled_metrics", None)  # tf_keras keeps compile's arguments here
+    metrics = [m for m in tf.nest.flatten(getattr(container, "_user_metrics", None) or []) if m is not None]
+    plain = [m if isinstance(m, str) else getattr(m, "name", type(m).__name__) for m in metrics]
+    if plain:
+        raise UserError(
+            f"model.compile(metrics={plain}): expected weighted_metrics={plain} instead; validation batches "
+            "are padded to one shape with weight-0 examples, which plain metrics would count"
+        )
 
 
 class TrainingDiverged(UserError):
