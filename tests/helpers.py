@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,6 +109,22 @@ def strategy_losses(pipeline, *args, workers=0):
     result = run_module(*command)
     assert result.returncode == 0, result.stderr[-3000:]
     return last_json_line(result.stdout.replace("[worker 0] ", ""))  # the chief's line
+
+
+# Strategies train the same global batches (tests/strategy_agreement.py), so their figures differ
+# only by float summation order (seen: 3e-7 relative); a doubled or halved gradient, or an epoch
+# miscounted on one replica (the flip), differs by far more than this from the second step on.
+AGREEMENT_RTOL = 1e-4
+
+
+def assert_trains_alike(run, reference, replicas):
+    """`run` (a strategy_losses result on `replicas` replicas) trained as `reference` did: the same
+    per-step losses, and the same validation loss and accuracy (padded last batch included)."""
+    assert run["replicas"] == replicas and run["validation_steps"] == reference["validation_steps"] == 2
+    losses = reference["loss"]
+    assert max(abs(loss - losses[0]) for loss in losses) > 100 * AGREEMENT_RTOL * losses[0]  # it trains
+    for key in ("loss", "val_loss", "val_accuracy"):
+        assert run[key] == pytest.approx(reference[key], rel=AGREEMENT_RTOL), (key, run[key], reference[key])
 
 
 def history_losses(run_dir):
