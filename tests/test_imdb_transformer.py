@@ -115,7 +115,7 @@ def test_mirrored_trains_as_one_replica_does(default_losses):
     helpers.assert_trains_alike(mirrored, default_losses, replicas=2)
 
 
-@pytest.mark.slow  # 27 s; mirrored (here) and the CNN's multiworker test cover it in make test
+@pytest.mark.slow  # 36 s; mirrored (here) and the CNN's multiworker test cover it in make test
 def test_two_workers_of_two_replicas_train_as_one_replica_does(default_losses):
     multiworker = helpers.strategy_losses("imdb_transformer", "--strategy=multiworker", "--cpu_devices=2", workers=2)
     assert multiworker["strategy"] == "multiworker"

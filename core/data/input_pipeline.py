@@ -130,9 +130,10 @@ def make_dataset(
             "input pipeline: the split has no TFRecord shards; expected at least one (is the data cache empty?)"
         )
     file_ds = tf.data.Dataset.from_tensor_slices(files)
-    workers, worker = 1, 0
+    workers, worker, replicas = 1, 0, 1  # replicas: those this pipeline feeds
     if input_context is not None:
         workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
+        replicas = input_context.num_replicas_in_sync // workers
     # Shard by file when the files split evenly: each worker then reads only its own files
     # (shards are written equal-sized, records.balanced_shard_size), and every worker supplies
     # the same number of examples, so none is seen more often than another.
@@ -174,7 +175,7 @@ def make_dataset(
     else:
         ds = ds.map(parse_fn, num_parallel_calls=parallel, deterministic=ordered)
     if pad_to_steps is not None:
-        ds = _pad_to_steps(ds, pad_to_steps, batch_size, input_context, num_examples)
+        ds = _pad_to_steps(ds, pad_to_steps, batch_size * replicas, workers, worker, num_examples)
         if batch_fn is not None:
             batch_fn = _weights_pass_through(batch_fn)
     if cache and knobs.cache:
@@ -200,7 +201,6 @@ def make_dataset(
         # assumes; a batch overtaking another would mix two epochs' examples.
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel, deterministic=in_order)
     if batch_fn is not None and epoch_counter is not None:
-        replicas = input_context.num_replicas_in_sync // workers if input_context is not None else 1
         batches_per_epoch = epoch_counter.steps_per_epoch * replicas
 
         def with_epoch(index, batch):
@@ -233,26 +233,22 @@ def make_dataset(
     return ds.with_options(options)
 
 
-def _pad_to_steps(examples, steps, batch_size, input_context, num_examples):
-    """(example...) -> (example..., weight), this pipeline's share (every n-th example, as
-    make_dataset shards) followed by copies of its first examples up to `steps` full steps."""
-    workers, worker, replicas = 1, 0, 1
-    if input_context is not None:
-        workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
-        replicas = input_context.num_replicas_in_sync
+def _pad_to_steps(examples, steps, batch_per_step, workers, worker, num_examples):
+    """(example...) -> (example..., weight): this pipeline's share (every n-th example, as
+    make_dataset shards) followed by copies of its first examples up to `steps` steps of
+    `batch_per_step` examples (its per-replica batch times the replicas it feeds)."""
     if not num_examples or num_examples < workers:
         raise UserError(
             f"evaluation split: {num_examples} examples for {workers} input pipelines; expected at least one each"
         )
     own = len(range(worker, num_examples, workers))
-    padded_here = steps * (replicas // workers) * batch_size
-    weight = steps * replicas * batch_size / num_examples
+    weight = steps * batch_per_step * workers / num_examples  # padded total / real examples
 
     def weighted(index, example):
         example = example if isinstance(example, tuple) else (example,)
         return (*example, tf.where(index < own, weight, 0.0))
 
-    return examples.repeat().take(padded_here).enumerate().map(weighted)
+    return examples.repeat().take(steps * batch_per_step).enumerate().map(weighted)
 
 
 def _weights_pass_through(batch_fn):
